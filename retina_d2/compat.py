@@ -1,0 +1,171 @@
+"""Bridges Detectron2 0.6 to today's NumPy, Pillow, setuptools and torch, and to a missing ``_C``.
+
+This is the only module that knows about those differences. It must run before anything imports
+Detectron2, which ``retina_d2/__init__.py`` guarantees. Every patch is a no-op when the library
+already provides the name, so an upstream Detectron2 built from source keeps working unchanged.
+"""
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import PIL.Image
+
+__all__ = ["HAS_D2_EXTENSION", "MissingExtensionError", "apply"]
+
+# Filled by apply(): True when a compiled detectron2._C is importable.
+HAS_D2_EXTENSION = False
+
+
+class MissingExtensionError(RuntimeError):
+    """A Detectron2 feature that exists only in its C++ extension was asked for."""
+
+
+def _patch_numpy():
+    # Detectron2 0.6 uses the aliases removed in NumPy 1.24 (np.bool in structures/masks.py,
+    # np.int in data/build.py, np.float in sem_seg_evaluation.py, np.str in pascal_voc.py).
+    for alias, builtin in (("bool", bool), ("int", int), ("float", float), ("object", object),
+                           ("str", str)):
+        if alias not in np.__dict__:
+            setattr(np, alias, builtin)
+
+
+def _patch_pillow():
+    # Pillow 10 removed these constants; Detectron2 0.6 uses Image.LINEAR as a default argument,
+    # i.e. at import time of detectron2.data.transforms.
+    for old, new in (("LINEAR", "BILINEAR"), ("CUBIC", "BICUBIC"), ("ANTIALIAS", "LANCZOS")):
+        if not hasattr(PIL.Image, old):
+            setattr(PIL.Image, old, getattr(PIL.Image.Resampling, new))
+
+
+def _patch_pkg_resources():
+    # detectron2.model_zoo imports pkg_resources only for resource_filename(); setuptools >= 81
+    # no longer ships pkg_resources.
+    try:
+        import pkg_resources  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+
+    def resource_filename(package, resource):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"package {package!r} not found for resource {resource!r}")
+        import os
+
+        return os.path.join(list(spec.submodule_search_locations)[0], resource)
+
+    shim = types.ModuleType("pkg_resources")
+    shim.resource_filename = resource_filename
+    shim.__doc__ = "retina_d2.compat stand-in providing resource_filename() only"
+    sys.modules["pkg_resources"] = shim
+
+
+# Which Detectron2 feature each symbol of the extension serves, for the error message.
+_EXTENSION_FEATURES = {
+    "box_iou_rotated": "rotated-box IoU (RRPN / rotated Fast R-CNN)",
+    "nms_rotated": "rotated-box NMS",
+    "roi_align_rotated_forward": "ROIAlignRotated",
+    "roi_align_rotated_backward": "ROIAlignRotated",
+    "deform_conv_forward": "deformable convolution (DeformConv)",
+    "deform_conv_backward_input": "deformable convolution (DeformConv)",
+    "deform_conv_backward_filter": "deformable convolution (DeformConv)",
+    "modulated_deform_conv_forward": "modulated deformable convolution",
+    "modulated_deform_conv_backward": "modulated deformable convolution",
+    "InstanceAnnotation": "the fast COCO evaluator (COCOEvaluator(use_fast_impl=True))",
+    "COCOevalEvaluateImages": "the fast COCO evaluator (COCOEvaluator(use_fast_impl=True))",
+    "COCOevalAccumulate": "the fast COCO evaluator (COCOEvaluator(use_fast_impl=True))",
+}
+
+
+def _extension_stub():
+    """A stand-in for ``detectron2._C`` whose every kernel raises a clear error when called."""
+    stub = types.ModuleType("detectron2._C")
+    stub.__file__ = __file__
+    reason = "not built (Detectron2 installed from Python sources; see retina_d2/compat.py)"
+    # detectron2.utils.collect_env asks these when it finds an extension.
+    stub.get_compiler_version = lambda: reason
+    stub.get_cuda_version = lambda: reason
+    stub.has_cuda = lambda: False
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        feature = _EXTENSION_FEATURES.get(name, f"detectron2._C.{name}")
+
+        def unavailable(*args, **kwargs):
+            raise MissingExtensionError(
+                f"{feature} needs Detectron2's C++ extension (detectron2._C), which this "
+                "installation lacks. Mask R-CNN, RoIAlign and NMS do not need it; for this "
+                "feature install Detectron2 from source (python -m pip install "
+                "'git+https://github.com/facebookresearch/detectron2.git')."
+            )
+
+        return unavailable
+
+    stub.__getattr__ = __getattr__
+    return stub
+
+
+def _patch_extension():
+    global HAS_D2_EXTENSION
+    import detectron2
+
+    if "detectron2._C" in sys.modules:
+        HAS_D2_EXTENSION = not getattr(sys.modules["detectron2._C"], "_retina_d2_stub", False)
+        return
+    try:
+        importlib.import_module("detectron2._C")
+        HAS_D2_EXTENSION = True
+    except ImportError:
+        stub = _extension_stub()
+        stub._retina_d2_stub = True
+        sys.modules["detectron2._C"] = stub
+        detectron2._C = stub
+        HAS_D2_EXTENSION = False
+        # Rotated NMS goes through torch.ops.detectron2, which only the extension registers.
+        import detectron2.layers as d2_layers
+        import detectron2.layers.nms as d2_nms
+
+        def nms_rotated(boxes, scores, iou_threshold):
+            return stub.nms_rotated(boxes, scores, iou_threshold)
+
+        d2_nms.nms_rotated = nms_rotated
+        d2_layers.nms_rotated = nms_rotated
+
+
+def _patch_torch_load():
+    # torch >= 2.6 loads with weights_only=True by default; Detectron2 0.6's checkpointer (fvcore)
+    # predates that and stores iteration counters and scheduler state beside the weights. The
+    # files it opens are checkpoints the user points at on local disk.
+    import fvcore.common.checkpoint as fv_checkpoint
+    import torch
+
+    if getattr(fv_checkpoint.Checkpointer._load_file, "_retina_d2_patched", False):
+        return
+    original = fv_checkpoint.Checkpointer._load_file
+
+    def _load_file(self, f):
+        if f.endswith(".pkl"):
+            return original(self, f)
+        return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+
+    _load_file._retina_d2_patched = True
+    fv_checkpoint.Checkpointer._load_file = _load_file
+
+
+_applied = False
+
+
+def apply():
+    """Apply every patch once. Called by ``import retina_d2``; safe to call again."""
+    global _applied
+    if _applied:
+        return
+    _patch_numpy()
+    _patch_pillow()
+    _patch_pkg_resources()
+    _patch_extension()
+    _patch_torch_load()
+    _applied = True

@@ -1,0 +1,114 @@
+"""Mask -> instances: components, dilation without fusion, RLE that keeps every pixel."""
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from scipy import ndimage
+
+from retina_d2.data.instances import (
+    EOPHTHA_MA_DILATION,
+    Dilation,
+    coco_annotation,
+    decode_rle,
+    dilate_small_lesions,
+    encode_rle,
+    instance_rles,
+    instance_rles_from_mask,
+    label_components,
+)
+
+EIGHT = np.ones((3, 3), int)
+
+
+def _random_mask(seed, shape=(37, 53), density=0.2):
+    rng = np.random.default_rng(seed)
+    return rng.random(shape) < density
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_strip_rle_equals_full_image_encoding(seed):
+    labels = label_components(_random_mask(seed))
+    seen = 0
+    for label_id, rle in instance_rles(labels):
+        assert rle == encode_rle(labels == label_id)
+        seen += 1
+    assert seen == labels.max()
+
+
+@pytest.mark.parametrize("connectivity,structure", [(8, EIGHT), (4, None)])
+def test_components_match_scipy(connectivity, structure):
+    for seed in range(10):
+        mask = _random_mask(seed)
+        _, expected = ndimage.label(mask, structure=structure)
+        rles = instance_rles_from_mask(mask, connectivity=connectivity)
+        assert len(rles) == expected
+        union = np.zeros(mask.shape, bool)
+        for rle in rles:
+            m = decode_rle(rle)
+            assert not (union & m).any()
+            union |= m
+        assert np.array_equal(union, mask)
+
+
+def test_min_area_drops_small_components_and_keeps_ids_dense():
+    mask = np.zeros((10, 10), bool)
+    mask[1, 1] = True  # 1 px
+    mask[5:8, 5:8] = True  # 9 px
+    labels = label_components(mask, min_area=2)
+    assert labels.max() == 1 and (labels > 0).sum() == 9
+
+
+def test_one_pixel_lesion_survives_as_rle():
+    mask = np.zeros((20, 30), bool)
+    mask[7, 11] = True
+    (rle,) = instance_rles_from_mask(mask)
+    ann = coco_annotation(rle, annotation_id=1, image_id=1, category_id=1)
+    assert ann["area"] == 1 and ann["bbox"] == [11.0, 7.0, 1.0, 1.0]
+    # Polygon output cannot represent it, so the RLE is kept rather than losing the lesion.
+    ann = coco_annotation(rle, annotation_id=1, image_id=1, category_id=1, segmentation_format="polygon")
+    assert isinstance(ann["segmentation"], dict)
+
+
+def test_holes_survive_in_rle():
+    mask = np.zeros((12, 12), bool)
+    mask[2:10, 2:10] = True
+    mask[5:7, 5:7] = False
+    (rle,) = instance_rles_from_mask(mask)
+    assert np.array_equal(decode_rle(rle), mask)
+    assert coco_annotation(rle, annotation_id=1, image_id=1, category_id=3)["area"] == 60
+
+
+def test_polygon_format_decodes_to_the_shape():
+    mask = np.zeros((20, 20), bool)
+    mask[4:12, 6:15] = True
+    (rle,) = instance_rles_from_mask(mask)
+    ann = coco_annotation(rle, annotation_id=1, image_id=1, category_id=3, segmentation_format="polygon")
+    assert isinstance(ann["segmentation"], list)
+    poly = mask_util.decode(mask_util.merge(mask_util.frPyObjects(ann["segmentation"], 20, 20)))
+    # Polygons trace pixel centres, so they lose at most the outer half-pixel ring.
+    assert (poly.astype(bool) & ~mask).sum() == 0 and poly.sum() >= (mask.sum() * 0.6)
+
+
+def test_dilation_grows_without_fusing():
+    mask = np.zeros((30, 30), bool)
+    mask[10, 10] = True
+    mask[10, 13] = True  # 2 px gap: 5x5 x2 dilation makes them touch
+    mask[25, 25] = True
+    labels = label_components(mask)
+    dilated = dilate_small_lesions(labels, EOPHTHA_MA_DILATION)
+    assert dilated.max() == labels.max() == 3
+    assert ((labels == 0) | (dilated == labels)).all(), "every instance contains its source"
+    rles = [rle for _, rle in instance_rles(dilated)]
+    assert len(rles) == 3
+    areas = [mask_util.area(r) for r in rles]
+    assert max(areas) <= 81 and min(areas) > 1
+    # The lone lesion grows by 4 px on each side: a 9x9 square.
+    assert areas[2] == 81
+
+
+def test_dilation_validation():
+    with pytest.raises(ValueError, match="odd"):
+        Dilation(kernel=4)
+    with pytest.raises(ValueError, match="iterations"):
+        Dilation(iterations=-1)
+    with pytest.raises(ValueError, match="connectivity"):
+        label_components(np.zeros((3, 3)), connectivity=6)
