@@ -99,6 +99,8 @@ class Sample:
         fields: extra image-record fields (dr_grade, dme_grade, optic_disc_center, ...).
         annotated: the lesion names annotated on this image (default: the dataset's categories);
             e-ophtha images are annotated for one lesion type only.
+        error: a problem the dataset module found while listing the sample (e.g. its annotation
+            file is missing); the conversion stops or skips the sample with it, per on_error.
     """
 
     image: Path
@@ -106,6 +108,7 @@ class Sample:
     label_map: Optional[LabelMapLoader] = None
     fields: Dict[str, Any] = field(default_factory=dict)
     annotated: Optional[Sequence[str]] = None
+    error: Optional[str] = None
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -400,7 +403,10 @@ def _convert_sample(
     record.update(sample.fields)
     sem_files = {}
     if semantic:
-        stem = _stem(sample.image)
+        # Keyed by the image's path below the root, so equal file names in different folders
+        # (e-ophtha patients) never share a target.
+        stem = _stem(Path(record["file_name"]))
+        stem = (Path(record["file_name"]).parent / stem).as_posix()
         for name, (lesion_labels, ignore) in per_lesion.items():
             target = (lesion_labels > 0).astype(np.uint8)
             if ignore is not None:
@@ -471,6 +477,7 @@ def convert_samples(
         },
     }
     summary = {"dataset": dataset, "tasks": {}, "skipped": []}
+    outputs: Dict[str, dict] = {}
     for task, splits in tasks.items():
         manifest["tasks"][task] = {}
         summary["tasks"][task] = {}
@@ -479,6 +486,8 @@ def convert_samples(
             builder = _CocoBuilder(dataset, task, split, task_categories)
             for sample in tqdm(samples, desc=f"{dataset} {task}/{split}", disable=not options.progress):
                 try:
+                    if sample.error is not None:
+                        raise ConversionError(sample.error)
                     if task == "seg":
                         _convert_sample(
                             sample, builder, root, out_dir, split, categories, options,
@@ -497,9 +506,13 @@ def convert_samples(
                     summary["skipped"].append({"file": str(sample.image), "reason": str(e)})
             coco = builder.to_dict()
             rel = f"{split}.json" if task == "seg" else f"{task}/{split}.json"
-            write_json_atomic(out_dir / rel, coco)
+            outputs[rel] = coco
             manifest["tasks"][task][split] = rel
             summary["tasks"][task][split] = summarize(coco)
+    # Nothing is written before every split converted, so a stopped run leaves no JSON behind
+    # that would block (or be mistaken for) a complete conversion.
+    for rel, coco in outputs.items():
+        write_json_atomic(out_dir / rel, coco)
     write_json_atomic(out_dir / "summary.json", summary, indent=2)
     # The manifest goes last: its presence marks a complete conversion.
     write_json_atomic(out_dir / MANIFEST_NAME, manifest, indent=2)

@@ -1,0 +1,330 @@
+"""e-ophtha (EX: hard exudates, MA: microaneurysms) -> COCO instances, one all.json.
+
+Layout as published; ``root`` may hold either subset or both, or be one of the two folders::
+
+    e_optha_EX/EX/<patient>/<image>.jpg               47 images with exudates
+    e_optha_EX/Annotation_EX/<patient>/<image>_EX.png
+    e_optha_EX/healthy/<patient>/<image>.jpg          35 without
+    e_optha_MA/MA/<patient>/<image>.jpg               148 with microaneurysms
+    e_optha_MA/Annotation_MA/<patient>/<image>.png
+    e_optha_MA/healthy/<patient>/<image>.jpg          233 without
+
+Image extensions vary in case (.jpg/.JPG); an annotation is matched by image stem with or without
+the lesion suffix (``_EX``/``_MA``), ignoring case. Each image is graded for one lesion type only,
+so its record lists only that type in ``annotated_category_ids`` and it gets no semantic target
+for the other: an evaluator must not count its unannotated type as false positives.
+
+Microaneurysms are dilated by the Mask R-CNN paper's preset (``EOPHTHA_MA_DILATION``) unless
+``--no-ma-dilation`` is given or ``--dilate`` names microaneurysm; semantic targets keep the
+undilated masks.
+"""
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..instances import EOPHTHA_MA_DILATION
+from .base import (
+    ConversionError,
+    ConvertOptions,
+    Sample,
+    convert_samples,
+    list_images,
+    require_dir,
+    write_json_atomic,
+)
+
+__all__ = [
+    "DATASET",
+    "CATEGORIES",
+    "SUBSETS",
+    "EophthaSubset",
+    "add_arguments",
+    "convert",
+    "find_subset_root",
+    "find_annotation",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASET = "eophtha"
+CATEGORIES = ("hard exudate", "microaneurysm")
+
+
+@dataclasses.dataclass(frozen=True)
+class EophthaSubset:
+    """One of the two e-ophtha databases.
+
+    Attributes:
+        key: "EX" or "MA": the ``--subset`` choice, the lesion image folder and the suffix of
+            annotation folder and file names.
+        folder: the subset's top folder as published (``e_optha_EX``).
+        lesion: the vocabulary name of the one lesion type its images are graded for.
+    """
+
+    key: str
+    folder: str
+    lesion: str
+
+    @property
+    def annotation_folder(self) -> str:
+        return f"Annotation_{self.key}"
+
+
+SUBSETS = {
+    "EX": EophthaSubset("EX", "e_optha_EX", "hard exudate"),
+    "MA": EophthaSubset("MA", "e_optha_MA", "microaneurysm"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--subset`` and ``--ma-dilation/--no-ma-dilation`` (dests ``subset``, ``ma_dilation``)."""
+    parser.add_argument(
+        "--subset",
+        choices=("EX", "MA", "both"),
+        default="both",
+        help="convert e_optha_EX, e_optha_MA, or both into one all.json (default: both)",
+    )
+    parser.add_argument(
+        "--ma-dilation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"dilate microaneurysm instances {EOPHTHA_MA_DILATION.kernel}x"
+        f"{EOPHTHA_MA_DILATION.kernel}, {EOPHTHA_MA_DILATION.iterations} times, as the Mask "
+        "R-CNN paper did (default: on; --dilate microaneurysm=... overrides it)",
+    )
+
+
+def find_subset_root(root: Path, subset: EophthaSubset) -> Optional[Path]:
+    """The folder of one subset: ``root/e_optha_EX``, or ``root`` itself when it is that folder
+    (by name, or because it holds ``EX/`` and ``Annotation_EX/``); None when neither."""
+    if (root / subset.folder).is_dir():
+        return root / subset.folder
+    if root.name == subset.folder or (
+        (root / subset.key).is_dir() and (root / subset.annotation_folder).is_dir()
+    ):
+        return root
+    return None
+
+
+def _chosen_subsets(root: Path, subset: str) -> List[Tuple[EophthaSubset, Path]]:
+    """The subsets to convert and their folders.
+
+    "both" takes whichever of the two is found, warning about the other; a ConversionError
+    naming the expected folders is raised only when none of the requested subsets is found.
+    """
+    if subset not in ("EX", "MA", "both"):
+        raise ValueError(f"subset must be 'EX', 'MA' or 'both', got {subset!r}")
+    keys = ("EX", "MA") if subset == "both" else (subset,)
+    chosen, missing = [], []
+    for key in keys:
+        folder = find_subset_root(root, SUBSETS[key])
+        if folder is None:
+            missing.append(SUBSETS[key])
+        else:
+            chosen.append((SUBSETS[key], folder))
+    expected = " or ".join(
+        f"{root / s.folder} (or {root} itself holding {s.key}/ and {s.annotation_folder}/)"
+        for s in missing
+    )
+    if not chosen:
+        raise ConversionError(f"expected the e-ophtha folder {expected}, but found none")
+    for s in missing:
+        # "both" converts whatever was downloaded; say so, since a misspelt folder looks the same.
+        logger.warning(
+            "no e-ophtha %s subset at %s: converting %s only",
+            s.key,
+            root / s.folder,
+            chosen[0][0].key,
+        )
+    return chosen
+
+
+def _patient_images(folder: Path) -> List[Path]:
+    """Images of every ``<patient>/`` folder under ``folder`` (EX/, MA/ or healthy/)."""
+    images = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            images.extend(list_images(entry))
+        else:
+            logger.warning("skipping %s: e-ophtha images sit in <patient>/ folders", entry)
+    return images
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def _index_annotations(annotation_dir: Path) -> Dict[str, Dict[str, Path]]:
+    """patient -> lower-case file name -> annotation file, so matching ignores case."""
+    return {
+        patient.name: {path.name.lower(): path for path in list_images(patient)}
+        for patient in sorted(annotation_dir.iterdir())
+        if patient.is_dir()
+    }
+
+
+def annotation_candidates(image: Path, annotation_dir: Path, subset: EophthaSubset) -> List[Path]:
+    """Where the annotation of ``image`` may be: ``<stem>_<KEY>.png`` or ``<stem>.png`` in the
+    image's patient folder under ``annotation_dir``; both forms occur in both subsets."""
+    patient_dir = annotation_dir / image.parent.name
+    stem = _stem(image)
+    return [patient_dir / f"{stem}_{subset.key}.png", patient_dir / f"{stem}.png"]
+
+
+def find_annotation(
+    image: Path,
+    annotation_dir: Path,
+    subset: EophthaSubset,
+    index: Optional[Dict[str, Dict[str, Path]]] = None,
+) -> Path:
+    """The annotation mask of a lesion image, matched by stem and ignoring case.
+
+    Args:
+        image: an image in ``EX/<patient>/`` or ``MA/<patient>/``.
+        annotation_dir: ``Annotation_EX`` or ``Annotation_MA``.
+        subset: the image's subset.
+        index: :func:`_index_annotations` of ``annotation_dir``, to list each folder once.
+
+    Returns:
+        the annotation file.
+
+    Raises:
+        ConversionError: naming the image and the paths tried when none or two files match.
+    """
+    if index is None:
+        index = _index_annotations(annotation_dir)
+    files = index.get(image.parent.name, {})
+    candidates = annotation_candidates(image, annotation_dir, subset)
+    found = [files[c.name.lower()] for c in candidates if c.name.lower() in files]
+    if not found:
+        tried = ", ".join(str(c) for c in candidates)
+        raise ConversionError(f"{image}: no {subset.key} annotation; tried {tried} (any case)")
+    if len(found) > 1:
+        raise ConversionError(
+            f"{image}: two annotations match, {found[0]} and {found[1]}; keep only one"
+        )
+    return found[0]
+
+
+def _subset_samples(
+    subset_root: Path, subset: EophthaSubset, options: ConvertOptions, skipped: List[dict]
+) -> List[Sample]:
+    """Samples of one subset: its lesion images with their annotation, then its healthy images.
+
+    Images whose annotation cannot be found raise, or are appended to ``skipped`` in skip mode.
+    """
+    lesion_dir = require_dir(
+        subset_root / subset.key, f"the e-ophtha {subset.key} images ({subset.key}/<patient>/)"
+    )
+    annotation_dir = require_dir(
+        subset_root / subset.annotation_folder,
+        f"the e-ophtha {subset.key} annotations ({subset.annotation_folder}/<patient>/)",
+    )
+    index = _index_annotations(annotation_dir)
+    used = set()
+    samples = []
+    for image in _patient_images(lesion_dir):
+        try:
+            mask = find_annotation(image, annotation_dir, subset, index)
+        except ConversionError as e:
+            if options.on_error == "stop":
+                raise
+            logger.warning("skipping %s: %s", image, e)
+            skipped.append({"file": str(image), "reason": str(e)})
+            continue
+        used.add(mask)
+        samples.append(Sample(image, masks={subset.lesion: mask}, annotated=[subset.lesion]))
+    for files in index.values():
+        for path in sorted(set(files.values()) - used):
+            logger.warning("ignoring %s: no image in %s matches it", path, lesion_dir)
+
+    healthy_dir = subset_root / "healthy"
+    if healthy_dir.is_dir():
+        for image in _patient_images(healthy_dir):
+            # Graded and free of the lesion: an all-background target, not an unannotated image.
+            samples.append(Sample(image, masks={subset.lesion: None}, annotated=[subset.lesion]))
+    else:
+        logger.warning(
+            "no %s: converting e-ophtha %s without healthy images", healthy_dir, subset.key
+        )
+    return samples
+
+
+def _drop_stem_clashes(
+    samples: Sequence[Sample], options: ConvertOptions, skipped: List[dict]
+) -> List[Sample]:
+    """Semantic targets are stored by image stem and lesion; two images of one lesion type with
+    the same stem (in different patient folders) would overwrite each other's, so the second is
+    an error (or skipped)."""
+    seen: Dict[Tuple[str, str], Path] = {}
+    kept = []
+    for sample in samples:
+        key = (_stem(sample.image), sample.annotated[0])
+        if key in seen:
+            message = (
+                f"{sample.image}: same file stem as {seen[key]}, so their semantic targets "
+                "would collide"
+            )
+            if options.on_error == "stop":
+                raise ConversionError(message)
+            logger.warning("skipping %s", message)
+            skipped.append({"file": str(sample.image), "reason": message})
+            continue
+        seen[key] = sample.image
+        kept.append(sample)
+    return kept
+
+
+def _with_ma_dilation(options: ConvertOptions) -> ConvertOptions:
+    """``options`` plus the paper's microaneurysm dilation, unless the user chose one."""
+    if "microaneurysm" in options.dilation:
+        return options
+    dilation = dict(options.dilation, microaneurysm=EOPHTHA_MA_DILATION)
+    return dataclasses.replace(options, dilation=dilation)
+
+
+def _record_skipped(summary: dict, out_dir: Path, skipped: List[dict]) -> dict:
+    """Add the images dropped while reading the layout to the summary written by
+    ``convert_samples``, which only sees the images handed to it."""
+    if skipped:
+        summary["skipped"] = skipped + summary["skipped"]
+        write_json_atomic(Path(out_dir) / "summary.json", summary, indent=2)
+    return summary
+
+
+def convert(
+    root: Path,
+    out_dir: Path,
+    options: ConvertOptions,
+    subset: str = "both",
+    ma_dilation: bool = True,
+) -> dict:
+    """Convert e-ophtha into ``out_dir/all.json`` (the dataset defines no splits).
+
+    Args:
+        root: folder holding ``e_optha_EX/`` and/or ``e_optha_MA/``, or one of them.
+        out_dir: output folder.
+        options: common converter options.
+        subset: "EX", "MA", or "both" (every subset found under ``root``).
+        ma_dilation: dilate microaneurysms by ``EOPHTHA_MA_DILATION`` unless
+            ``options.dilation`` already names microaneurysm.
+
+    Returns:
+        the summary dict of :func:`convert_samples`, with images skipped for a missing
+        annotation added to ``skipped``.
+    """
+    root = require_dir(Path(root), "the e-ophtha root (holding e_optha_EX/ and/or e_optha_MA/)")
+    chosen = _chosen_subsets(root, subset)
+    categories = tuple(name for name in CATEGORIES if name in {s.lesion for s, _ in chosen})
+    if ma_dilation and "microaneurysm" in categories:
+        options = _with_ma_dilation(options)
+    skipped: List[dict] = []
+    samples: List[Sample] = []
+    for each, folder in chosen:
+        samples.extend(_subset_samples(folder, each, options, skipped))
+    samples = _drop_stem_clashes(samples, options, skipped)
+    tasks = {"seg": {"all": samples}}
+    summary = convert_samples(DATASET, tasks, root, out_dir, categories, options)
+    return _record_skipped(summary, out_dir, skipped)
