@@ -1,7 +1,11 @@
 """``add_retina_config``: every config key retina_d2 adds to Detectron2's, with its default."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_retina_config", "get_retina_cfg"]
+__all__ = ["ConfigError", "add_retina_config", "get_retina_cfg"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, unregistered dataset, class count mismatch."""
 
 
 def add_retina_config(cfg):

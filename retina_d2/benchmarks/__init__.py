@@ -1,0 +1,178 @@
+"""
+Benchmarks behind ``tools/benchmark.py``: one module per subcommand.
+
+A benchmark module defines ``add_arguments(parser)`` (its own flags) and ``run(args) -> dict``
+(measures, writes its results file, returns the results). To add one, write the module and add
+one line to :data:`BENCHMARKS`. Modules are imported only when their subcommand runs, so a heavy
+import in one never slows another down.
+
+Every variant that a benchmark compares should run in a fresh Python process
+(:func:`measure_in_subprocess`), so that its peak memory is its own and not the maximum of every
+variant that ran before it in the same interpreter.
+"""
+import argparse
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["BENCHMARKS", "REPO_ROOT", "build_parser", "main", "measure_in_subprocess"]
+
+# The checkout this package lives in: default places of data beside it and of results in it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Subcommand -> (module in this package, one-line description).
+BENCHMARKS: Dict[str, tuple] = {
+    "convert": ("convert", "HEI-MED -> COCO conversion: time and peak memory beside the decode "
+                "floor and a peer converter"),
+}
+
+
+def _import_benchmark(name: str):
+    module, _ = BENCHMARKS[name]
+    return importlib.import_module(f"{__name__}.{module}")
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """
+    The command-line parser. Only the chosen subcommand's module is imported to add its flags;
+    the others appear in ``--help`` with their description.
+
+    Args:
+        argv: the arguments to be parsed (to find the chosen subcommand).
+
+    Returns:
+        argparse.ArgumentParser: a parser whose result carries ``benchmark`` (the subcommand).
+    """
+    parser = argparse.ArgumentParser(
+        description="retina_d2 benchmarks; each writes JSON results under benchmarks/results/."
+    )
+    subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    chosen = next((a for a in argv if a in BENCHMARKS), None)
+    for name, (_, description) in BENCHMARKS.items():
+        sub = subparsers.add_parser(name, help=description, description=description)
+        if name == chosen:
+            _import_benchmark(name).add_arguments(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the chosen benchmark. Returns 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    _import_benchmark(args.benchmark).run(args)
+    return 0
+
+
+def _child_main() -> None:
+    # Runs in the measured process: argv = [target, kwargs JSON, result path].
+    target, kwargs_json, result_path = sys.argv[1:4]
+    module_name, function_name = target.split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    # Peak RSS once the imports are done: what every variant pays before any work.
+    import_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = function(**json.loads(kwargs_json))
+    result["import_rss_mb"] = import_rss_kib / 1024
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+def measure_in_subprocess(
+    target: str, kwargs: Dict[str, Any], timeout: Optional[float] = None
+) -> Dict[str, Any]:
+    """
+    Run ``target(**kwargs)`` in a fresh Python process and measure its peak memory.
+
+    Peak RSS comes from ``os.wait4`` on that one child: the kernel's ``ru_maxrss`` of the child
+    (what ``getrusage(RUSAGE_CHILDREN)`` reports when it is the only child waited for), which
+    counts numpy's and C libraries' allocations that ``tracemalloc`` cannot see.
+    ``RUSAGE_CHILDREN`` itself is not read: it is the maximum over every child waited for so far,
+    so a second variant would inherit the first one's peak.
+
+    Args:
+        target: ``"package.module:function"``; the function takes JSON-able keyword arguments,
+            times its own work (imports excluded) and returns a JSON-able dict.
+        kwargs: its keyword arguments.
+        timeout: seconds before the child is killed; None waits for ever.
+
+    Returns:
+        dict: the function's result, plus ``peak_rss_mb`` (whole process), ``import_rss_mb``
+            (peak after imports, before the work) and ``process_seconds`` (wall time of the
+            process, imports included). On failure only ``error`` (the child's last output
+            lines), ``peak_rss_mb`` and ``process_seconds``.
+    """
+    with tempfile.TemporaryDirectory(prefix="retina_d2_bench_") as tmp:
+        result_path = Path(tmp) / "result.json"
+        log_path = Path(tmp) / "child.log"
+        command = [
+            sys.executable, "-c", "from retina_d2.benchmarks import _child_main; _child_main()",
+            target, json.dumps(kwargs), str(result_path),
+        ]
+        start = time.perf_counter()
+        # The child must import this checkout's retina_d2 whatever its cwd and install state.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p
+        )
+        with open(log_path, "wb") as log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        killer = threading.Timer(timeout, child.kill) if timeout else None
+        if killer:
+            killer.start()
+        try:
+            # wait4 rather than child.wait(): it returns the rusage of exactly this child.
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            if killer:
+                killer.cancel()
+        child.returncode = os.waitstatus_to_exitcode(status)
+        measured = {
+            "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+            "process_seconds": time.perf_counter() - start,
+        }
+        if child.returncode != 0 or not result_path.is_file():
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            measured["error"] = f"exit status {child.returncode}: " + " | ".join(tail)
+            return measured
+        with open(result_path) as f:
+            return {**json.load(f), **measured}
+
+
+def machine_info() -> Dict[str, Any]:
+    """CPU count, load average, Python and platform: numbers from a shared box need these."""
+    import platform
+
+    return {
+        "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def format_table(rows: List[Dict[str, Any]], columns: Sequence[tuple]) -> str:
+    """
+    A GitHub-style table of result rows.
+
+    Args:
+        rows: result dicts.
+        columns: (header, key, format spec) triples; a missing or None value prints as "-".
+
+    Returns:
+        str: the table.
+    """
+    from tabulate import tabulate
+
+    def cell(row, key, spec):
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
+
+    table = [[cell(row, key, spec) for _, key, spec in columns] for row in rows]
+    return tabulate(table, headers=[header for header, _, _ in columns], tablefmt="github")

@@ -1,0 +1,1 @@
+from .lesion_rcnn import LesionRCNN  # noqa: F401  (registers it)

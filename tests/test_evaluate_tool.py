@@ -1,0 +1,169 @@
+"""tools/evaluate.py: the documented JSON, the table, and exit code 2 naming the bad file."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+
+import retina_d2  # noqa: F401  (patches Detectron2 0.6 before it is imported)
+from retina_d2.evaluation import evaluate_coco_results
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "evaluate.py"
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_tool = load_tool()
+
+
+def square(y, x, size, shape=(40, 60)):
+    mask = np.zeros(shape, np.uint8)
+    mask[y : y + size, x : x + size] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle, [float(v) for v in mask_util.toBbox(rle)]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """GT: image 1 graded for exudates (id 3), image 2 for microaneurysms (id 1); detections:
+    a hit of each, a MA on image 1 ranked first, and an exudate shifted to IoU 0.43."""
+    images = [
+        {"id": 1, "height": 40, "width": 60, "file_name": "a.jpg", "annotated_category_ids": [3]},
+        {"id": 2, "height": 40, "width": 60, "file_name": "b.jpg", "annotated_category_ids": [1]},
+    ]
+    annotations, dets = [], []
+    for i, (image_id, cat, y, x, size) in enumerate([(1, 3, 5, 5, 10), (2, 1, 20, 30, 3)], 1):
+        rle, box = square(y, x, size)
+        ann = dict(id=i, image_id=image_id, category_id=cat, segmentation=rle, bbox=box)
+        annotations.append(dict(ann, area=float(size * size), iscrowd=0))
+        dets.append(dict(image_id=image_id, category_id=cat, segmentation=rle, bbox=box, score=0.8))
+    rle, box = square(30, 40, 3)
+    dets.append(dict(image_id=1, category_id=1, segmentation=rle, bbox=box, score=0.9))
+    rle, box = square(5, 9, 10)
+    dets.append(dict(image_id=1, category_id=3, segmentation=rle, bbox=box, score=0.7))
+    categories = [
+        {"id": 1, "name": "microaneurysm"},
+        {"id": 2, "name": "haemorrhage"},
+        {"id": 3, "name": "hard exudate"},
+    ]
+    gt = tmp_path / "gt.json"
+    gt_dict = {"images": images, "annotations": annotations, "categories": categories}
+    gt.write_text(json.dumps(gt_dict))
+    dt = tmp_path / "dt.json"
+    dt.write_text(json.dumps(dets))
+    return gt, dt, dets
+
+
+def run_tool(capsys, *argv):
+    code = evaluate_tool.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_the_documented_json(files, tmp_path):
+    gt, dt, _ = files
+    out = tmp_path / "report" / "metrics.json"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--gt", str(gt), "--predictions", str(dt), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # the tool finds retina_d2 from its own path, not the working directory
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "AP35" in proc.stdout and "annotated_only not applied" in proc.stdout
+    written = json.loads(out.read_text())
+    assert list(written) == ["bbox", "segm"]
+    expected = evaluate_coco_results(gt, dt)
+    for task in written:
+        assert {"AP35", "AP50", "AP75", "AP", "APs", "AP50s", "AR", "AR50"} <= set(written[task])
+        for key, value in expected[task].items():
+            if value != value:  # NaN: no GT of that category / size
+                assert written[task][key] is None, key
+            else:
+                assert written[task][key] == pytest.approx(value, abs=1e-9), key
+    # By hand: MA: FP then TP (precision 1/2); exudate: TP at every IoU, and at 0.35 also the
+    # shifted copy's match is taken already (a FP ranked below): precision 1.
+    assert written["segm"]["AP50-microaneurysm"] == pytest.approx(50.0)
+    assert written["segm"]["AP35-hard exudate"] == pytest.approx(100.0)
+    assert written["segm"]["AP-haemorrhage"] is None
+
+
+def test_annotated_only_and_thresholds(files, tmp_path, capsys):
+    gt, dt, _ = files
+    out = tmp_path / "m.json"
+    argv = ["--gt", gt, "--predictions", dt, "--annotated-only", "--iou", "0.1", "0.5"]
+    code, stdout, _ = run_tool(capsys, *argv, "--max-dets", "300", "--json", out)
+    assert code == 0
+    assert "annotated_only applied" in stdout
+    written = json.loads(out.read_text())
+    assert written["segm"]["AP50-microaneurysm"] == pytest.approx(100.0)
+    assert "AP10" in written["bbox"] and "AP35" not in written["bbox"]
+
+
+def test_box_only_results_are_scored_for_bbox_with_a_warning(files, tmp_path, capsys, caplog):
+    gt, _, dets = files
+    dt = tmp_path / "boxes.json"
+    dt.write_text(json.dumps([{k: v for k, v in d.items() if k != "segmentation"} for d in dets]))
+    out = tmp_path / "m.json"
+    code, _, _ = run_tool(capsys, "--gt", gt, "--predictions", dt, "--json", out)
+    assert code == 0
+    assert list(json.loads(out.read_text())) == ["bbox"]
+    assert "boxes.json has no segmentation: evaluating bbox only" in caplog.text
+
+
+def test_missing_files_exit_2_naming_them(files, tmp_path, capsys):
+    gt, dt, _ = files
+    code, _, err = run_tool(capsys, "--gt", tmp_path / "nope.json", "--predictions", dt)
+    assert code == 2 and "nope.json" in err and "not found" in err
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", tmp_path / "none.json")
+    assert code == 2 and "none.json" in err
+
+
+def test_malformed_json_exits_2_naming_the_file(files, tmp_path, capsys):
+    gt, dt, _ = files
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"image_id": 1,')
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", broken)
+    assert code == 2 and "broken.json" in err and "not valid JSON" in err
+    code, _, err = run_tool(capsys, "--gt", broken, "--predictions", dt)
+    assert code == 2 and "broken.json" in err
+    not_coco = tmp_path / "list.json"
+    not_coco.write_text("[]")
+    code, _, err = run_tool(capsys, "--gt", not_coco, "--predictions", dt)
+    assert code == 2 and "list.json" in err and "not a COCO instances file" in err
+
+
+def test_results_for_another_gt_exit_2(files, tmp_path, capsys):
+    gt, _, dets = files
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([dict(d, image_id=d["image_id"] + 100) for d in dets]))
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", other)
+    assert code == 2 and "other.json" in err and "another GT" in err
+
+
+def test_results_with_some_masks_missing_exit_2(files, tmp_path, capsys):
+    gt, _, dets = files
+    mixed = tmp_path / "mixed.json"
+    dets[1] = {k: v for k, v in dets[1].items() if k != "segmentation"}
+    mixed.write_text(json.dumps(dets))
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", mixed)
+    assert code == 2 and "mixed.json" in err and "1 of 4 entries have no 'segmentation'" in err
+
+
+def test_bad_arguments_exit_2(files, capsys):
+    gt, dt, _ = files
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_tool.main(["--gt", str(gt), "--predictions", str(dt), "--iou", "1.5"])
+    assert exit_info.value.code == 2
+    assert "IoU threshold" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Instance AP of a COCO results file against a COCO GT file, at the lesion papers' IoU thresholds.
+
+Examples:
+    python tools/evaluate.py --gt datasets/idrid/test.json \\
+        --predictions output/inference/coco_instances_results.json --json metrics.json
+    python tools/evaluate.py --gt datasets/eophtha/all.json --predictions dt.json --annotated-only
+
+Prints the tables of ``retina_d2.evaluation.format_instance_metrics``. ``--json`` writes
+``{"bbox": {"AP35": .., "AP50": .., "AP75": .., "AP": .., ...}, "segm": {...}}`` in percent, NaN
+(a category or size without GT) as null. Numbers equal pycocotools' COCOeval with
+``iouThrs = --iou`` and ``maxDets = [1, 10, --max-dets]`` (AP, APs/m/l, AR: IoU 0.50:0.95).
+
+A results file without any ``segmentation`` (a box detector's) is scored for bbox only, with a
+warning, and --json then has no "segm". Exit code 2, with a message naming the file, for a missing
+or malformed JSON file, a results file whose image_ids are not in the GT (a results file for
+another GT), or one where only some detections carry a mask or a box.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import retina_d2  # noqa: E402, F401  (patches Detectron2 0.6 before it is imported)
+from retina_d2.evaluation import (  # noqa: E402
+    BACKENDS,
+    TASKS,
+    InstanceEvalError,
+    evaluate_coco_results,
+    format_instance_metrics,
+    write_metrics_json,
+)
+
+
+def iou_threshold(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"an IoU threshold lies in (0, 1), got {text}")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gt", type=Path, required=True, help="COCO instances JSON (ground truth)")
+    parser.add_argument("--predictions", type=Path, required=True, help="COCO results JSON")
+    parser.add_argument(
+        "--iou", type=iou_threshold, nargs="+", default=[0.35, 0.5, 0.75], help="IoU thresholds"
+    )
+    parser.add_argument(
+        "--max-dets", type=positive_int, default=256, help="detections scored per image"
+    )
+    parser.add_argument(
+        "--annotated-only",
+        action="store_true",
+        help="keep only predictions of the lesion types each image is annotated for (e-ophtha)",
+    )
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--backend", choices=BACKENDS, default="pycocotools")
+    parser.add_argument("--json", type=Path, help="write the metrics here")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        metrics = evaluate_coco_results(
+            args.gt,
+            args.predictions,
+            iou_thresholds=args.iou,
+            max_dets=args.max_dets,
+            annotated_only=args.annotated_only,
+            tasks=args.tasks,
+            backend=args.backend,
+        )
+    except InstanceEvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_instance_metrics(metrics, args.iou, args.max_dets, args.annotated_only))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_metrics_json(metrics, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
