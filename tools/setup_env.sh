@@ -25,7 +25,8 @@ if "$python" -c "import detectron2, detectron2._C" >/dev/null 2>&1; then
 fi
 
 pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-key="$( (cat "$lock" "$0"; echo "$pyver $upstream_d2") | sha256sum | cut -c1-16)"
+nodeps="requirements-nodeps.txt"
+key="$( (cat "$lock" "$nodeps" "$0"; echo "$pyver $upstream_d2") | sha256sum | cut -c1-16)"
 env="$cache/env-$key"
 mkdir -p "$cache"
 
@@ -43,6 +44,7 @@ build_env() {
   "$tmp/bin/python" -m pip install -q pip==23.2.1 2> >(grep -v '^WARNING: Location' >&2)
   # Some machines point pip at local mirror folders that do not all exist; drop that noise only.
   "$tmp/bin/python" -m pip install -q -r "$lock" 2> >(grep -v '^WARNING: Location' >&2)
+  "$tmp/bin/python" -m pip install -q --no-deps -r "$nodeps" 2> >(grep -v '^WARNING: Location' >&2)
   if [ "$upstream_d2" = 0 ]; then
     local dl="$cache/downloads"
     mkdir -p "$dl"

@@ -1,0 +1,187 @@
+"""``LesionDatasetMapper``: a converted record -> the model's input (after Detectron2's
+``DatasetMapper``).
+
+Training: the image and its lesion instances go through the preprocessing and augmentation of
+:func:`retina_d2.data.preprocess.build_preprocess`; crowd annotations (ignore regions) are
+dropped, and an image without lesions (a healthy eye, a negative) keeps an empty ``Instances``.
+
+Inference: annotations are dropped, and when the field-of-view crop changed the frame,
+``"fov_box" = [x0, y0, x1, y1]`` records the crop in the original image's pixels. The model
+post-processes its predictions to the crop's size, shifts boxes by ``(x0, y0)`` and pads masks into
+the original ``("height", "width")``, which stay those of the file.
+"""
+import copy
+import logging
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BitMasks, BoxMode, PolygonMasks
+from fvcore.transforms.transform import BlendTransform, NoOpTransform, TransformList
+
+from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
+
+__all__ = ["LesionDatasetMapper"]
+
+# Transforms that leave every pixel where it was: a FOV crop after these still crops the file.
+_FRAME_PRESERVING = (NoOpTransform, BlendTransform, T.ColorTransform, PhotometricTransform)
+
+
+class LesionDatasetMapper:
+    """A callable: one record of a converted dataset -> a dict that Detectron2's models take.
+
+    Output keys: ``"image"`` (uint8 ``CxHxW`` tensor in ``image_format``), the record's own fields,
+    and ``"instances"`` (training) or ``"fov_box"`` (inference, when the frame was cropped).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        is_train: bool,
+        augmentations: List[Union[T.Augmentation, T.Transform]],
+        image_format: str,
+        use_instance_mask: bool = True,
+        instance_mask_format: str = "bitmask",
+        recompute_boxes: bool = True,
+    ):
+        """
+        Args:
+            is_train: map for training (targets) or inference (no annotations).
+            augmentations: applied in order to the image and every target.
+            image_format: an image format of :func:`detectron2.data.detection_utils.read_image`.
+            use_instance_mask: keep instance masks ("gt_masks").
+            instance_mask_format: "bitmask" or "polygon"; the converters' RLE masks need
+                "bitmask".
+            recompute_boxes: replace the transformed boxes by the tight boxes of the transformed
+                masks. A shift or zoom that pushes a lesion partly out of the image leaves its
+                clipped box loose; the mask stays exact.
+        """
+        if instance_mask_format not in ("bitmask", "polygon"):
+            raise ValueError(
+                f"instance_mask_format must be 'bitmask' or 'polygon', got {instance_mask_format!r}"
+            )
+        if recompute_boxes and not use_instance_mask:
+            raise ValueError("recompute_boxes needs instance masks (use_instance_mask=True)")
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.use_instance_mask = use_instance_mask
+        self.instance_mask_format = instance_mask_format
+        self.recompute_boxes = recompute_boxes
+        mode = "training" if is_train else "inference"
+        logging.getLogger(__name__).info(f"[LesionDatasetMapper] {mode}: {augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "augmentations": build_preprocess(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+            "use_instance_mask": cfg.MODEL.MASK_ON,
+            "instance_mask_format": cfg.INPUT.MASK_FORMAT,
+            "recompute_boxes": cfg.MODEL.MASK_ON,
+        }
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        """
+        Args:
+            dataset_dict: one record in Detectron2's dataset format (``load_lesion_json``).
+
+        Returns:
+            A new dict; ``dataset_dict`` is not modified.
+        """
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+
+        boxes = self._annotation_boxes(dataset_dict) if self.is_train else None
+        # sem_seg is where the semantic heads' targets will travel with the image.
+        aug_input = T.AugInput(image, boxes=boxes, sem_seg=None)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        # Tensors, not numpy arrays: the data loader's workers share them without pickling.
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            fov_box = _fov_box(transforms)
+            if fov_box is not None:
+                dataset_dict["fov_box"] = fov_box
+            return dataset_dict
+
+        self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict
+
+    @staticmethod
+    def _annotation_boxes(dataset_dict: dict) -> Optional[np.ndarray]:
+        """XYXY boxes of every annotation, ignore regions included, for the FOV crop to keep."""
+        annos = dataset_dict.get("annotations", [])
+        if not annos:
+            return None
+        return np.array(
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+            dtype=np.float32,
+        )
+
+    def _check_mask_format(self, annos: List[dict], file_name: str) -> None:
+        if self.instance_mask_format == "polygon" and any(
+            isinstance(a.get("segmentation"), dict) for a in annos
+        ):
+            raise ValueError(
+                f"{file_name}: its instance masks are RLE, which INPUT.MASK_FORMAT 'polygon' "
+                "cannot hold; set INPUT.MASK_FORMAT to 'bitmask' (or convert the dataset with "
+                "polygons)."
+            )
+
+    def _transform_annotations(self, dataset_dict: dict, transforms, image_shape) -> None:
+        annos = dataset_dict.pop("annotations", [])
+        for anno in annos:
+            if not self.use_instance_mask:
+                anno.pop("segmentation", None)
+            anno.pop("keypoints", None)
+        self._check_mask_format(annos, dataset_dict["file_name"])
+        annos = [
+            utils.transform_instance_annotations(anno, transforms, image_shape)
+            for anno in annos
+            if anno.get("iscrowd", 0) == 0
+        ]
+        instances = utils.annotations_to_instances(
+            annos, image_shape, mask_format=self.instance_mask_format
+        )
+        if self.use_instance_mask and not instances.has("gt_masks"):
+            # An image without lesions: an empty mask field keeps every image's fields alike.
+            instances.gt_masks = _empty_masks(self.instance_mask_format, image_shape)
+        if self.recompute_boxes and len(instances):
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)
+
+
+def _empty_masks(mask_format: str, image_shape) -> Union[BitMasks, PolygonMasks]:
+    if mask_format == "polygon":
+        return PolygonMasks([])
+    return BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool))
+
+
+def _fov_box(transforms: TransformList) -> Optional[List[int]]:
+    """``[x0, y0, x1, y1]`` of the FOV crop in the original image, or None without a crop.
+
+    Raises:
+        ValueError: if a geometric transform precedes the crop, whose box is then not in the
+            original image's pixels.
+    """
+    for tfm in transforms.transforms:
+        if isinstance(tfm, FieldOfViewCropTransform):
+            return [int(v) for v in tfm.box]
+        if not isinstance(tfm, _FRAME_PRESERVING):
+            if any(isinstance(t, FieldOfViewCropTransform) for t in transforms.transforms):
+                raise ValueError(
+                    f"FieldOfViewCrop must come before every geometric augmentation ({tfm} "
+                    "precedes it): predictions are pasted back through the crop's box alone."
+                )
+            return None
+    return None

@@ -1,0 +1,1 @@
+from .trainer import LesionTrainer, setup_cfg  # noqa: F401

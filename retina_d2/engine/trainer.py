@@ -1,0 +1,131 @@
+"""LesionTrainer: Detectron2's DefaultTrainer with retina_d2's mapper, evaluators, optimizer and
+checkpointing; ``setup_cfg`` builds the config the way every tool does."""
+import logging
+import os
+
+import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.evaluation import DatasetEvaluators
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.collect_env import collect_env_info
+from detectron2.utils.logger import setup_logger
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..config import ConfigError, get_retina_cfg
+from ..data.mapper import LesionDatasetMapper
+from ..data.register import register_all
+from ..evaluation import LesionInstanceEvaluator, OverlayEvaluator
+from ..modeling import LesionCheckpointer
+
+__all__ = ["LesionTrainer", "setup_cfg"]
+
+logger = logging.getLogger(__name__)
+
+
+class LesionTrainer(DefaultTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=LesionDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=LesionDatasetMapper(cfg, is_train=False)
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluators = [LesionInstanceEvaluator.from_config(cfg, dataset_name, output_folder)]
+        if cfg.RETINA.EVAL.NUM_OVERLAYS > 0:
+            evaluators.append(OverlayEvaluator.from_config(cfg, dataset_name, output_folder))
+        return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        if cfg.SOLVER.OPTIMIZER.upper() == "SGD":
+            return super().build_optimizer(cfg, model)
+        if cfg.SOLVER.OPTIMIZER.upper() != "ADAM":
+            raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'ADAM', got {cfg.SOLVER.OPTIMIZER!r}")
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.Adam)(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
+
+    def build_hooks(self):
+        # DefaultTrainer made a DetectionCheckpointer; ours also reads torchvision weights.
+        old = self.checkpointer
+        self.checkpointer = LesionCheckpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
+        hook_list = super().build_hooks()
+        metric = self.cfg.RETINA.EVAL.BEST_METRIC
+        if metric and self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
+            index = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
+            hook_list.insert(
+                index + 1, hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, metric)
+            )
+        return hook_list
+
+
+def setup_cfg(config_file: str, opts=(), args=None):
+    """Config of a run: defaults + retina_d2 keys + file + command-line overrides, frozen.
+
+    Falls back to the CPU when the config asks for CUDA and none is present, registers the
+    converted datasets, and (with ``args``) runs Detectron2's default_setup, which writes the
+    config into OUTPUT_DIR; the environment goes beside it.
+    """
+    cfg = get_retina_cfg()
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file {config_file!r} not found")
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:
+        raise ConfigError(f"{config_file}: {e.args[0]} (not a Detectron2 or retina_d2 key)") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as e:  # yacs asserts on unknown keys in a list
+        raise ConfigError(f"command line: {e.args[0]} (not a Detectron2 or retina_d2 key)") from None
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but no GPU is available: using the CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    register_all()
+    _check_datasets(cfg, config_file)
+    if args is not None:
+        default_setup(cfg, args)
+        # default_setup configures Detectron2's and fvcore's loggers; ours print beside them.
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retina_d2")
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            with open(os.path.join(cfg.OUTPUT_DIR, "env.txt"), "w") as f:
+                f.write(collect_env_info())
+    return cfg
+
+
+def _check_datasets(cfg, config_file):
+    """Every dataset the config names is registered and has MODEL.ROI_HEADS.NUM_CLASSES classes."""
+    from ..data.register import datasets_root
+
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        if name not in DatasetCatalog.list():
+            known = sorted(n for n in DatasetCatalog.list() if "_seg_" in n)
+            raise ConfigError(
+                f"{config_file}: dataset {name!r} is not registered. Convert it with "
+                f"tools/convert_dataset.py into {datasets_root()} (or set RETINA_D2_DATASETS); "
+                f"converted datasets found: {known or 'none'}"
+            )
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if cfg.MODEL.MASK_ON and classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            raise ConfigError(
+                f"{config_file}: MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} "
+                f"but {name} has {len(classes)} categories {classes}"
+            )

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train and evaluate a retina_d2 model with Detectron2's DefaultTrainer.
+
+Examples:
+    python tools/train_net.py --config-file configs/maskrcnn_eophtha.yaml
+    python tools/train_net.py --config-file configs/maskrcnn_heimed.yaml --num-gpus 2
+    python tools/train_net.py --config-file configs/maskrcnn_idrid.yaml --eval-only \\
+        MODEL.WEIGHTS output/maskrcnn_idrid/model_best.pth
+
+Datasets are the conversions found under $RETINA_D2_DATASETS (default ./datasets); see
+datasets/README.md. The run's config, environment, checkpoints (the best one as model_best.pth),
+metrics and overlay pictures go to OUTPUT_DIR.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import retina_d2  # noqa: E402,F401  (Detectron2 compat first)
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from retina_d2.config import ConfigError  # noqa: E402
+from retina_d2.engine import LesionTrainer, setup_cfg  # noqa: E402
+from retina_d2.modeling import LesionCheckpointer  # noqa: E402
+
+
+def main(args):
+    cfg = setup_cfg(args.config_file, args.opts, args)
+    if args.eval_only:
+        model = LesionTrainer.build_model(cfg)
+        LesionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = LesionTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = LesionTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set.
+    results = getattr(trainer, "_last_eval_results", None)
+    if results and comm.is_main_process():
+        print(f"\nmetrics, predictions and overlay pictures: {cfg.OUTPUT_DIR}/inference/")
+    return results
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    try:
+        if args.num_gpus <= 1 and args.num_machines == 1:
+            return main(args)  # launch() would drop the results
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (FileNotFoundError, ConfigError) as e:
+        # Bad config files, keys, datasets or weights: one clear line, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
