@@ -32,6 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS: Dict[str, tuple] = {
     "convert": ("convert", "HEI-MED -> COCO conversion: time and peak memory beside the decode "
                 "floor and a peer converter"),
+    "heimed-maskrcnn": ("heimed_maskrcnn", "Mask R-CNN trained on the HEI-MED dev split within a "
+                        "CPU budget; exudate AP35/50/75 on its 10 val images"),
 }
 
 

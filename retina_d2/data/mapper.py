@@ -19,7 +19,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BitMasks, BoxMode, PolygonMasks
+import pycocotools.mask as mask_util
+from detectron2.structures import BitMasks, BoxMode, Instances, PolygonMasks
+from scipy import ndimage
 from fvcore.transforms.transform import BlendTransform, NoOpTransform, TransformList
 
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
@@ -145,6 +147,13 @@ class LesionDatasetMapper:
                 anno.pop("segmentation", None)
             anno.pop("keypoints", None)
         self._check_mask_format(annos, dataset_dict["file_name"])
+        if self.use_instance_mask and self.recompute_boxes and self.instance_mask_format == "bitmask":
+            instances = _layered_instances(
+                [a for a in annos if a.get("iscrowd", 0) == 0], transforms, image_shape,
+                (dataset_dict["height"], dataset_dict["width"]),
+            )
+            dataset_dict["instances"] = utils.filter_empty_instances(instances)
+            return
         annos = [
             utils.transform_instance_annotations(anno, transforms, image_shape)
             for anno in annos
@@ -159,6 +168,73 @@ class LesionDatasetMapper:
         if self.recompute_boxes and len(instances):
             instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
+
+
+def _decode(segmentation, height: int, width: int) -> np.ndarray:
+    if isinstance(segmentation, list):  # polygons
+        segmentation = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+        segmentation = mask_util.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation["counts"], str):
+        segmentation = dict(segmentation, counts=segmentation["counts"].encode("ascii"))
+    return mask_util.decode(segmentation)
+
+
+def _layered_instances(annos: List[dict], transforms, image_shape, file_shape) -> Instances:
+    """Transformed instances of ``annos``, built by transforming label maps, not masks.
+
+    Detectron2 transforms every instance mask on its own at the file's resolution: hundreds of
+    full-size resizes for an eye full of exudates. Instances that do not overlap can share one
+    uint8 label map (up to 255 per map), and a nearest-neighbour transform of a label map picks
+    the same source pixel for every output pixel as it does for each instance's own mask, so the
+    result is identical to Detectron2's per-mask path at a fraction of the cost. Boxes are the
+    tight boxes of the transformed masks.
+    """
+    height, width = file_shape
+    layers: List[np.ndarray] = []
+    used: List[int] = []  # labels taken in each layer
+    placed = []  # (layer index, label) per annotation
+    for anno in annos:
+        mask = _decode(anno["segmentation"], height, width).astype(bool)
+        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        if len(ys) == 0:
+            placed.append(None)
+            continue
+        rows, cols = slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+        inside = mask[rows, cols]
+        index = next(
+            (i for i, layer in enumerate(layers) if used[i] < 255 and not layer[rows, cols][inside].any()),
+            None,
+        )
+        if index is None:
+            layers.append(np.zeros((height, width), np.uint8))
+            used.append(0)
+            index = len(layers) - 1
+        used[index] += 1
+        layers[index][rows, cols][inside] = used[index]
+        placed.append((index, used[index]))
+    moved = [transforms.apply_segmentation(layer) for layer in layers]
+    masks, classes = [], []
+    found = [ndimage.find_objects(m) for m in moved]
+    for anno, where in zip(annos, placed):
+        if where is None:
+            continue
+        index, label = where
+        region = found[index][label - 1] if label <= len(found[index]) else None
+        if region is None:
+            continue  # transformed out of the image
+        mask = np.zeros(image_shape, dtype=bool)
+        mask[region] = moved[index][region] == label
+        masks.append(mask)
+        classes.append(anno["category_id"])
+    instances = Instances(image_shape)
+    instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    bitmasks = BitMasks(
+        torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, *image_shape), dtype=torch.bool)
+    )
+    instances.gt_masks = bitmasks
+    instances.gt_boxes = bitmasks.get_bounding_boxes()
+    return instances
 
 
 def _empty_masks(mask_format: str, image_shape) -> Union[BitMasks, PolygonMasks]:
