@@ -32,6 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS: Dict[str, tuple] = {
     "convert": ("convert", "HEI-MED -> COCO conversion: time and peak memory beside the decode "
                 "floor and a peer converter"),
+    "infer": ("infer", "CPU forward latency and peak memory at 1024 px, and training "
+              "iterations per second, beside Detectron2's stock mask_rcnn_R_50_FPN_3x"),
     "heimed-maskrcnn": ("heimed_maskrcnn", "Mask R-CNN trained on the HEI-MED dev split within a "
                         "CPU budget; exudate AP35/50/75 on its 10 val images"),
 }

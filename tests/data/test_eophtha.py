@@ -1,6 +1,7 @@
 """Tests for the e-ophtha converter on tiny fixtures in the published layout: e_optha_EX and
 e_optha_MA with patient folders, .jpg/.JPG images, ``Thumbs.db``, annotations named with and
-without the lesion suffix, healthy images, and the microaneurysm dilation preset."""
+without the lesion suffix, healthy images, the microaneurysm dilation preset, equal file names in
+different patient folders, and split files."""
 import argparse
 import json
 import logging
@@ -216,11 +217,153 @@ def test_user_dilation_wins_over_preset(tmp_path):
 def test_command_line_flags():
     parser = argparse.ArgumentParser()
     eophtha.add_arguments(parser)
-    assert vars(parser.parse_args([])) == {"subset": "both", "ma_dilation": True}
-    args = parser.parse_args(["--subset", "MA", "--no-ma-dilation"])
-    assert (args.subset, args.ma_dilation) == ("MA", False)
+    assert vars(parser.parse_args([])) == {
+        "subset": "both", "ma_dilation": True, "split_file": None
+    }
+    args = parser.parse_args(["--subset", "MA", "--no-ma-dilation", "--split-file", "s.json"])
+    assert (args.subset, args.ma_dilation, str(args.split_file)) == ("MA", False, "s.json")
     with pytest.raises(SystemExit):
         parser.parse_args(["--subset", "HE"])
+
+
+def test_equal_stems_in_two_patient_folders(tmp_path):
+    """Published e-ophtha reuses file names across patients: both images convert, each with its
+    own semantic target."""
+    truth = make_eophtha(tmp_path / "raw", subsets=("EX",))
+    ex = tmp_path / "raw/e_optha_EX"
+    write_image(ex / "EX/E0012345/C0001885.jpg", H, W, seed=8)
+    mask = random_lesion_mask(H, W, seed=8, count=4)
+    write_mask(ex / "Annotation_EX/E0012345/C0001885_EX.png", mask)
+    truth["e_optha_EX/EX/E0012345/C0001885.jpg"] = ("hard exudate", mask)
+    out = tmp_path / "out"
+    summary = eophtha.convert(tmp_path / "raw", out, _options())
+    assert summary["skipped"] == []
+
+    coco = load_checked(out / "all.json", tmp_path / "raw")
+    assert len(coco.dataset["images"]) == len(truth)
+    targets = set()
+    for file_name in ("e_optha_EX/EX/E0000404/C0001885.jpg", "e_optha_EX/EX/E0012345/C0001885.jpg"):
+        image_id = image_id_by_name(coco, file_name)
+        source = truth[file_name][1]
+        assert_instances_match_mask(coco, image_id, EX_ID, source)
+        np.testing.assert_array_equal(
+            _semantic(out, coco, image_id, "hard exudate"), source.astype(np.uint8)
+        )
+        targets.add(coco.loadImgs([image_id])[0]["sem_seg_files"]["hard exudate"])
+    assert len(targets) == 2
+
+
+# ---------------------------------------------------------------- split files
+
+
+def _write_splits(path, splits):
+    path.write_text(json.dumps(splits))
+    return path
+
+
+def _file_names(path, root):
+    return sorted(i["file_name"] for i in load_checked(path, root).dataset["images"])
+
+
+def test_split_file(tmp_path):
+    truth = make_eophtha(tmp_path / "raw")
+    split_file = _write_splits(
+        tmp_path / "split.json",
+        {
+            # Paths inside the subset folder, with or without it, and unique stems.
+            "train": ["EX/E0000404/C0001885", "C0001886", "MA/E0000500/C0003000"],
+            "val": ["e_optha_EX/healthy/E0000100/C0002000", "C0003001", "C0004000"],
+        },
+    )
+    out = tmp_path / "out"
+    summary = eophtha.convert(tmp_path / "raw", out, _options(), split_file=split_file)
+
+    assert not (out / "all.json").exists()
+    assert read_json(out / "retina_d2.json")["tasks"] == {
+        "seg": {"train": "train.json", "val": "val.json"}
+    }
+    assert _file_names(out / "train.json", tmp_path / "raw") == [
+        "e_optha_EX/EX/E0000404/C0001885.jpg",
+        "e_optha_EX/EX/E0000404/C0001886.JPG",
+        "e_optha_MA/MA/E0000500/C0003000.JPG",
+    ]
+    assert _file_names(out / "val.json", tmp_path / "raw") == [
+        "e_optha_EX/healthy/E0000100/C0002000.jpg",
+        "e_optha_MA/MA/E0000500/C0003001.jpg",
+        "e_optha_MA/healthy/E0000600/C0004000.JPG",
+    ]
+    assert summary["tasks"]["seg"]["train"]["images"] == 3
+    assert summary["tasks"]["seg"]["val"]["images"] == 3
+    # Images in no split (DS000ABC) are not converted.
+    coco = load_checked(out / "train.json", tmp_path / "raw")
+    for file_name in ("e_optha_EX/EX/E0000404/C0001885.jpg", "e_optha_EX/EX/E0000404/C0001886.JPG"):
+        image_id = image_id_by_name(coco, file_name)
+        assert_instances_match_mask(coco, image_id, EX_ID, truth[file_name][1])
+
+
+def test_split_file_unknown_names(tmp_path):
+    make_eophtha(tmp_path / "raw")
+    split_file = _write_splits(
+        tmp_path / "split.json",
+        {"train": ["C0001885", "C9999999"], "val": ["EX/E0000404/C0001886.JPG"]},
+    )
+    with pytest.raises(ConversionError) as err:
+        eophtha.convert(tmp_path / "raw", tmp_path / "out", _options(), split_file=split_file)
+    message = str(err.value)
+    assert "C9999999" in message and "EX/E0000404/C0001886.JPG" in message
+    assert "split.json" in message and "'C0001885'" not in message
+
+
+def test_split_file_name_in_two_splits(tmp_path):
+    make_eophtha(tmp_path / "raw")
+    split_file = _write_splits(
+        tmp_path / "split.json", {"train": ["C0001885"], "val": ["C0001885"]}
+    )
+    with pytest.raises(ConversionError, match="listed in split 'train' and again in 'val'"):
+        eophtha.convert(tmp_path / "raw", tmp_path / "out", _options(), split_file=split_file)
+
+    # One image under two of its names is caught too.
+    _write_splits(split_file, {"train": ["C0001885"], "val": ["EX/E0000404/C0001885"]})
+    with pytest.raises(ConversionError, match="same image") as err:
+        eophtha.convert(tmp_path / "raw", tmp_path / "out", _options(), split_file=split_file)
+    assert "C0001885.jpg" in str(err.value)
+    assert not (tmp_path / "out/train.json").exists()
+
+
+def test_split_file_ambiguous_stem(tmp_path):
+    make_eophtha(tmp_path / "raw", subsets=("EX",))
+    ex = tmp_path / "raw/e_optha_EX"
+    write_image(ex / "healthy/E0000101/C0001885.jpg", H, W, seed=9)
+    split_file = _write_splits(tmp_path / "split.json", {"train": ["C0001885"], "val": []})
+    with pytest.raises(ConversionError) as err:
+        eophtha.convert(tmp_path / "raw", tmp_path / "out", _options(), split_file=split_file)
+    message = str(err.value)
+    assert "'C0001885'" in message
+    assert "e_optha_EX/EX/E0000404/C0001885" in message
+    assert "e_optha_EX/healthy/E0000101/C0001885" in message
+
+    # The paths name each image.
+    _write_splits(
+        split_file, {"train": ["EX/E0000404/C0001885"], "val": ["healthy/E0000101/C0001885"]}
+    )
+    eophtha.convert(tmp_path / "raw", tmp_path / "out", _options(), split_file=split_file)
+    assert _file_names(tmp_path / "out/val.json", tmp_path / "raw") == [
+        "e_optha_EX/healthy/E0000101/C0001885.jpg"
+    ]
+
+
+def test_split_file_skips_image_without_annotation(tmp_path):
+    make_eophtha(tmp_path / "raw", subsets=("EX",))
+    (tmp_path / "raw/e_optha_EX/Annotation_EX/E0000404/C0001886.png").unlink()
+    split_file = _write_splits(
+        tmp_path / "split.json", {"train": ["C0001885", "C0001886"], "val": ["DS000ABC"]}
+    )
+    options = _options(on_error="skip")
+    summary = eophtha.convert(tmp_path / "raw", tmp_path / "out", options, split_file=split_file)
+    assert [s["file"].rsplit("/", 1)[-1] for s in summary["skipped"]] == ["C0001886.JPG"]
+    assert _file_names(tmp_path / "out/train.json", tmp_path / "raw") == [
+        "e_optha_EX/EX/E0000404/C0001885.jpg"
+    ]
 
 
 # ---------------------------------------------------------------- bad layouts and files

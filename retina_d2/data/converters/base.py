@@ -7,7 +7,8 @@ them to :func:`convert_samples`. Output layout of one conversion (``OUT_DIR``)::
     retina_d2.json                 manifest: dataset, image root, tasks -> splits -> JSON files
     <split>.json                   COCO instances of the segmentation task (train/test/valid/all)
     <task>/<split>.json            other tasks (e.g. IDRiD's grading/localization images)
-    semantic/<split>/<stem>/<LESION>.png   semantic targets: 0 background, 1 lesion, 255 ignore
+    semantic/<split>/<image>/<LESION>.png  semantic targets: 0 background, 1 lesion, 255 ignore;
+                                   <image> is the image's file_name without extension
     summary.json                   per task and split: images, instances per category, sizes
 
 ``file_name`` in the COCO files is relative to the raw dataset root, recorded as ``image_root``
@@ -17,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ __all__ = [
     "atomic_write",
     "read_json",
     "write_json_atomic",
+    "read_split_file",
+    "split_samples",
     "check_outputs_free",
     "convert_samples",
     "MANIFEST_NAME",
@@ -52,6 +56,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # The value Retinal-Lesions uses for annotations that graders excluded from scoring.
 IGNORE_VALUE = 127
 SEMANTIC_IGNORE = 255
+# A split name becomes an output file name (<split>.json) and part of a registered dataset name.
+_SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ConversionError(RuntimeError):
@@ -216,6 +222,110 @@ def read_json(path: Path) -> Any:
 def write_json_atomic(path: Path, obj: Any, indent: Optional[int] = None) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=indent)
+
+
+def read_split_file(path: Path) -> Dict[str, List[str]]:
+    """
+    Read a split file: a JSON object from split name to a list of image names.
+
+    Args:
+        path: the JSON file, e.g. ``{"train": ["(00000052)", ...], "val": [...]}``.
+
+    Returns:
+        dict[str, list[str]]: the splits in file order.
+
+    Raises:
+        ConversionError: unreadable JSON, not an object of string lists, a split name that is
+            not a plain file name, or a name listed twice.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            splits = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: cannot read split file: {e}") from e
+    if not isinstance(splits, dict) or not splits:
+        raise ConversionError(f"{path}: split file must be a non-empty JSON object split -> names")
+    seen: Dict[str, str] = {}
+    for split, names in splits.items():
+        if not _SPLIT_NAME_RE.fullmatch(split):
+            raise ConversionError(
+                f"{path}: split name {split!r} is not a plain name (letters, digits, _ and -); "
+                "it becomes the output file name"
+            )
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConversionError(f"{path}: split {split!r} must be a list of image names")
+        for name in names:
+            if name in seen:
+                raise ConversionError(
+                    f"{path}: image {name!r} is listed in split {seen[name]!r} and again in "
+                    f"{split!r}"
+                )
+            seen[name] = split
+    return splits
+
+
+def split_samples(
+    samples_by_name: Dict[str, Sample],
+    split_file: Path,
+    dataset: str,
+    ambiguous: Optional[Dict[str, Sequence[str]]] = None,
+) -> Dict[str, List[Sample]]:
+    """
+    Assign samples to the splits of a split file (see :func:`read_split_file`).
+
+    Args:
+        samples_by_name: image name -> sample. Several names may lead to one sample (e-ophtha
+            accepts a stem and a path); naming one image twice through them is an error.
+        split_file: the JSON split file.
+        dataset: dataset name for messages.
+        ambiguous: names that match several images -> those images' full names; listing one
+            is an error that names the candidates.
+
+    Returns:
+        dict[str, list[Sample]]: split -> samples, in file order. Images in no split are
+        not converted (logged).
+
+    Raises:
+        ConversionError: a bad split file, names it lists that match no image or several, or
+            one image listed twice under different names; the message names the file.
+    """
+    split_file = Path(split_file)
+    splits = read_split_file(split_file)
+    ambiguous = ambiguous or {}
+    listed = [n for names in splits.values() for n in names]
+    unclear = [n for n in listed if n in ambiguous and n not in samples_by_name]
+    if unclear:
+        raise ConversionError(
+            f"{split_file}: {len(unclear)} image name(s) match several {dataset} images; give "
+            "a longer name: "
+            + "; ".join(f"{n!r} (one of {', '.join(ambiguous[n])})" for n in unclear[:10])
+            + (" ..." if len(unclear) > 10 else "")
+        )
+    missing = [n for n in listed if n not in samples_by_name]
+    if missing:
+        suffixes = [Path(n).suffix for n in missing if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        hint = f" (give names without {suffixes[0]})" if suffixes else ""
+        raise ConversionError(
+            f"{split_file}: {len(missing)} image name(s) not found in the dataset{hint}: "
+            + ", ".join(repr(n) for n in missing[:10])
+            + (" ..." if len(missing) > 10 else "")
+        )
+    # By identity: the same image listed under two of its names would be converted twice.
+    chosen: Dict[int, Tuple[str, str]] = {}
+    for split, names in splits.items():
+        for name in names:
+            first = chosen.setdefault(id(samples_by_name[name]), (split, name))
+            if first != (split, name):
+                raise ConversionError(
+                    f"{split_file}: {name!r} in split {split!r} and {first[1]!r} in split "
+                    f"{first[0]!r} are the same image {samples_by_name[name].image}"
+                )
+    unused = len({id(s) for s in samples_by_name.values()}) - len(chosen)
+    if unused:
+        logger.info(
+            "%d %s image(s) are in no split of %s: not converted", unused, dataset, split_file
+        )
+    return {split: [samples_by_name[n] for n in names] for split, names in splits.items()}
 
 
 def _write_png_atomic(path: Path, arr: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""e-ophtha (EX: hard exudates, MA: microaneurysms) -> COCO instances, one all.json.
+"""e-ophtha (EX: hard exudates, MA: microaneurysms) -> COCO instances, all.json or given splits.
 
 Layout as published; ``root`` may hold either subset or both, or be one of the two folders::
 
@@ -17,12 +17,25 @@ for the other: an evaluator must not count its unannotated type as false positiv
 Microaneurysms are dilated by the Mask R-CNN paper's preset (``EOPHTHA_MA_DILATION``) unless
 ``--no-ma-dilation`` is given or ``--dilate`` names microaneurysm; semantic targets keep the
 undilated masks.
+
+The dataset defines no splits: the converter writes ``all.json``, or with ``--split-file`` one
+file per split of a JSON file ``{"train": [NAME, ...], "val": [NAME, ...]}``
+(``configs/maskrcnn_eophtha.yaml`` trains on ``eophtha_seg_train`` and tests on
+``eophtha_seg_val``, so it needs "train" and "val"). A NAME is an image path without extension,
+in one of three forms, each accepted when it names exactly one image of the chosen subsets:
+
+* the path inside the subset folder, ``EX/E0000404/C0001885`` or ``healthy/E0000100/C0002000``;
+* the same prefixed by the subset folder, ``e_optha_EX/healthy/E0000100/C0002000``, which is
+  always unique (needed when both subsets hold the same ``healthy/<patient>/<image>``);
+* the bare stem, ``C0001885``.
+
+A NAME that matches several images is an error listing them.
 """
 import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..instances import EOPHTHA_MA_DILATION
 from .base import (
@@ -32,7 +45,7 @@ from .base import (
     convert_samples,
     list_images,
     require_dir,
-    write_json_atomic,
+    split_samples,
 )
 
 __all__ = [
@@ -44,6 +57,7 @@ __all__ = [
     "convert",
     "find_subset_root",
     "find_annotation",
+    "sample_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +93,8 @@ SUBSETS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--subset`` and ``--ma-dilation/--no-ma-dilation`` (dests ``subset``, ``ma_dilation``)."""
+    """``--subset``, ``--ma-dilation/--no-ma-dilation`` and ``--split-file`` (dests ``subset``,
+    ``ma_dilation``, ``split_file``)."""
     parser.add_argument(
         "--subset",
         choices=("EX", "MA", "both"),
@@ -93,6 +108,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"dilate microaneurysm instances {EOPHTHA_MA_DILATION.kernel}x"
         f"{EOPHTHA_MA_DILATION.kernel}, {EOPHTHA_MA_DILATION.iterations} times, as the Mask "
         "R-CNN paper did (default: on; --dilate microaneurysm=... overrides it)",
+    )
+    parser.add_argument(
+        "--split-file",
+        type=Path,
+        default=None,
+        help='JSON {"train": [NAME, ...], "val": [...]}; writes one COCO file per split instead '
+        "of all.json (configs/maskrcnn_eophtha.yaml expects train and val). NAME: the image path "
+        "inside its e_optha_* folder without extension (EX/E0000404/C0001885, "
+        "healthy/E0000100/C0002000), optionally prefixed by that folder, or the bare stem "
+        "(C0001885); any form must name exactly one image",
     )
 
 
@@ -208,12 +233,11 @@ def find_annotation(
     return found[0]
 
 
-def _subset_samples(
-    subset_root: Path, subset: EophthaSubset, options: ConvertOptions, skipped: List[dict]
-) -> List[Sample]:
+def _subset_samples(subset_root: Path, subset: EophthaSubset) -> List[Sample]:
     """Samples of one subset: its lesion images with their annotation, then its healthy images.
 
-    Images whose annotation cannot be found raise, or are appended to ``skipped`` in skip mode.
+    A lesion image whose annotation is missing or ambiguous gets that problem as its
+    ``Sample.error``: the conversion stops at it, or skips it, per ``on_error``.
     """
     lesion_dir = require_dir(
         subset_root / subset.key, f"the e-ophtha {subset.key} images ({subset.key}/<patient>/)"
@@ -226,16 +250,15 @@ def _subset_samples(
     used = set()
     samples = []
     for image in _patient_images(lesion_dir):
+        sample = Sample(image, annotated=[subset.lesion])
         try:
             mask = find_annotation(image, annotation_dir, subset, index)
         except ConversionError as e:
-            if options.on_error == "stop":
-                raise
-            logger.warning("skipping %s: %s", image, e)
-            skipped.append({"file": str(image), "reason": str(e)})
-            continue
-        used.add(mask)
-        samples.append(Sample(image, masks={subset.lesion: mask}, annotated=[subset.lesion]))
+            sample.error = str(e)
+        else:
+            used.add(mask)
+            sample.masks = {subset.lesion: mask}
+        samples.append(sample)
     for files in index.values():
         for path in sorted(set(files.values()) - used):
             logger.warning("ignoring %s: no image in %s matches it", path, lesion_dir)
@@ -252,31 +275,6 @@ def _subset_samples(
     return samples
 
 
-def _drop_stem_clashes(
-    samples: Sequence[Sample], options: ConvertOptions, skipped: List[dict]
-) -> List[Sample]:
-    """Semantic targets are stored by image stem and lesion; two images of one lesion type with
-    the same stem (in different patient folders) would overwrite each other's, so the second is
-    an error (or skipped)."""
-    seen: Dict[Tuple[str, str], Path] = {}
-    kept = []
-    for sample in samples:
-        key = (_stem(sample.image), sample.annotated[0])
-        if key in seen:
-            message = (
-                f"{sample.image}: same file stem as {seen[key]}, so their semantic targets "
-                "would collide"
-            )
-            if options.on_error == "stop":
-                raise ConversionError(message)
-            logger.warning("skipping %s", message)
-            skipped.append({"file": str(sample.image), "reason": message})
-            continue
-        seen[key] = sample.image
-        kept.append(sample)
-    return kept
-
-
 def _with_ma_dilation(options: ConvertOptions) -> ConvertOptions:
     """``options`` plus the paper's microaneurysm dilation, unless the user chose one."""
     if "microaneurysm" in options.dilation:
@@ -285,13 +283,29 @@ def _with_ma_dilation(options: ConvertOptions) -> ConvertOptions:
     return dataclasses.replace(options, dilation=dilation)
 
 
-def _record_skipped(summary: dict, out_dir: Path, skipped: List[dict]) -> dict:
-    """Add the images dropped while reading the layout to the summary written by
-    ``convert_samples``, which only sees the images handed to it."""
-    if skipped:
-        summary["skipped"] = skipped + summary["skipped"]
-        write_json_atomic(Path(out_dir) / "summary.json", summary, indent=2)
-    return summary
+def sample_names(
+    samples: List[Tuple[EophthaSubset, Path, Sample]]
+) -> Tuple[Dict[str, Sample], Dict[str, List[str]]]:
+    """The names a split file may give each image (see the module docstring).
+
+    Args:
+        samples: (subset, subset folder, sample) of every image to convert.
+
+    Returns:
+        tuple: (name -> sample, for names that match one image; name -> the full names of the
+        images it matches, for names that match several).
+    """
+    matches: Dict[str, List[Tuple[str, Sample]]] = {}
+    for subset, folder, sample in samples:
+        inner = sample.image.relative_to(folder).with_suffix("").as_posix()
+        full = f"{subset.folder}/{inner}"
+        for name in dict.fromkeys((full, inner, _stem(sample.image))):
+            matches.setdefault(name, []).append((full, sample))
+    unique = {name: found[0][1] for name, found in matches.items() if len(found) == 1}
+    ambiguous = {
+        name: [full for full, _ in found] for name, found in matches.items() if len(found) > 1
+    }
+    return unique, ambiguous
 
 
 def convert(
@@ -300,8 +314,9 @@ def convert(
     options: ConvertOptions,
     subset: str = "both",
     ma_dilation: bool = True,
+    split_file: Optional[Path] = None,
 ) -> dict:
-    """Convert e-ophtha into ``out_dir/all.json`` (the dataset defines no splits).
+    """Convert e-ophtha into ``out_dir/all.json``, or one file per split of ``split_file``.
 
     Args:
         root: folder holding ``e_optha_EX/`` and/or ``e_optha_MA/``, or one of them.
@@ -310,21 +325,30 @@ def convert(
         subset: "EX", "MA", or "both" (every subset found under ``root``).
         ma_dilation: dilate microaneurysms by ``EOPHTHA_MA_DILATION`` unless
             ``options.dilation`` already names microaneurysm.
+        split_file: optional JSON split file of image names (see the module docstring); without
+            it every image goes to ``all.json``.
 
     Returns:
-        the summary dict of :func:`convert_samples`, with images skipped for a missing
-        annotation added to ``skipped``.
+        the summary dict of :func:`convert_samples`; in skip mode, images with a missing or
+        ambiguous annotation are in its ``skipped`` list.
+
+    Raises:
+        ConversionError: missing folders, a bad split file or names in it that match no image
+            or several, or (with ``on_error="stop"``) the first bad image or annotation.
     """
     root = require_dir(Path(root), "the e-ophtha root (holding e_optha_EX/ and/or e_optha_MA/)")
     chosen = _chosen_subsets(root, subset)
     categories = tuple(name for name in CATEGORIES if name in {s.lesion for s, _ in chosen})
     if ma_dilation and "microaneurysm" in categories:
         options = _with_ma_dilation(options)
-    skipped: List[dict] = []
-    samples: List[Sample] = []
-    for each, folder in chosen:
-        samples.extend(_subset_samples(folder, each, options, skipped))
-    samples = _drop_stem_clashes(samples, options, skipped)
-    tasks = {"seg": {"all": samples}}
-    summary = convert_samples(DATASET, tasks, root, out_dir, categories, options)
-    return _record_skipped(summary, out_dir, skipped)
+    listed = [
+        (each, folder, sample)
+        for each, folder in chosen
+        for sample in _subset_samples(folder, each)
+    ]
+    if split_file is None:
+        splits = {"all": [sample for _, _, sample in listed]}
+    else:
+        by_name, ambiguous = sample_names(listed)
+        splits = split_samples(by_name, Path(split_file), "e-ophtha", ambiguous=ambiguous)
+    return convert_samples(DATASET, {"seg": splits}, root, out_dir, categories, options)

@@ -25,16 +25,22 @@ per split named in a JSON file ``{"train": [NAME, ...], "val": [NAME, ...]}``. T
 split of the 40-image sample is ``configs/splits/heimed_dev.json`` (see :func:`dev_split`).
 """
 import functools
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .base import ConversionError, ConvertOptions, Sample, convert_samples, require_dir
+from .base import (
+    ConversionError,
+    ConvertOptions,
+    Sample,
+    convert_samples,
+    read_split_file,
+    require_dir,
+    split_samples,
+)
 from .heimed_io import (
     HEIMED_CATEGORIES,
     HeimedFormatError,
@@ -66,7 +72,6 @@ _IMAGE_SUFFIX = ".jpg"
 # Files that belong beside a NAME.jpg (compared lower-case): passed over quietly, unlike unknown
 # files. ".map" covers the stray, truncated uncompressed map the dataset ships beside one .map.gz.
 _COMPANION_SUFFIXES = (".map.gz", ".map", ".gnd", ".meta", "_vess.png")
-_SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def image_name(image: Path) -> str:
@@ -138,46 +143,6 @@ def dev_split(names: Sequence[str]) -> Dict[str, List[str]]:
         "train": [n for i, n in enumerate(ordered, start=1) if i % 4 != 0],
         "val": [n for i, n in enumerate(ordered, start=1) if i % 4 == 0],
     }
-
-
-def read_split_file(path: Path) -> Dict[str, List[str]]:
-    """
-    Read a split file: a JSON object from split name to a list of image names.
-
-    Args:
-        path: the JSON file, e.g. ``{"train": ["(00000052)", ...], "val": [...]}``.
-
-    Returns:
-        dict[str, list[str]]: the splits in file order.
-
-    Raises:
-        ConversionError: unreadable JSON, not an object of string lists, a split name that is
-            not a plain file name, or a name listed twice.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            splits = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: cannot read split file: {e}") from e
-    if not isinstance(splits, dict) or not splits:
-        raise ConversionError(f"{path}: split file must be a non-empty JSON object split -> names")
-    seen: Dict[str, str] = {}
-    for split, names in splits.items():
-        if not _SPLIT_NAME_RE.fullmatch(split):
-            raise ConversionError(
-                f"{path}: split name {split!r} is not a plain name (letters, digits, _ and -); "
-                "it becomes the output file name"
-            )
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ConversionError(f"{path}: split {split!r} must be a list of image names")
-        for name in names:
-            if name in seen:
-                raise ConversionError(
-                    f"{path}: image {name!r} is listed in split {seen[name]!r} and again in "
-                    f"{split!r}"
-                )
-            seen[name] = split
-    return splits
 
 
 def _jpeg_size(image: Path) -> Tuple[int, int]:
@@ -294,24 +259,6 @@ def build_samples(root: Path, options: ConvertOptions) -> Dict[str, Sample]:
     }
 
 
-def _split_samples(
-    samples: Dict[str, Sample], splits: Dict[str, List[str]], split_file: Path
-) -> Dict[str, List[Sample]]:
-    missing = [n for names in splits.values() for n in names if n not in samples]
-    if missing:
-        with_suffix = any(n.endswith(_IMAGE_SUFFIX) for n in missing)
-        hint = " (give names without .jpg)" if with_suffix else ""
-        raise ConversionError(
-            f"{split_file}: {len(missing)} image name(s) not found in the dataset{hint}: "
-            + ", ".join(repr(n) for n in missing[:10])
-            + (" ..." if len(missing) > 10 else "")
-        )
-    unused = len(samples) - sum(len(names) for names in splits.values())
-    if unused:
-        logger.info("%d HEI-MED image(s) are in no split of %s: not converted", unused, split_file)
-    return {split: [samples[n] for n in names] for split, names in splits.items()}
-
-
 def add_arguments(parser) -> None:
     """HEI-MED's own flag: ``--split-file``."""
     parser.add_argument(
@@ -336,8 +283,8 @@ def convert(
         root: the folder holding ``NAME.jpg``, ``NAME.map.gz``, ``NAME.GND``, ``NAME.meta``.
         out_dir: output folder (see :mod:`.base`).
         options: common converter options; default :class:`ConvertOptions`.
-        split_file: optional split file (see :func:`read_split_file`); without it every image
-            goes to ``all.json``.
+        split_file: optional split file of image names (see :func:`.base.read_split_file`);
+            without it every image goes to ``all.json``.
 
     Returns:
         dict: the summary written to ``summary.json``.
@@ -352,5 +299,5 @@ def convert(
     if split_file is None:
         splits = {"all": list(samples.values())}
     else:
-        splits = _split_samples(samples, read_split_file(split_file), Path(split_file))
+        splits = split_samples(samples, Path(split_file), "HEI-MED")
     return convert_samples(DATASET, {"seg": splits}, root, out_dir, CATEGORIES, options)
