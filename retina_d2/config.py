@@ -1,7 +1,7 @@
 """``add_retina_config``: every config key retina_d2 adds to Detectron2's, with its default."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["ConfigError", "add_retina_config", "get_retina_cfg"]
+__all__ = ["ConfigError", "add_retina_config", "get_retina_cfg", "has_semantic_head"]
 
 
 class ConfigError(ValueError):
@@ -21,6 +21,93 @@ def add_retina_config(cfg):
     cfg.MODEL.LESION_RESNET.RES2_OUT_CHANNELS = 64  # doubled at each later stage
     cfg.MODEL.LESION_RESNET.NORM = "GN"  # GN trains from scratch; frozen BN on random weights diverges
     cfg.MODEL.LESION_RESNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    # Semantic lesion heads (retina_d2/modeling/semantic, chosen by MODEL.SEM_SEG_HEAD.NAME with
+    # NUM_CLASSES = lesion channels, background not counted, and IGNORE_VALUE 255).
+    cfg.MODEL.LESION_SEG = CN()
+    # A semantic head beside Mask R-CNN in LesionRCNN, on its FPN features. SemanticLesionNet
+    # needs no switch: it is nothing but a semantic head.
+    cfg.MODEL.LESION_SEG.ENABLED = False
+    # "sigmoid": one independent map per lesion (C outputs); "softmax": C + 1 outputs, background
+    # first (ResUNet), of which the background is dropped at inference.
+    cfg.MODEL.LESION_SEG.ACTIVATION = "sigmoid"
+    # Iteration from which two-stage heads train with their stage-2 loss (Red-Seg: top-k
+    # balanced BCE -> FN+FP; Lesion-Net: pixel Dice -> dual Dice); -1 = at the first LR drop
+    # (SOLVER.STEPS[0]), 0 = never.
+    cfg.MODEL.LESION_SEG.LOSS_SWITCH_ITER = -1
+    # Weight of the semantic losses in LesionRCNN's total (SemanticLesionNet's are its only ones).
+    cfg.MODEL.LESION_SEG.LOSS_WEIGHT = 1.0
+
+    # ResUNet's encoder (retina_d2/modeling/encoders.py, build_unet_encoder_backbone): residual
+    # double-conv stages "enc1".."encN" at strides 1, 2, 4, ..., no normalisation, Kaiming init.
+    cfg.MODEL.UNET_ENCODER = CN()
+    cfg.MODEL.UNET_ENCODER.WIDTHS = [64, 128, 256, 512, 1024]  # channels per stage (U-Net's)
+    cfg.MODEL.UNET_ENCODER.DROPOUT = 0.3  # between the two convs of every block
+    cfg.MODEL.UNET_ENCODER.OUT_FEATURES = ["enc1", "enc2", "enc3", "enc4", "enc5"]
+
+    # Red-Seg's trunk (build_vgg16_backbone): VGG16 conv1_1..conv5_3, outputs "conv1".."conv5"
+    # at strides 1..16, trained from scratch.
+    cfg.MODEL.VGG = CN()
+    cfg.MODEL.VGG.WIDTH_MULT = 1.0  # multiplies VGG16's 64..512 channels (CPU configs: < 1)
+    cfg.MODEL.VGG.NORM = ""  # "" (VGG16 as published) or "GN" (trains from scratch far better)
+    cfg.MODEL.VGG.OUT_FEATURES = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+
+    # ResUNet head (ResUNetHead): U-Net decoder over the encoder's features, softmax over
+    # background + NUM_CLASSES lesions (MODEL.LESION_SEG.ACTIVATION must be "softmax").
+    cfg.MODEL.RESUNET = CN()
+    # Encoder features the decoder merges, any order (sorted by stride; the coarsest starts it).
+    cfg.MODEL.RESUNET.IN_FEATURES = ["enc1", "enc2", "enc3", "enc4", "enc5"]
+    cfg.MODEL.RESUNET.DROPOUT = 0.3  # of the decoder's residual blocks
+    # Focal alpha of the background class and of every lesion class (the report's 0.25 / 0.75).
+    cfg.MODEL.RESUNET.FOCAL_ALPHA = [0.25, 0.75]
+    cfg.MODEL.RESUNET.FOCAL_GAMMA = 2.0
+    cfg.MODEL.RESUNET.FOCAL_WEIGHT = 1.0  # weight of the focal term in the loss
+    cfg.MODEL.RESUNET.DICE_WEIGHT = 1.0  # weight of the soft Dice term (background excluded)
+
+    # Red-Seg head (RedSegHead): one branch per lesion, each fusing 1x1-conv side outputs of
+    # its trunk features; stage 1 top-k balanced BCE, stage 2 FN+FP (LESION_SEG.LOSS_SWITCH_ITER).
+    cfg.MODEL.RED_SEG = CN()
+    # The lesions with a branch, by name; the head finds their channels in the training dataset's
+    # thing_classes and fills every other channel with RED_SEG.ABSENT_LOGIT (not trained).
+    cfg.MODEL.RED_SEG.LESIONS = ["microaneurysm", "haemorrhage"]
+    # Trunk features each branch fuses, one list per lesion (the paper: conv2-4 for
+    # microaneurysms, conv3-5 for haemorrhages).
+    cfg.MODEL.RED_SEG.BRANCH_FEATURES = [["conv2", "conv3", "conv4"], ["conv3", "conv4", "conv5"]]
+    cfg.MODEL.RED_SEG.SIDE_CHANNELS = 1  # channels of each 1x1-conv side output (HED's 1)
+    # Logit of the channels no branch predicts: sigmoid(-20) ~ 2e-9, so they score ~0.
+    cfg.MODEL.RED_SEG.ABSENT_LOGIT = -20.0
+    cfg.MODEL.RED_SEG.TOPK_NEGATIVE_RATIO = 1.0  # stage 1: hard negatives per positive pixel
+    cfg.MODEL.RED_SEG.TOPK_MIN_NEGATIVES = 256  # stage 1: fewest hard negatives per image
+
+    # Lesion-Net head (LesionNetHead): a copy-and-merge expansive path over the encoder, one
+    # sigmoid map per lesion; pixel Dice, then dual Dice from LESION_SEG.LOSS_SWITCH_ITER.
+    cfg.MODEL.LESION_NET = CN()
+    # Encoder features the path may merge, one per stride (those finer than OUTPUT_STRIDE unused).
+    cfg.MODEL.LESION_NET.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # K of Lesion-Net-Ks: the stride of the prediction (2, 4, 8, 16 or 32; the paper's best is 8).
+    cfg.MODEL.LESION_NET.OUTPUT_STRIDE = 8
+    cfg.MODEL.LESION_NET.CONVS_DIM = 256  # channels of the expansive path's convs
+    cfg.MODEL.LESION_NET.NUM_CONVS = 2  # 3x3 conv-norm-ReLU layers closing every stage (U-Net's 2)
+    cfg.MODEL.LESION_NET.DUAL_DICE_LAMBDA = 0.8  # pixel term's weight in the stage-2 dual Dice
+
+    # CBAM-DeepLab head (CBAMDeepLabHead): DeepLabV3+ with CBAM after ASPP and after the
+    # low-level reduction, one sigmoid map per lesion.
+    cfg.MODEL.CBAM_DEEPLAB = CN()
+    cfg.MODEL.CBAM_DEEPLAB.IN_FEATURE = "res5"  # ASPP's input, at stride 16 (RES5_DILATION 2)
+    cfg.MODEL.CBAM_DEEPLAB.LOW_LEVEL_FEATURE = "res2"  # the decoder's stride-4 skip
+    cfg.MODEL.CBAM_DEEPLAB.ASPP_CHANNELS = 256  # width of each ASPP branch and its projection
+    cfg.MODEL.CBAM_DEEPLAB.ASPP_DILATIONS = [6, 12, 18]  # atrous rates, DeepLab's for stride 16
+    cfg.MODEL.CBAM_DEEPLAB.ASPP_DROPOUT = 0.1  # on the ASPP output while training
+    cfg.MODEL.CBAM_DEEPLAB.LOW_LEVEL_CHANNELS = 48  # width of the low-level 1x1 reduction
+    cfg.MODEL.CBAM_DEEPLAB.DECODER_CHANNELS = 256  # width of the two 3x3 decoder convs
+    cfg.MODEL.CBAM_DEEPLAB.CBAM_REDUCTION = 16  # r of the CBAM channel MLPs (C -> C / r -> C)
+    cfg.MODEL.CBAM_DEEPLAB.DICE_WEIGHT = 1.0  # weight of the soft Dice term
+    cfg.MODEL.CBAM_DEEPLAB.BCE_WEIGHT = 0.5  # weight of the BCE term
+    cfg.MODEL.CBAM_DEEPLAB.FOCAL_WEIGHT = 1.0  # weight of the focal term
+    cfg.MODEL.CBAM_DEEPLAB.BOUNDARY_WEIGHT = 0.5  # weight of the boundary-weighted BCE term
+    cfg.MODEL.CBAM_DEEPLAB.FOCAL_ALPHA = 0.25  # focal weight of positives
+    cfg.MODEL.CBAM_DEEPLAB.FOCAL_GAMMA = 2.0  # focal exponent
+    cfg.MODEL.CBAM_DEEPLAB.BOUNDARY_BETA = 1.5  # boundary weights exp(-beta * |Sobel(target)|)
 
     cfg.RETINA = CN()
     # Preprocessing, applied to train and test images alike (retina_d2/data/preprocess.py).
@@ -61,6 +148,17 @@ def add_retina_config(cfg):
     cfg.RETINA.EVAL.NUM_OVERLAYS = 8
     # Keep the checkpoint that is best by this metric (empty: off).
     cfg.RETINA.EVAL.BEST_METRIC = "segm/AP50"
+    # Lesion-level FROC (retina_d2/evaluation/froc.py): sensitivity at 1/8..8 false positives per
+    # image, the microaneurysm literature's measure (ROC challenge, e-ophtha), and lesion F1.
+    # Add LesionFROCEvaluator beside the instance evaluator.
+    cfg.RETINA.EVAL.FROC_ENABLED = False
+    # A hit: "iou" (mask IoU >= FROC_IOU; boxes without MODEL.MASK_ON) or "center" (the
+    # prediction's centroid inside the lesion, the ROC challenge's rule).
+    cfg.RETINA.EVAL.FROC_MATCH = "iou"
+    # Lenient on purpose: a one-pixel shift of a 3-pixel microaneurysm already halves its IoU.
+    cfg.RETINA.EVAL.FROC_IOU = 0.2
+    # Predictions scoring >= this give the lesion-level precision / recall / F1.
+    cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD = 0.35
 
 
 def get_retina_cfg():
@@ -70,3 +168,10 @@ def get_retina_cfg():
     cfg = get_cfg()
     add_retina_config(cfg)
     return cfg
+
+
+def has_semantic_head(cfg) -> bool:
+    """Whether the model of ``cfg`` has a semantic lesion head: SemanticLesionNet, or LesionRCNN
+    with ``MODEL.LESION_SEG.ENABLED``. Its mapper then loads semantic targets and its trainer
+    evaluates them."""
+    return cfg.MODEL.META_ARCHITECTURE == "SemanticLesionNet" or bool(cfg.MODEL.LESION_SEG.ENABLED)

@@ -10,7 +10,7 @@ import pycocotools.mask as mask_util
 import pytest
 
 import retina_d2  # noqa: F401  (patches Detectron2 0.6 before it is imported)
-from retina_d2.evaluation import evaluate_coco_results
+from retina_d2.evaluation import evaluate_coco_results, froc_curve, froc_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "evaluate.py"
@@ -167,3 +167,56 @@ def test_bad_arguments_exit_2(files, capsys):
         evaluate_tool.main(["--gt", str(gt), "--predictions", str(dt), "--iou", "1.5"])
     assert exit_info.value.code == 2
     assert "IoU threshold" in capsys.readouterr().err
+
+
+def test_froc_adds_a_table_and_the_json_key(files, tmp_path, capsys):
+    gt, dt, _ = files
+    out = tmp_path / "m.json"
+    code, stdout, _ = run_tool(capsys, "--gt", gt, "--predictions", dt, "--froc", "--json", out)
+    assert code == 0
+    assert "Lesion-level FROC" in stdout and "| microaneurysm" in stdout and "@1/8" in stdout
+    written = json.loads(out.read_text())
+    assert list(written) == ["bbox", "segm", "froc"]
+    for key, value in froc_metrics(froc_curve(gt, dt)).items():
+        if value != value:
+            assert written["froc"][key] is None, key
+        else:
+            assert written["froc"][key] == pytest.approx(value, abs=1e-9), key
+    # By hand, 2 images. MA: the FP on image 1 (0.9, 1/2 FP per image) before the hit (0.8):
+    # 0 at 1/8 and 1/4, 1 from 1/2 on: FROC 5/7. Exudate: hit (0.8), then the shifted copy
+    # (IoU 60/140 = 0.43 >= 0.2) finds it again: a duplicate, neither hit nor FP: FROC 1.
+    assert written["froc"]["FROC-microaneurysm"] == pytest.approx(500 / 7)
+    assert written["froc"]["sens@1/4-microaneurysm"] == 0.0
+    assert written["froc"]["FROC-hard exudate"] == pytest.approx(100.0)
+    assert written["froc"]["FROC"] == pytest.approx(600 / 7)
+    assert written["froc"]["FROC-haemorrhage"] is None
+    # F1 at 0.35: MA TP 1 FP 1: 2/3; exudate TP 1 FP 0: 1.
+    assert written["froc"]["F1-microaneurysm"] == pytest.approx(200 / 3)
+    assert written["froc"]["F1-hard exudate"] == pytest.approx(100.0)
+
+
+def test_froc_options(files, tmp_path, capsys):
+    gt, dt, _ = files
+    out = tmp_path / "m.json"
+    argv = ["--gt", gt, "--predictions", dt, "--froc", "--json", out]
+    # --froc-iou 0.5: the shifted exudate copy (IoU 0.43) is now a FP: P 1/2, F1 2/3.
+    code, _, _ = run_tool(capsys, *argv, "--froc-iou", "0.5")
+    assert code == 0
+    froc = json.loads(out.read_text())["froc"]
+    assert froc["F1-hard exudate"] == pytest.approx(200 / 3)
+    assert froc["FROC-hard exudate"] == pytest.approx(100.0)  # its FP comes after the hit
+    # --froc-match center: the copy (rows 5-14, cols 9-18) has its centroid at pixel (row 10,
+    # col 14), inside the exudate (rows and cols 5-14): a duplicate again.
+    code, stdout, _ = run_tool(capsys, *argv, "--froc-match", "center")
+    assert code == 0 and "centre inside the lesion" in stdout
+    assert json.loads(out.read_text())["froc"]["F1-hard exudate"] == pytest.approx(100.0)
+    # --annotated-only: the MA on image 1 (graded for exudates) is dropped, and each type counts
+    # the images graded for it (1 each): both FROC 100.
+    code, _, _ = run_tool(capsys, *argv, "--annotated-only")
+    assert json.loads(out.read_text())["froc"]["FROC"] == pytest.approx(100.0)
+    # Without --froc there is no "froc" key; a bad match is an argparse error.
+    run_tool(capsys, "--gt", gt, "--predictions", dt, "--json", out)
+    assert "froc" not in json.loads(out.read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_tool.main(["--gt", str(gt), "--predictions", str(dt), "--froc-match", "x"])
+    assert exit_info.value.code == 2

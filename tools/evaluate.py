@@ -5,11 +5,19 @@ Examples:
     python tools/evaluate.py --gt datasets/idrid/test.json \\
         --predictions output/inference/coco_instances_results.json --json metrics.json
     python tools/evaluate.py --gt datasets/eophtha/all.json --predictions dt.json --annotated-only
+    python tools/evaluate.py --gt datasets/eophtha/all.json --predictions dt.json --froc \\
+        --froc-match center
 
 Prints the tables of ``retina_d2.evaluation.format_instance_metrics``. ``--json`` writes
 ``{"bbox": {"AP35": .., "AP50": .., "AP75": .., "AP": .., ...}, "segm": {...}}`` in percent, NaN
 (a category or size without GT) as null. Numbers equal pycocotools' COCOeval with
 ``iouThrs = --iou`` and ``maxDets = [1, 10, --max-dets]`` (AP, APs/m/l, AR: IoU 0.50:0.95).
+
+``--froc`` adds lesion-level FROC (sensitivity at 1/8..8 false positives per image, each lesion
+counted once; ``retina_d2.evaluation.froc_curve``) and lesion precision / recall / F1 at
+``--froc-score-threshold``, masks matched (boxes with ``--tasks bbox`` or box-only results): a
+table after the others, and ``"froc": {"FROC": .., "sens@1/8": .., "F1": .., "FROC-<category>":
+.., ...}`` (percent; means over the categories with lesions unless suffixed) in --json.
 
 A results file without any ``segmentation`` (a box detector's) is scored for bbox only, with a
 warning, and --json then has no "segm". Exit code 2, with a message naming the file, for a missing
@@ -26,10 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import retina_d2  # noqa: E402, F401  (patches Detectron2 0.6 before it is imported)
 from retina_d2.evaluation import (  # noqa: E402
     BACKENDS,
+    MATCHES,
     TASKS,
     InstanceEvalError,
     evaluate_coco_results,
+    format_froc,
     format_instance_metrics,
+    froc_curve,
+    froc_metrics,
     write_metrics_json,
 )
 
@@ -38,6 +50,13 @@ def iou_threshold(text):
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"an IoU threshold lies in (0, 1), got {text}")
+    return value
+
+
+def score(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a score threshold lies in [0, 1], got {text}")
     return value
 
 
@@ -68,6 +87,24 @@ def build_parser():
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--backend", choices=BACKENDS, default="pycocotools")
     parser.add_argument("--json", type=Path, help="write the metrics here")
+    parser.add_argument(
+        "--froc",
+        action="store_true",
+        help="add lesion-level FROC (sensitivity at 1/8..8 FPs per image) and lesion F1",
+    )
+    parser.add_argument(
+        "--froc-match",
+        choices=MATCHES,
+        default="iou",
+        help="FROC hit: IoU >= --froc-iou, or the prediction's centre inside the lesion",
+    )
+    parser.add_argument("--froc-iou", type=iou_threshold, default=0.2, help="FROC hit IoU")
+    parser.add_argument(
+        "--froc-score-threshold",
+        type=score,
+        default=0.35,
+        help="predictions scoring >= this give the lesion precision / recall / F1",
+    )
     return parser
 
 
@@ -84,10 +121,24 @@ def main(argv=None):
             tasks=args.tasks,
             backend=args.backend,
         )
+        froc = None
+        if args.froc:
+            froc = froc_curve(
+                args.gt,
+                args.predictions,
+                match=args.froc_match,
+                iou_threshold=args.froc_iou,
+                use_masks="segm" in args.tasks,
+                annotated_only=args.annotated_only,
+                score_threshold=args.froc_score_threshold,
+            )
     except InstanceEvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_instance_metrics(metrics, args.iou, args.max_dets, args.annotated_only))
+    if froc is not None:
+        print("\n" + format_froc(froc))
+        metrics["froc"] = froc_metrics(froc)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_metrics_json(metrics, args.json)

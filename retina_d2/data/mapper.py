@@ -4,6 +4,9 @@
 Training: the image and its lesion instances go through the preprocessing and augmentation of
 :func:`retina_d2.data.preprocess.build_preprocess`; crowd annotations (ignore regions) are
 dropped, and an image without lesions (a healthy eye, a negative) keeps an empty ``Instances``.
+For a model with a semantic head, the record's ``sem_seg_files`` (one 0 / 1 / 255-ignore PNG per
+lesion) become ``"sem_seg"``, a uint8 ``(C, H, W)`` tensor in the transformed frame whose channels
+follow the dataset's ``thing_classes``; a lesion the image is not annotated for is all 255.
 
 Inference: annotations are dropped, and when the field-of-view crop changed the frame,
 ``"fov_box" = [x0, y0, x1, y1]`` records the crop in the original image's pixels. The model
@@ -12,11 +15,12 @@ the original ``("height", "width")``, which stay those of the file.
 """
 import copy
 import logging
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 import pycocotools.mask as mask_util
@@ -24,9 +28,13 @@ from detectron2.structures import BitMasks, BoxMode, Instances, PolygonMasks
 from scipy import ndimage
 from fvcore.transforms.transform import BlendTransform, NoOpTransform, TransformList
 
+from ..config import has_semantic_head
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
 
-__all__ = ["LesionDatasetMapper"]
+__all__ = ["LesionDatasetMapper", "semantic_classes"]
+
+# Value of the semantic targets' ignore pixels (the converters' SEMANTIC_IGNORE).
+SEMANTIC_IGNORE = 255
 
 # Transforms that leave every pixel where it was: a FOV crop after these still crops the file.
 _FRAME_PRESERVING = (NoOpTransform, BlendTransform, T.ColorTransform, PhotometricTransform)
@@ -36,7 +44,8 @@ class LesionDatasetMapper:
     """A callable: one record of a converted dataset -> a dict that Detectron2's models take.
 
     Output keys: ``"image"`` (uint8 ``CxHxW`` tensor in ``image_format``), the record's own fields,
-    and ``"instances"`` (training) or ``"fov_box"`` (inference, when the frame was cropped).
+    and ``"instances"`` and ``"sem_seg"`` (training, when asked for) or ``"fov_box"`` (inference,
+    when the frame was cropped).
     """
 
     @configurable
@@ -49,6 +58,8 @@ class LesionDatasetMapper:
         use_instance_mask: bool = True,
         instance_mask_format: str = "bitmask",
         recompute_boxes: bool = True,
+        instance_targets: bool = True,
+        semantic_classes: Optional[Sequence[str]] = None,
     ):
         """
         Args:
@@ -61,6 +72,10 @@ class LesionDatasetMapper:
             recompute_boxes: replace the transformed boxes by the tight boxes of the transformed
                 masks. A shift or zoom that pushes a lesion partly out of the image leaves its
                 clipped box loose; the mask stays exact.
+            instance_targets: build ``"instances"`` in training; a semantic-only model needs
+                none (the annotations' boxes still keep the FOV crop from cutting lesions).
+            semantic_classes: the lesion names of the ``"sem_seg"`` channels, in order (the
+                dataset's ``thing_classes``); None: no semantic targets. Used in training only.
         """
         if instance_mask_format not in ("bitmask", "polygon"):
             raise ValueError(
@@ -74,18 +89,27 @@ class LesionDatasetMapper:
         self.use_instance_mask = use_instance_mask
         self.instance_mask_format = instance_mask_format
         self.recompute_boxes = recompute_boxes
+        self.instance_targets = instance_targets
+        self.semantic_classes = list(semantic_classes) if semantic_classes is not None else None
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(f"[LesionDatasetMapper] {mode}: {augmentations}")
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
+        semantic_only = cfg.MODEL.META_ARCHITECTURE == "SemanticLesionNet"
         return {
             "is_train": is_train,
             "augmentations": build_preprocess(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
-            "use_instance_mask": cfg.MODEL.MASK_ON,
+            "use_instance_mask": cfg.MODEL.MASK_ON and not semantic_only,
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
-            "recompute_boxes": cfg.MODEL.MASK_ON,
+            "recompute_boxes": cfg.MODEL.MASK_ON and not semantic_only,
+            "instance_targets": not semantic_only,
+            "semantic_classes": (
+                semantic_classes(cfg.DATASETS.TRAIN)
+                if is_train and has_semantic_head(cfg)
+                else None
+            ),
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -101,7 +125,8 @@ class LesionDatasetMapper:
         utils.check_image_size(dataset_dict, image)
 
         boxes = self._annotation_boxes(dataset_dict) if self.is_train else None
-        # sem_seg is where the semantic heads' targets will travel with the image.
+        # Semantic targets are not passed here: AugInput holds one 2-D map, and ours are C maps,
+        # transformed one by one below with the transforms this call returns.
         aug_input = T.AugInput(image, boxes=boxes, sem_seg=None)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -116,8 +141,50 @@ class LesionDatasetMapper:
                 dataset_dict["fov_box"] = fov_box
             return dataset_dict
 
-        self._transform_annotations(dataset_dict, transforms, image_shape)
+        if self.semantic_classes is not None:
+            dataset_dict["sem_seg"] = self._semantic_targets(dataset_dict, transforms, image_shape)
+        if self.instance_targets:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        else:
+            dataset_dict.pop("annotations", None)
         return dataset_dict
+
+    def _semantic_targets(self, dataset_dict: dict, transforms, image_shape) -> torch.Tensor:
+        """The record's semantic PNGs, transformed like the image, as a uint8 (C, H, W) tensor.
+
+        Nearest-neighbour resampling keeps the values 0 / 1 / 255; pixels a shift or zoom brings in
+        from outside the image are 0, as the image is black there.
+        """
+        file_name = dataset_dict["file_name"]
+        files = dataset_dict.get("sem_seg_files")
+        if files is None:
+            raise ValueError(
+                f"{file_name}: the record has no sem_seg_files, which a semantic head trains on; "
+                "convert the dataset with its semantic targets (without --no-semantic)"
+            )
+        unknown = sorted(set(files) - set(self.semantic_classes))
+        if unknown:
+            raise ValueError(
+                f"{file_name}: semantic targets of {unknown}, which are not among the model's "
+                f"lesion channels {self.semantic_classes}"
+            )
+        file_shape = (dataset_dict["height"], dataset_dict["width"])
+        channels = []
+        for name in self.semantic_classes:
+            if name not in files:
+                # Not annotated on this image (e-ophtha grades one lesion type per image).
+                channels.append(np.full(image_shape, SEMANTIC_IGNORE, np.uint8))
+                continue
+            target = utils.read_image(files[name])
+            if target.ndim == 3:  # an RGB-saved PNG holds its labels in every channel
+                target = target[..., 0]
+            if target.shape != file_shape:
+                raise ValueError(
+                    f"semantic target {files[name]} is {target.shape[1]}x{target.shape[0]} (WxH) "
+                    f"but its image {file_name} is {file_shape[1]}x{file_shape[0]}"
+                )
+            channels.append(transforms.apply_segmentation(target.astype(np.uint8)))
+        return torch.as_tensor(np.ascontiguousarray(np.stack(channels)))
 
     @staticmethod
     def _annotation_boxes(dataset_dict: dict) -> Optional[np.ndarray]:
@@ -168,6 +235,28 @@ class LesionDatasetMapper:
         if self.recompute_boxes and len(instances):
             instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
+
+
+def semantic_classes(dataset_names: Sequence[str]) -> List[str]:
+    """The lesion names of the semantic channels: the ``thing_classes`` that every dataset in
+    ``dataset_names`` shares.
+
+    Raises:
+        ValueError: no dataset given, one without ``thing_classes``, or datasets whose lesion
+            lists differ (one channel would mean two lesions).
+    """
+    if not dataset_names:
+        raise ValueError("semantic targets need a training dataset (DATASETS.TRAIN is empty)")
+    classes = {}
+    for name in dataset_names:
+        things = MetadataCatalog.get(name).get("thing_classes", None)
+        if things is None:
+            raise ValueError(f"dataset {name!r} has no thing_classes to order semantic channels by")
+        classes[name] = list(things)
+    first = next(iter(classes.values()))
+    if any(c != first for c in classes.values()):
+        raise ValueError(f"semantic targets need datasets with one lesion list, got {classes}")
+    return first
 
 
 def _decode(segmentation, height: int, width: int) -> np.ndarray:

@@ -14,11 +14,13 @@ from detectron2.utils.logger import setup_logger
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config import ConfigError, get_retina_cfg
+from ..config import ConfigError, get_retina_cfg, has_semantic_head
 from ..data.mapper import LesionDatasetMapper
 from ..data.register import register_all
-from ..evaluation import LesionInstanceEvaluator, OverlayEvaluator
+from ..evaluation import LesionFROCEvaluator, LesionInstanceEvaluator, OverlayEvaluator
+from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
+from .hooks import LossSwitchHook
 
 __all__ = ["LesionTrainer", "setup_cfg"]
 
@@ -38,10 +40,19 @@ class LesionTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """The evaluators of what the model outputs: instance AP (and FROC with
+        RETINA.EVAL.FROC_ENABLED) and overlays for a detector (LesionRCNN), semantic metrics for a semantic head (SemanticLesionNet, or LesionRCNN with
+        MODEL.LESION_SEG.ENABLED)."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [LesionInstanceEvaluator.from_config(cfg, dataset_name, output_folder)]
-        if cfg.RETINA.EVAL.NUM_OVERLAYS > 0:
-            evaluators.append(OverlayEvaluator.from_config(cfg, dataset_name, output_folder))
+        evaluators = []
+        if cfg.MODEL.META_ARCHITECTURE != "SemanticLesionNet":
+            evaluators.append(LesionInstanceEvaluator.from_config(cfg, dataset_name, output_folder))
+            if cfg.RETINA.EVAL.FROC_ENABLED:
+                evaluators.append(LesionFROCEvaluator.from_config(cfg, dataset_name, output_folder))
+            if cfg.RETINA.EVAL.NUM_OVERLAYS > 0:
+                evaluators.append(OverlayEvaluator.from_config(cfg, dataset_name, output_folder))
+        if has_semantic_head(cfg):
+            evaluators.append(LesionSemanticEvaluator.from_config(cfg, dataset_name, output_folder))
         return DatasetEvaluators(evaluators)
 
     @classmethod
@@ -68,6 +79,11 @@ class LesionTrainer(DefaultTrainer):
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         hook_list = super().build_hooks()
+        # Right after the LR scheduler: a switch at SOLVER.STEPS[0] lands on the LR drop's step.
+        index = next(
+            (i + 1 for i, h in enumerate(hook_list) if isinstance(h, hooks.LRScheduler)), 0
+        )
+        hook_list.insert(index, LossSwitchHook.from_config(self.cfg))
         metric = self.cfg.RETINA.EVAL.BEST_METRIC
         if metric and self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
             index = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
@@ -112,7 +128,8 @@ def setup_cfg(config_file: str, opts=(), args=None):
 
 
 def _check_datasets(cfg, config_file):
-    """Every dataset the config names is registered and has MODEL.ROI_HEADS.NUM_CLASSES classes."""
+    """Every dataset the config names is registered and has MODEL.ROI_HEADS.NUM_CLASSES classes
+    (a detector's) and MODEL.SEM_SEG_HEAD.NUM_CLASSES lesions (a semantic head's)."""
     from ..data.register import datasets_root
 
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
@@ -124,7 +141,23 @@ def _check_datasets(cfg, config_file):
                 f"converted datasets found: {known or 'none'}"
             )
         classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if cfg.MODEL.MASK_ON and classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        detector = cfg.MODEL.META_ARCHITECTURE != "SemanticLesionNet"
+        if (
+            has_semantic_head(cfg)
+            and classes is not None
+            and len(classes) != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        ):
+            raise ConfigError(
+                f"{config_file}: MODEL.SEM_SEG_HEAD.NUM_CLASSES is "
+                f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} but {name} has {len(classes)} lesions "
+                f"{classes} (one semantic channel each, background not counted)"
+            )
+        if (
+            detector
+            and cfg.MODEL.MASK_ON
+            and classes is not None
+            and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        ):
             raise ConfigError(
                 f"{config_file}: MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} "
                 f"but {name} has {len(classes)} categories {classes}"

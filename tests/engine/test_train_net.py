@@ -70,3 +70,17 @@ def test_bad_configs_give_one_clear_error(datasets, monkeypatch, tmp_path, capsy
         train_net.cli(["--config-file", INSTANT, *flags, "OUTPUT_DIR", str(tmp_path), *opts])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_froc_evaluator_joins_when_enabled(datasets, monkeypatch, tmp_path):
+    from retina_d2.engine import LesionTrainer, setup_cfg
+    from retina_d2.evaluation import LesionFROCEvaluator, LesionInstanceEvaluator
+
+    monkeypatch.setenv("RETINA_D2_DATASETS", str(datasets))
+    kinds = {}
+    for enabled in (False, True):
+        cfg = setup_cfg(INSTANT, ["RETINA.EVAL.FROC_ENABLED", str(enabled), "OUTPUT_DIR", str(tmp_path)])
+        evaluators = LesionTrainer.build_evaluator(cfg, "synthetic_seg_val")._evaluators
+        kinds[enabled] = {type(e) for e in evaluators}
+    assert LesionInstanceEvaluator in kinds[False] and LesionFROCEvaluator not in kinds[False]
+    assert LesionFROCEvaluator in kinds[True]

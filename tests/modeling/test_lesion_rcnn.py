@@ -25,8 +25,9 @@ def _cfg(path):
 def test_every_config_merges_and_builds(path):
     cfg = _cfg(path)
     model = build_model(cfg)
-    assert isinstance(model, LesionRCNN)
-    assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
+    if isinstance(model, LesionRCNN):
+        assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
 def _tiny_cfg():

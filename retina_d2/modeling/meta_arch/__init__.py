@@ -1,1 +1,2 @@
 from .lesion_rcnn import LesionRCNN  # noqa: F401  (registers it)
+from .semantic_net import SemanticLesionNet  # noqa: F401  (registers it)

@@ -1,0 +1,270 @@
+"""``LesionNetHead``: Lesion-Net's expansive path (Wei et al., "Learn to segment retinal lesions
+and beyond", ICPR 2020), one sigmoid map per lesion.
+
+An encoder (any backbone; its features named in ``MODEL.LESION_NET.IN_FEATURES``) is followed by
+a U-Net-style copy-and-merge path whose length sets the variant: Lesion-Net-Ks predicts at stride
+K (``MODEL.LESION_NET.OUTPUT_STRIDE``), log2(deepest stride / K) merge stages above the deepest
+feature. Every stage (the deepest feature included) ends in ``NUM_CONVS`` 3x3 conv-norm-ReLU
+layers; a merge stage first brings the coarser map up by a 1x1 conv and parameter-free bilinear
+upsampling to the skip's size, then *concatenates* the encoder feature of that stride (U-Net's
+copy and merge; a stride the encoder has no feature at is upsampled without a merge). A 1x1 conv
+predicts the C lesion logits at stride K, resized bilinearly to the input.
+
+Loss: soft pixel Dice (:func:`~retina_d2.modeling.losses.sigmoid_dice_loss`) in stage 1 and,
+from the first LR drop (``loss_stage`` = 2, set by ``LossSwitchHook``), the dual Dice loss
+(:func:`~retina_d2.modeling.losses.dual_dice_loss`, lambda 0.8), whose image term scores
+Lesion-Net's image-level lesion classification: the global max of each map
+(:func:`image_lesion_scores`).
+"""
+import math
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
+
+from ..losses import IGNORE_VALUE, dual_dice_loss, sigmoid_dice_loss
+
+__all__ = [
+    "LesionNetHead",
+    "image_lesion_scores",
+    "any_width_norm",
+    "conv_norm_relu",
+    "check_sigmoid_head_cfg",
+]
+
+LOSS_STAGES = (1, 2)
+
+
+def image_lesion_scores(sem_seg: torch.Tensor) -> torch.Tensor:
+    """Lesion-Net's image-level lesion classification: the global max pool of each lesion map.
+
+    Args:
+        sem_seg: (..., C, H, W) probabilities (or logits: the max commutes with the sigmoid).
+
+    Returns:
+        (..., C) scores.
+    """
+    return sem_seg.amax(dim=(-2, -1))
+
+
+def any_width_norm(norm: Union[str, Callable]) -> Union[str, Callable]:
+    """``norm`` for ``detectron2.layers.get_norm``, with "GN" turned into GroupNorm of
+    gcd(32, channels) groups: Detectron2's "GN" is 32 groups, which DeepLabV3+'s 48-channel
+    low-level reduction and slim CPU widths do not divide into."""
+    if norm == "GN":
+        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
+    return norm
+
+
+def conv_norm_relu(
+    in_channels: int, out_channels: int, kernel_size: int, norm: Union[str, Callable]
+) -> Conv2d:
+    """A size-keeping conv + norm + ReLU with MSRA init (bias only without norm)."""
+    conv = Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=kernel_size,
+        padding=kernel_size // 2,
+        bias=not norm,
+        norm=get_norm(any_width_norm(norm), out_channels),
+        activation=F.relu,
+    )
+    weight_init.c2_msra_fill(conv)
+    return conv
+
+
+def check_sigmoid_head_cfg(cfg, head_name: str) -> None:
+    """Raise ValueError unless ``cfg`` asks for per-lesion sigmoid maps with ignore value 255."""
+    if cfg.MODEL.LESION_SEG.ACTIVATION != "sigmoid":
+        raise ValueError(
+            f"{head_name} predicts one sigmoid map per lesion; set MODEL.LESION_SEG.ACTIVATION to "
+            f"'sigmoid' (got {cfg.MODEL.LESION_SEG.ACTIVATION!r})"
+        )
+    if cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE != IGNORE_VALUE:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE must be {IGNORE_VALUE}, the semantic targets' ignore "
+            f"value (got {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE})"
+        )
+
+
+class _ExpansiveStage(nn.Module):
+    """One copy-and-merge stage: 1x1 conv, bilinear upsampling, concatenation with the skip
+    (when there is one), 3x3 convs."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        conv_dims: int,
+        num_convs: int,
+        norm: Union[str, Callable],
+    ):
+        super().__init__()
+        self.project = Conv2d(in_channels, conv_dims, kernel_size=1)
+        weight_init.c2_msra_fill(self.project)
+        channels = conv_dims + skip_channels
+        convs = []
+        for _ in range(num_convs):
+            convs.append(conv_norm_relu(channels, conv_dims, 3, norm))
+            channels = conv_dims
+        self.convs = nn.Sequential(*convs)
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.project(x)
+        if skip is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        else:
+            # To the skip's size rather than x2: exact on padded inputs, and still aligned when a
+            # backbone does not pad to its deepest stride.
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = torch.cat([x, skip], dim=1)
+        return self.convs(x)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class LesionNetHead(nn.Module):
+    """Lesion-Net-Ks: copy-and-merge expansive path to stride K, per-lesion sigmoid logits, pixel
+    Dice then dual Dice loss; see the module docstring."""
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        output_stride: int,
+        conv_dims: int,
+        num_convs: int = 2,
+        norm: Union[str, Callable] = "GN",
+        dual_dice_lambda: float = 0.8,
+    ):
+        """
+        Args:
+            input_shape: the encoder features the path may use, by name; one per stride, all
+                strides powers of 2. Features finer than ``output_stride`` are left unused.
+            num_classes: lesion channels C (no background).
+            output_stride: K of Lesion-Net-Ks, a power of 2 no larger than the deepest stride.
+            conv_dims: channels of the path's convs.
+            num_convs: 3x3 convs closing every stage (the deepest included); 0 leaves only the
+                1x1 projections.
+            norm: of the 3x3 convs ("GN", "" for none, ...).
+            dual_dice_lambda: weight of the pixel term in the stage-2 dual Dice loss.
+        """
+        super().__init__()
+        if not input_shape:
+            raise ValueError("LesionNetHead needs at least one encoder feature")
+        by_stride = {}
+        for name, shape in input_shape.items():
+            if shape.stride & (shape.stride - 1):
+                raise ValueError(f"feature {name!r} has stride {shape.stride}, not a power of 2")
+            if shape.stride in by_stride:
+                raise ValueError(
+                    f"features {by_stride[shape.stride]!r} and {name!r} share stride "
+                    f"{shape.stride} (a dilated stage?); give LesionNetHead one feature per stride"
+                )
+            by_stride[shape.stride] = name
+        deepest_stride = max(by_stride)
+        power_of_two = output_stride >= 1 and not output_stride & (output_stride - 1)
+        if not power_of_two or output_stride > deepest_stride:
+            raise ValueError(
+                f"output_stride must be a power of 2 no larger than the deepest feature's stride "
+                f"{deepest_stride}, got {output_stride}"
+            )
+        self.num_classes = num_classes
+        self.output_stride = output_stride
+        self.dual_dice_lambda = dual_dice_lambda
+        self.loss_stage = 1
+
+        deepest = by_stride[deepest_stride]
+        self.deepest_feature = deepest
+        # The deepest stage merges nothing: only its convs.
+        channels = input_shape[deepest].channels
+        bottom = []
+        for _ in range(num_convs):
+            bottom.append(conv_norm_relu(channels, conv_dims, 3, norm))
+            channels = conv_dims
+        self.bottom = nn.Sequential(*bottom)
+        self.skip_features: List[Optional[str]] = []
+        stages = []
+        stride = deepest_stride
+        while stride > output_stride:
+            stride //= 2
+            skip = by_stride.get(stride)
+            skip_channels = input_shape[skip].channels if skip else 0
+            stages.append(_ExpansiveStage(channels, skip_channels, conv_dims, num_convs, norm))
+            channels = stages[-1].out_channels
+            self.skip_features.append(skip)
+        self.stages = nn.ModuleList(stages)
+        self.predictor = Conv2d(channels, num_classes, kernel_size=1)
+        weight_init.c2_msra_fill(self.predictor)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        check_sigmoid_head_cfg(cfg, cls.__name__)
+        node = cfg.MODEL.LESION_NET
+        missing = [f for f in node.IN_FEATURES if f not in input_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.LESION_NET.IN_FEATURES {list(node.IN_FEATURES)}: the backbone has no "
+                f"{missing} (it gives {sorted(input_shape)})"
+            )
+        return {
+            "input_shape": {f: input_shape[f] for f in node.IN_FEATURES},
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "output_stride": node.OUTPUT_STRIDE,
+            "conv_dims": node.CONVS_DIM,
+            "num_convs": node.NUM_CONVS,
+            "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
+            "dual_dice_lambda": node.DUAL_DICE_LAMBDA,
+        }
+
+    @property
+    def in_features(self) -> List[str]:
+        """The encoder features the path uses, deepest first."""
+        return [self.deepest_feature] + [f for f in self.skip_features if f is not None]
+
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        targets: Optional[torch.Tensor] = None,
+        image_size: Optional[Tuple[int, int]] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """
+        Args:
+            features: the encoder's features, by name.
+            targets: uint8 (N, C, H, W) at ``image_size``: 0 / 1 / 255 (ignore); None at
+                inference.
+            image_size: (H, W) of the padded input; default: the prediction's size times the
+                output stride.
+
+        Returns:
+            (logits (N, C, H, W) at ``image_size``, losses: {"loss_pixel_dice"} in stage 1 or
+            {"loss_dual_dice"} in stage 2 when training with targets, else empty).
+        """
+        x = self.bottom(features[self.deepest_feature])
+        for stage, skip in zip(self.stages, self.skip_features):
+            x = stage(x, features[skip] if skip is not None else None)
+        logits = self.predictor(x)
+        if image_size is None:
+            image_size = tuple(s * self.output_stride for s in logits.shape[-2:])
+        logits = F.interpolate(
+            logits.float(), size=tuple(image_size), mode="bilinear", align_corners=False
+        )
+        if not self.training or targets is None:
+            return logits, {}
+        return logits, self.losses(logits, targets)
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Stage 1: soft pixel Dice; stage 2: dual Dice (pixel + image-level), 255 ignored."""
+        if self.loss_stage not in LOSS_STAGES:
+            raise ValueError(f"LesionNetHead.loss_stage must be 1 or 2, got {self.loss_stage}")
+        if self.loss_stage == 1:
+            return {"loss_pixel_dice": sigmoid_dice_loss(logits, targets)}
+        dual = dual_dice_loss(logits, targets, pixel_weight=self.dual_dice_lambda)
+        return {"loss_dual_dice": dual}
