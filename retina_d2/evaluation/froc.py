@@ -40,20 +40,16 @@ from typing import Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
-import torch
 from tabulate import tabulate
 
-import detectron2.utils.comm as comm
-from detectron2.data import MetadataCatalog
-from detectron2.data.datasets.coco import convert_to_coco_json
-from detectron2.evaluation import DatasetEvaluator
-from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.file_io import PathManager
 
 from .instance_eval import (
     GroundTruth,
     InstanceEvalError,
+    LesionPredictionCollector,
     Results,
+    _annotated_types,
     _check_results,
     _keep_annotated,
     load_coco_gt,
@@ -415,12 +411,7 @@ def _images_per_category(coco_gt, category_ids, annotated_only, annotated_catego
     all_images = set(coco_gt.getImgIds())
     if not annotated_only:
         return {c: all_images for c in category_ids}
-    annotated = {
-        img["id"]: set(img["annotated_category_ids"])
-        for img in coco_gt.dataset["images"]
-        if "annotated_category_ids" in img
-    }
-    annotated.update({k: set(v) for k, v in annotated_category_ids.items()})
+    annotated = _annotated_types(coco_gt, annotated_category_ids)
     return {
         c: {i for i in all_images if i not in annotated or c in annotated[i]} for c in category_ids
     }
@@ -544,7 +535,7 @@ def save_froc_plots(froc: Mapping, output_dir: str) -> List[str]:
 # --- the Detectron2 evaluator --------------------------------------------------------------------
 
 
-class LesionFROCEvaluator(DatasetEvaluator):
+class LesionFROCEvaluator(LesionPredictionCollector):
     """Lesion-level FROC, sensitivity at 1/8..8 FPs per image and F1 of a lesion model's outputs.
 
     Runs beside :class:`~retina_d2.evaluation.LesionInstanceEvaluator` (same collection of
@@ -578,9 +569,6 @@ class LesionFROCEvaluator(DatasetEvaluator):
         """
         if match not in MATCHES:
             raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
-        self._logger = logging.getLogger(__name__)
-        self._dataset_name = dataset_name
-        self._output_dir = output_dir
         self._options = dict(
             match=match,
             iou_threshold=float(iou_threshold),
@@ -589,21 +577,7 @@ class LesionFROCEvaluator(DatasetEvaluator):
             annotated_only=bool(annotated_only),
             score_threshold=float(score_threshold),
         )
-        self._distributed = distributed
-        self._cpu_device = torch.device("cpu")
-
-        self._metadata = MetadataCatalog.get(dataset_name)
-        if not hasattr(self._metadata, "json_file"):
-            if output_dir is None:
-                raise ValueError(
-                    f"dataset {dataset_name!r} has no metadata.json_file; give an output_dir to "
-                    "write one from the catalog"
-                )
-            cache_path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
-            self._metadata.json_file = cache_path
-            convert_to_coco_json(dataset_name, cache_path)
-        self._coco_gt, _ = load_coco_gt(PathManager.get_local_path(self._metadata.json_file))
-        self.reset()
+        super().__init__(dataset_name, output_dir, distributed=distributed)
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
@@ -619,42 +593,11 @@ class LesionFROCEvaluator(DatasetEvaluator):
             score_threshold=cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD,
         )
 
-    def reset(self):
-        self._predictions = []
-
-    def process(self, inputs, outputs):
-        """
-        Args:
-            inputs: the model's inputs (dicts with "image_id", and "annotated_category_ids" when
-                the dataset has it).
-            outputs: dicts with "instances" (pred_boxes, scores, pred_classes, pred_masks).
-        """
-        for inp, out in zip(inputs, outputs):
-            prediction = {"image_id": inp["image_id"], "instances": []}
-            if "instances" in out:
-                instances = out["instances"].to(self._cpu_device)
-                prediction["instances"] = instances_to_coco_json(instances, inp["image_id"])
-            if "annotated_category_ids" in inp:
-                prediction["annotated_category_ids"] = list(inp["annotated_category_ids"])
-            self._predictions.append(prediction)
-
     def evaluate(self):
-        if self._distributed:
-            comm.synchronize()
-            predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
-            if not comm.is_main_process():
-                return {}
-        else:
-            predictions = self._predictions
-        if not predictions:
-            self._logger.warning("[LesionFROCEvaluator] received no images to score")
-
-        results = self._to_dataset_ids(itertools.chain(*(p["instances"] for p in predictions)))
-        annotated = {
-            p["image_id"]: p["annotated_category_ids"]
-            for p in predictions
-            if "annotated_category_ids" in p
-        }
+        gathered = self._gather_results()
+        if gathered is None:
+            return {}
+        results, annotated = gathered
         froc = froc_curve(self._coco_gt, results, annotated_category_ids=annotated, **self._options)
         self._logger.info(f"FROC of {self._dataset_name}:\n" + format_froc(froc))
         if self._output_dir:
@@ -662,18 +605,3 @@ class LesionFROCEvaluator(DatasetEvaluator):
             write_froc_json(froc, os.path.join(self._output_dir, "froc.json"))
             save_froc_plots(froc, self._output_dir)
         return {"froc": froc_metrics(froc)}
-
-    def _to_dataset_ids(self, coco_results: Iterable[dict]) -> List[dict]:
-        """Contiguous class ids (the model's) -> the GT's category ids."""
-        coco_results = list(coco_results)
-        if not hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
-            return coco_results
-        to_dataset_id = {v: k for k, v in self._metadata.thing_dataset_id_to_contiguous_id.items()}
-        for r in coco_results:
-            if r["category_id"] not in to_dataset_id:
-                raise ValueError(
-                    f"a prediction has class {r['category_id']}, but {self._dataset_name} has "
-                    f"classes 0..{len(to_dataset_id) - 1}"
-                )
-            r["category_id"] = to_dataset_id[r["category_id"]]
-        return coco_results

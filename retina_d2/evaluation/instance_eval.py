@@ -31,7 +31,7 @@ import math
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from detectron2.utils.file_io import PathManager
 
 __all__ = [
     "LesionInstanceEvaluator",
+    "LesionPredictionCollector",
     "InstanceEvalError",
     "evaluate_coco_results",
     "format_instance_metrics",
@@ -199,6 +200,22 @@ def _is_rle(segmentation) -> bool:
     return isinstance(segmentation, dict) and "size" in segmentation and "counts" in segmentation
 
 
+def _annotated_types(
+    coco_gt: COCO, annotated_category_ids: Optional[Mapping[int, Iterable[int]]] = None
+) -> Dict[int, set]:
+    """Image id -> the category ids the image is annotated for: the GT image records'
+    ``annotated_category_ids``, overridden per image by ``annotated_category_ids`` when given.
+    Images that list none are absent (annotated for every type)."""
+    annotated = {
+        img["id"]: set(img["annotated_category_ids"])
+        for img in coco_gt.dataset["images"]
+        if "annotated_category_ids" in img
+    }
+    if annotated_category_ids:
+        annotated.update({k: set(v) for k, v in annotated_category_ids.items()})
+    return annotated
+
+
 def _keep_annotated(
     results: List[dict],
     coco_gt: COCO,
@@ -209,13 +226,7 @@ def _keep_annotated(
     Each image's types come from ``annotated_category_ids`` when given, else from the GT image
     record's field of that name; an image with neither keeps all its predictions.
     """
-    annotated = {
-        img["id"]: set(img["annotated_category_ids"])
-        for img in coco_gt.dataset["images"]
-        if "annotated_category_ids" in img
-    }
-    if annotated_category_ids:
-        annotated.update({k: set(v) for k, v in annotated_category_ids.items()})
+    annotated = _annotated_types(coco_gt, annotated_category_ids)
     if not annotated:
         logger.warning("annotated_only: no image lists annotated_category_ids; nothing dropped")
         return results
@@ -458,7 +469,108 @@ def write_metrics_json(metrics: Mapping[str, Mapping[str, float]], path: Union[s
         json.dump(_json_safe(metrics), f, indent=2)
 
 
-class LesionInstanceEvaluator(DatasetEvaluator):
+class LesionPredictionCollector(DatasetEvaluator):
+    """Collects a lesion model's instance predictions as COCO results for the dataset's COCO GT.
+
+    The shared part of :class:`LesionInstanceEvaluator` and
+    :class:`~retina_d2.evaluation.LesionFROCEvaluator`: the GT file (``metadata.json_file``),
+    ``reset`` / ``process``, and the gathering of predictions with the GT's category ids.
+    Subclasses check their own arguments before calling ``__init__`` and implement ``evaluate``
+    with :meth:`_gather_results`.
+    """
+
+    def __init__(
+        self, dataset_name: str, output_dir: Optional[str] = None, *, distributed: bool = True
+    ):
+        """
+        Args:
+            dataset_name: a registered dataset whose metadata has ``json_file`` (else one is
+                written to output_dir from the catalog, as COCOEvaluator does) and
+                ``thing_dataset_id_to_contiguous_id``.
+            output_dir: where the subclass saves its outputs (None: not saved).
+            distributed: gather predictions from all ranks and evaluate on the main one.
+        """
+        # The subclass's module: its log lines keep the logger they had as separate classes.
+        self._logger = logging.getLogger(type(self).__module__)
+        self._dataset_name = dataset_name
+        self._output_dir = output_dir
+        self._distributed = distributed
+        self._cpu_device = torch.device("cpu")
+
+        self._metadata = MetadataCatalog.get(dataset_name)
+        if not hasattr(self._metadata, "json_file"):
+            if output_dir is None:
+                raise ValueError(
+                    f"dataset {dataset_name!r} has no metadata.json_file; give an output_dir to "
+                    "write one from the catalog"
+                )
+            cache_path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
+            self._metadata.json_file = cache_path
+            convert_to_coco_json(dataset_name, cache_path)
+        self._coco_gt, _ = load_coco_gt(PathManager.get_local_path(self._metadata.json_file))
+        self.reset()
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        """
+        Args:
+            inputs: the model's inputs (dicts with "image_id", and "annotated_category_ids" when
+                the dataset has it).
+            outputs: dicts with "instances" (pred_boxes, scores, pred_classes, pred_masks).
+        """
+        for inp, out in zip(inputs, outputs):
+            prediction = {"image_id": inp["image_id"], "instances": []}
+            if "instances" in out:
+                instances = out["instances"].to(self._cpu_device)
+                prediction["instances"] = instances_to_coco_json(instances, inp["image_id"])
+            if "annotated_category_ids" in inp:
+                prediction["annotated_category_ids"] = list(inp["annotated_category_ids"])
+            self._predictions.append(prediction)
+
+    def _gather_results(self) -> Optional[Tuple[List[dict], Dict[int, List[int]]]]:
+        """The predictions of all ranks (with distributed) as COCO results.
+
+        Returns:
+            (COCO results with the GT's category ids, image id -> annotated category ids of the
+            images whose inputs gave them); None off the main process, which evaluates nothing.
+        """
+        if self._distributed:
+            comm.synchronize()
+            predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
+            if not comm.is_main_process():
+                return None
+        else:
+            predictions = self._predictions
+        if not predictions:
+            self._logger.warning(f"[{type(self).__name__}] received no images to score")
+
+        results = self._to_dataset_ids(itertools.chain(*(p["instances"] for p in predictions)))
+        annotated = {
+            p["image_id"]: p["annotated_category_ids"]
+            for p in predictions
+            if "annotated_category_ids" in p
+        }
+        return results, annotated
+
+    def _to_dataset_ids(self, coco_results: Iterable[dict]) -> List[dict]:
+        """Contiguous class ids (the model's) -> the GT's category ids."""
+        coco_results = list(coco_results)
+        if not hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
+            return coco_results
+        to_dataset_id = {v: k for k, v in self._metadata.thing_dataset_id_to_contiguous_id.items()}
+        for r in coco_results:
+            if r["category_id"] not in to_dataset_id:
+                raise ValueError(
+                    f"a prediction has class {r['category_id']}, but {self._dataset_name} has "
+                    f"classes 0..{len(to_dataset_id) - 1}"
+                )
+            r["category_id"] = to_dataset_id[r["category_id"]]
+        return coco_results
+
+
+class LesionInstanceEvaluator(LesionPredictionCollector):
     """Instance AP at IoU 0.35 / 0.5 / 0.75 (and COCO's 0.50:0.95) of a lesion model's outputs.
 
     Built like Detectron2's ``COCOEvaluator``; the numbers are those of
@@ -493,29 +605,12 @@ class LesionInstanceEvaluator(DatasetEvaluator):
         if unknown or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
         _backend(backend)
-        self._logger = logging.getLogger(__name__)
-        self._dataset_name = dataset_name
         self._tasks = tuple(tasks)
-        self._output_dir = output_dir
         self._iou_thresholds = tuple(float(t) for t in iou_thresholds)
         self._max_dets = int(max_dets)
         self._annotated_only = bool(annotated_only)
-        self._distributed = distributed
         self._backend = backend
-        self._cpu_device = torch.device("cpu")
-
-        self._metadata = MetadataCatalog.get(dataset_name)
-        if not hasattr(self._metadata, "json_file"):
-            if output_dir is None:
-                raise ValueError(
-                    f"dataset {dataset_name!r} has no metadata.json_file; give an output_dir to "
-                    "write one from the catalog"
-                )
-            cache_path = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
-            self._metadata.json_file = cache_path
-            convert_to_coco_json(dataset_name, cache_path)
-        self._coco_gt, _ = load_coco_gt(PathManager.get_local_path(self._metadata.json_file))
-        self.reset()
+        super().__init__(dataset_name, output_dir, distributed=distributed)
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
@@ -540,42 +635,11 @@ class LesionInstanceEvaluator(DatasetEvaluator):
             annotated_only=cfg.RETINA.EVAL.ANNOTATED_ONLY,
         )
 
-    def reset(self):
-        self._predictions = []
-
-    def process(self, inputs, outputs):
-        """
-        Args:
-            inputs: the model's inputs (dicts with "image_id", and "annotated_category_ids" when
-                the dataset has it).
-            outputs: dicts with "instances" (pred_boxes, scores, pred_classes, pred_masks).
-        """
-        for inp, out in zip(inputs, outputs):
-            prediction = {"image_id": inp["image_id"], "instances": []}
-            if "instances" in out:
-                instances = out["instances"].to(self._cpu_device)
-                prediction["instances"] = instances_to_coco_json(instances, inp["image_id"])
-            if "annotated_category_ids" in inp:
-                prediction["annotated_category_ids"] = list(inp["annotated_category_ids"])
-            self._predictions.append(prediction)
-
     def evaluate(self):
-        if self._distributed:
-            comm.synchronize()
-            predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
-            if not comm.is_main_process():
-                return {}
-        else:
-            predictions = self._predictions
-        if not predictions:
-            self._logger.warning("[LesionInstanceEvaluator] received no images to score")
-
-        results = self._to_dataset_ids(itertools.chain(*(p["instances"] for p in predictions)))
-        annotated = {
-            p["image_id"]: p["annotated_category_ids"]
-            for p in predictions
-            if "annotated_category_ids" in p
-        }
+        gathered = self._gather_results()
+        if gathered is None:
+            return {}
+        results, annotated = gathered
         if self._output_dir:
             PathManager.mkdirs(self._output_dir)
             path = os.path.join(self._output_dir, "coco_instances_results.json")
@@ -602,18 +666,3 @@ class LesionInstanceEvaluator(DatasetEvaluator):
         if self._output_dir:
             write_metrics_json(metrics, os.path.join(self._output_dir, "instance_metrics.json"))
         return copy.deepcopy(metrics)
-
-    def _to_dataset_ids(self, coco_results: Iterable[dict]) -> List[dict]:
-        """Contiguous class ids (the model's) -> the GT's category ids."""
-        coco_results = list(coco_results)
-        if not hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
-            return coco_results
-        to_dataset_id = {v: k for k, v in self._metadata.thing_dataset_id_to_contiguous_id.items()}
-        for r in coco_results:
-            if r["category_id"] not in to_dataset_id:
-                raise ValueError(
-                    f"a prediction has class {r['category_id']}, but {self._dataset_name} has "
-                    f"classes 0..{len(to_dataset_id) - 1}"
-                )
-            r["category_id"] = to_dataset_id[r["category_id"]]
-        return coco_results

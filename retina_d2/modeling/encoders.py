@@ -74,7 +74,26 @@ class ResidualDoubleConv(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-class UNetEncoder(Backbone):
+class _PaddedStagesBackbone(Backbone):
+    """A plain chain of stages at strides 1, 2, 4, ...: the input is padded to the deepest
+    built stage's stride, run through the first ``_num_stages`` of ``stage_names`` (modules of
+    those names), and the stages in ``_out_features`` are returned."""
+
+    @property
+    def size_divisibility(self) -> int:
+        return 2 ** (self._num_stages - 1)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x = pad_to_divisible(x, self.size_divisibility)
+        outputs = {}
+        for name in self.stage_names[: self._num_stages]:
+            x = getattr(self, name)(x)
+            if name in self._out_features:
+                outputs[name] = x
+        return outputs
+
+
+class UNetEncoder(_PaddedStagesBackbone):
     """U-Net's contracting path with :class:`ResidualDoubleConv` blocks: stage ``encK`` is a 2x2
     max pool (except ``enc1``) and one block of ``widths[K - 1]`` channels, at stride 2^(K-1)."""
 
@@ -115,19 +134,6 @@ class UNetEncoder(Backbone):
         self._num_stages = max(self.stage_names.index(f) for f in out_features) + 1
         kaiming_init(self)
 
-    @property
-    def size_divisibility(self) -> int:
-        return 2 ** (self._num_stages - 1)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        x = pad_to_divisible(x, self.size_divisibility)
-        outputs = {}
-        for name in self.stage_names[: self._num_stages]:
-            x = getattr(self, name)(x)
-            if name in self._out_features:
-                outputs[name] = x
-        return outputs
-
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     # 32 groups as Detectron2's "GN", fewer when a slim width is not a multiple of 32.
@@ -144,7 +150,7 @@ _VGG16_STAGES = (
 )
 
 
-class VGG16Backbone(Backbone):
+class VGG16Backbone(_PaddedStagesBackbone):
     """VGG16's conv1_1 .. conv5_3 (3x3 convs + ReLU, a 2x2 max pool before each stage after the
     first; no pool5 and no fully connected layers). Output ``convK`` is the ReLU of ``convK_last``
     (conv1_2, conv2_2, conv3_3, conv4_3, conv5_3), at stride 1, 2, 4, 8, 16. Parameters are
@@ -203,19 +209,6 @@ class VGG16Backbone(Backbone):
             self._out_feature_channels[name] = width
             self._out_feature_strides[name] = 2**idx
         kaiming_init(self)
-
-    @property
-    def size_divisibility(self) -> int:
-        return 2 ** (self._num_stages - 1)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        x = pad_to_divisible(x, self.size_divisibility)
-        outputs = {}
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            if name in self._out_features:
-                outputs[name] = x
-        return outputs
 
 
 def _check_trainable_from_scratch(cfg, name: str) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "Sample",
     "IMAGE_EXTENSIONS",
     "list_images",
+    "masks_by_stem",
     "read_image_size",
     "read_mask",
     "atomic_write",
@@ -138,6 +139,17 @@ def list_images(folder: Path) -> List[Path]:
         else:
             logger.warning("skipping %s: not an image", path)
     return images
+
+
+def masks_by_stem(folder: Path) -> Dict[str, Path]:
+    """Mask files of a folder (as :func:`list_images` finds them) by file stem; two files with one
+    stem are ambiguous and an error."""
+    masks: Dict[str, Path] = {}
+    for path in list_images(folder):
+        if path.stem in masks:
+            raise ConversionError(f"{path} and {masks[path.stem]}: two masks with one name")
+        masks[path.stem] = path
+    return masks
 
 
 def read_image_size(path: Path) -> Tuple[int, int]:

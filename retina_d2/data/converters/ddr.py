@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..lesions import lesion
-from .base import ConversionError, ConvertOptions, Sample, convert_samples, list_images, require_dir
+from .base import (
+    ConversionError,
+    ConvertOptions,
+    Sample,
+    convert_samples,
+    list_images,
+    masks_by_stem,
+    require_dir,
+)
 
 __all__ = ["DATASET", "CATEGORIES", "add_arguments", "convert", "find_lesion_segmentation"]
 
@@ -106,7 +114,7 @@ def split_samples(split_dir: Path, split: str) -> Tuple[List[Sample], List[Tuple
     masks_by_lesion = {}
     for name in CATEGORIES:
         folder = require_dir(label_dir / lesion(name).abbrev, f"the DDR {split} {name} masks")
-        masks_by_lesion[name] = _masks_by_stem(folder)
+        masks_by_lesion[name] = masks_by_stem(folder)
         matched = sum(image.stem in masks_by_lesion[name] for image in images)
         if images and not matched:
             raise ConversionError(
@@ -141,16 +149,6 @@ def _label_folder(split_dir: Path, split: str) -> Path:
             f"{found[0]} and {found[1]} both exist; keep only the one that holds the {split} masks"
         )
     return found[0]
-
-
-def _masks_by_stem(folder: Path) -> Dict[str, Path]:
-    """Mask files of a folder by file stem; two files with one stem are ambiguous."""
-    masks: Dict[str, Path] = {}
-    for path in list_images(folder):
-        if path.stem in masks:
-            raise ConversionError(f"{path} and {masks[path.stem]}: two masks with one name")
-        masks[path.stem] = path
-    return masks
 
 
 def _check_missing_masks(missing: List[Tuple[Path, Path]], options: ConvertOptions) -> None:

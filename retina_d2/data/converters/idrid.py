@@ -44,6 +44,7 @@ from .base import (
     Sample,
     convert_samples,
     list_images,
+    masks_by_stem,
     require_dir,
 )
 
@@ -168,7 +169,7 @@ def segmentation_samples(part: Path, split: str) -> List[Sample]:
         part / SEGMENTATION_TRUTH_FOLDER / split_folder, f"the IDRiD {split} segmentation masks"
     )
     masks_by_lesion = {
-        name: _masks_by_stem(
+        name: masks_by_stem(
             require_dir(truth_dir / LESION_FOLDERS[name], f"the IDRiD {split} {name} masks")
         )
         for name in CATEGORIES
@@ -184,16 +185,6 @@ def segmentation_samples(part: Path, split: str) -> List[Sample]:
         for path in left.values():
             logger.warning("ignoring %s: no image in %s has this mask's name", path, image_dir)
     return samples
-
-
-def _masks_by_stem(folder: Path) -> Dict[str, Path]:
-    """Mask files of a folder by file stem; two files with one stem are ambiguous."""
-    masks: Dict[str, Path] = {}
-    for path in list_images(folder):
-        if path.stem in masks:
-            raise ConversionError(f"{path} and {masks[path.stem]}: two masks with one name")
-        masks[path.stem] = path
-    return masks
 
 
 def grading_samples(root: Path, parts: Sequence[str], split: str) -> List[Sample]:

@@ -28,13 +28,19 @@ from torch import nn
 
 from ..cbam import CBAM
 from ..losses import cbam_deeplab_losses
-from .lesion_net import any_width_norm, check_sigmoid_head_cfg, conv_norm_relu
+from .common import (
+    LesionSemSegHead,
+    any_width_norm,
+    check_sigmoid_head_cfg,
+    conv_norm_relu,
+    upsample_to_image,
+)
 
 __all__ = ["CBAMDeepLabHead"]
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class CBAMDeepLabHead(nn.Module):
+class CBAMDeepLabHead(LesionSemSegHead):
     """DeepLabV3+ decoder with CBAM after ASPP and after the low-level reduction; see the module
     docstring."""
 
@@ -138,25 +144,11 @@ class CBAMDeepLabHead(nn.Module):
             },
         }
 
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        targets: Optional[torch.Tensor] = None,
-        image_size: Optional[Tuple[int, int]] = None,
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """
-        Args:
-            features: the backbone's features, by name.
-            targets: uint8 (N, C, H, W) at ``image_size``: 0 / 1 / 255 (ignore); None at
-                inference.
-            image_size: (H, W) of the padded input; default: the low-level feature's size times
-                its stride.
-
-        Returns:
-            (logits (N, C, H, W) at ``image_size``, losses: {"loss_dice", "loss_bce",
-            "loss_focal", "loss_boundary"}, already weighted, when training with targets, else
-            empty).
-        """
+    def predict(
+        self, features: Dict[str, torch.Tensor], image_size: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """(N, C, H, W) logits at ``image_size``, by default the low-level feature's size times
+        its stride."""
         context = self.aspp_attention(self.aspp(features[self.in_feature]))
         low_level = self.low_level_attention(
             self.low_level_reduce(features[self.low_level_feature])
@@ -165,11 +157,8 @@ class CBAMDeepLabHead(nn.Module):
             context, size=low_level.shape[-2:], mode="bilinear", align_corners=False
         )
         logits = self.predictor(self.decoder(torch.cat([context, low_level], dim=1)))
-        if image_size is None:
-            image_size = tuple(s * self.output_stride for s in logits.shape[-2:])
-        logits = F.interpolate(
-            logits.float(), size=tuple(image_size), mode="bilinear", align_corners=False
-        )
-        if not self.training or targets is None:
-            return logits, {}
-        return logits, cbam_deeplab_losses(logits, targets, **self.loss_weights)
+        return upsample_to_image(logits, self.output_stride, image_size)
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{"loss_dice", "loss_bce", "loss_focal", "loss_boundary"}, already weighted."""
+        return cbam_deeplab_losses(logits, targets, **self.loss_weights)

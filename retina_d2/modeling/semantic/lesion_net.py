@@ -16,26 +16,26 @@ from the first LR drop (``loss_stage`` = 2, set by ``LossSwitchHook``), the dual
 Lesion-Net's image-level lesion classification: the global max of each map
 (:func:`image_lesion_scores`).
 """
-import math
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ..losses import IGNORE_VALUE, dual_dice_loss, sigmoid_dice_loss
+from ..losses import dual_dice_loss, sigmoid_dice_loss
+from .common import (
+    LesionSemSegHead,
+    check_in_features,
+    check_sigmoid_head_cfg,
+    conv_norm_relu,
+    upsample_to_image,
+)
 
-__all__ = [
-    "LesionNetHead",
-    "image_lesion_scores",
-    "any_width_norm",
-    "conv_norm_relu",
-    "check_sigmoid_head_cfg",
-]
+__all__ = ["LesionNetHead", "image_lesion_scores"]
 
 LOSS_STAGES = (1, 2)
 
@@ -50,46 +50,6 @@ def image_lesion_scores(sem_seg: torch.Tensor) -> torch.Tensor:
         (..., C) scores.
     """
     return sem_seg.amax(dim=(-2, -1))
-
-
-def any_width_norm(norm: Union[str, Callable]) -> Union[str, Callable]:
-    """``norm`` for ``detectron2.layers.get_norm``, with "GN" turned into GroupNorm of
-    gcd(32, channels) groups: Detectron2's "GN" is 32 groups, which DeepLabV3+'s 48-channel
-    low-level reduction and slim CPU widths do not divide into."""
-    if norm == "GN":
-        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
-    return norm
-
-
-def conv_norm_relu(
-    in_channels: int, out_channels: int, kernel_size: int, norm: Union[str, Callable]
-) -> Conv2d:
-    """A size-keeping conv + norm + ReLU with MSRA init (bias only without norm)."""
-    conv = Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size=kernel_size,
-        padding=kernel_size // 2,
-        bias=not norm,
-        norm=get_norm(any_width_norm(norm), out_channels),
-        activation=F.relu,
-    )
-    weight_init.c2_msra_fill(conv)
-    return conv
-
-
-def check_sigmoid_head_cfg(cfg, head_name: str) -> None:
-    """Raise ValueError unless ``cfg`` asks for per-lesion sigmoid maps with ignore value 255."""
-    if cfg.MODEL.LESION_SEG.ACTIVATION != "sigmoid":
-        raise ValueError(
-            f"{head_name} predicts one sigmoid map per lesion; set MODEL.LESION_SEG.ACTIVATION to "
-            f"'sigmoid' (got {cfg.MODEL.LESION_SEG.ACTIVATION!r})"
-        )
-    if cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE != IGNORE_VALUE:
-        raise ValueError(
-            f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE must be {IGNORE_VALUE}, the semantic targets' ignore "
-            f"value (got {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE})"
-        )
 
 
 class _ExpansiveStage(nn.Module):
@@ -128,7 +88,7 @@ class _ExpansiveStage(nn.Module):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class LesionNetHead(nn.Module):
+class LesionNetHead(LesionSemSegHead):
     """Lesion-Net-Ks: copy-and-merge expansive path to stride K, per-lesion sigmoid logits, pixel
     Dice then dual Dice loss; see the module docstring."""
 
@@ -208,12 +168,7 @@ class LesionNetHead(nn.Module):
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         check_sigmoid_head_cfg(cfg, cls.__name__)
         node = cfg.MODEL.LESION_NET
-        missing = [f for f in node.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.LESION_NET.IN_FEATURES {list(node.IN_FEATURES)}: the backbone has no "
-                f"{missing} (it gives {sorted(input_shape)})"
-            )
+        check_in_features("MODEL.LESION_NET.IN_FEATURES", node.IN_FEATURES, input_shape)
         return {
             "input_shape": {f: input_shape[f] for f in node.IN_FEATURES},
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
@@ -229,39 +184,19 @@ class LesionNetHead(nn.Module):
         """The encoder features the path uses, deepest first."""
         return [self.deepest_feature] + [f for f in self.skip_features if f is not None]
 
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        targets: Optional[torch.Tensor] = None,
-        image_size: Optional[Tuple[int, int]] = None,
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """
-        Args:
-            features: the encoder's features, by name.
-            targets: uint8 (N, C, H, W) at ``image_size``: 0 / 1 / 255 (ignore); None at
-                inference.
-            image_size: (H, W) of the padded input; default: the prediction's size times the
-                output stride.
-
-        Returns:
-            (logits (N, C, H, W) at ``image_size``, losses: {"loss_pixel_dice"} in stage 1 or
-            {"loss_dual_dice"} in stage 2 when training with targets, else empty).
-        """
+    def predict(
+        self, features: Dict[str, torch.Tensor], image_size: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """(N, C, H, W) logits at ``image_size``, by default the prediction's size times the
+        output stride."""
         x = self.bottom(features[self.deepest_feature])
         for stage, skip in zip(self.stages, self.skip_features):
             x = stage(x, features[skip] if skip is not None else None)
-        logits = self.predictor(x)
-        if image_size is None:
-            image_size = tuple(s * self.output_stride for s in logits.shape[-2:])
-        logits = F.interpolate(
-            logits.float(), size=tuple(image_size), mode="bilinear", align_corners=False
-        )
-        if not self.training or targets is None:
-            return logits, {}
-        return logits, self.losses(logits, targets)
+        return upsample_to_image(self.predictor(x), self.output_stride, image_size)
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Stage 1: soft pixel Dice; stage 2: dual Dice (pixel + image-level), 255 ignored."""
+        """Stage 1: soft pixel Dice ({"loss_pixel_dice"}); stage 2: dual Dice, pixel +
+        image-level ({"loss_dual_dice"}); 255 ignored."""
         if self.loss_stage not in LOSS_STAGES:
             raise ValueError(f"LesionNetHead.loss_stage must be 1 or 2, got {self.loss_stage}")
         if self.loss_stage == 1:

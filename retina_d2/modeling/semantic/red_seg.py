@@ -26,7 +26,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ..losses import IGNORE_VALUE, fn_fp_loss, topk_balanced_bce_loss
+from ..losses import fn_fp_loss, topk_balanced_bce_loss
+from .common import LesionSemSegHead, check_sigmoid_head_cfg
 from .resunet import fit_to_image_size
 
 __all__ = ["RedSegBranch", "RedSegHead", "red_seg_channels"]
@@ -109,7 +110,7 @@ class RedSegBranch(nn.Module):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class RedSegHead(nn.Module):
+class RedSegHead(LesionSemSegHead):
     """Red-Seg's per-lesion branches with a two-stage loss; see the module docstring."""
 
     @configurable
@@ -174,16 +175,7 @@ class RedSegHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         r = cfg.MODEL.RED_SEG
-        if cfg.MODEL.LESION_SEG.ACTIVATION != "sigmoid":
-            raise ValueError(
-                "RedSegHead predicts one sigmoid map per lesion; set MODEL.LESION_SEG.ACTIVATION "
-                f"to 'sigmoid' (got {cfg.MODEL.LESION_SEG.ACTIVATION!r})"
-            )
-        if cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE != IGNORE_VALUE:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE must be {IGNORE_VALUE}, the semantic targets' "
-                f"ignore value (got {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE})"
-            )
+        check_sigmoid_head_cfg(cfg, cls.__name__)
         if len(r.BRANCH_FEATURES) != len(r.LESIONS):
             raise ValueError(
                 f"MODEL.RED_SEG.BRANCH_FEATURES needs one feature list per lesion of "
@@ -216,25 +208,11 @@ class RedSegHead(nn.Module):
         """(N, number of branches, H, W) logits, in ``lesions`` order."""
         return torch.cat([branch(features, image_size) for branch in self.branches], dim=1)
 
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        targets: Optional[torch.Tensor] = None,
-        image_size: Optional[Tuple[int, int]] = None,
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """
-        Args:
-            features: the trunk's features, by name.
-            targets: uint8 (N, C, H, W) at ``image_size``: 0 / 1 / 255 (ignore); None at
-                inference.
-            image_size: (H, W) of the (padded) input; default: the finest branch feature's size
-                times its stride.
-
-        Returns:
-            (logits (N, C, H, W) at ``image_size``, ``absent_logit`` on channels without a
-            branch; losses {"loss_topk_bce"} in stage 1 or {"loss_fn_fp"} in stage 2 in
-            training with targets, else empty).
-        """
+    def predict(
+        self, features: Dict[str, torch.Tensor], image_size: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """(N, C, H, W) logits at ``image_size``, ``absent_logit`` on channels without a branch;
+        ``image_size`` by default the finest branch feature's size times its stride."""
         if image_size is None:
             stride, name = min((s, f) for b in self.branches for f, s in b.strides.items())
             image_size = tuple(s * stride for s in features[name].shape[-2:])
@@ -243,19 +221,17 @@ class RedSegHead(nn.Module):
         n = branch_logits.shape[0]
         logits = branch_logits.new_full((n, self.num_classes) + image_size, self.absent_logit)
         logits[:, self.branch_channels] = branch_logits
-        if not self.training or targets is None:
-            return logits, {}
-        return logits, self.losses(branch_logits, targets)
+        return logits
 
-    def losses(
-        self, branch_logits: torch.Tensor, targets: torch.Tensor
-    ) -> Dict[str, torch.Tensor]:
-        """The current stage's loss of the branch channels (the others are not trained)."""
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The current stage's loss of the branch channels (the others are not trained):
+        {"loss_topk_bce"} in stage 1, {"loss_fn_fp"} in stage 2."""
         if targets.shape[1] != self.num_classes:
             raise ValueError(
                 f"RedSegHead has {self.num_classes} channels but the targets have "
                 f"{targets.shape[1]}"
             )
+        branch_logits = logits[:, self.branch_channels]
         branch_targets = targets[:, self.branch_channels]
         if self.loss_stage == 1:
             loss = topk_balanced_bce_loss(

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..encoders import ResidualDoubleConv, kaiming_init
 from ..losses import IGNORE_VALUE, resunet_class_alpha, resunet_losses
+from .common import LesionSemSegHead, check_ignore_value_cfg, check_in_features
 
 __all__ = ["ResUNetHead", "softmax_class_targets", "fit_to_image_size"]
 
@@ -49,14 +50,17 @@ def softmax_class_targets(targets: torch.Tensor) -> torch.Tensor:
 
 
 def fit_to_image_size(
-    logits: torch.Tensor, stride: int, image_size: Tuple[int, int]
+    logits: torch.Tensor, stride: int, image_size: Optional[Tuple[int, int]] = None
 ) -> torch.Tensor:
-    """Logits of a stride-``stride`` map -> logits at ``image_size``.
+    """Logits of a stride-``stride`` map -> logits at ``image_size`` (default: the map's size
+    times ``stride``).
 
     Upsampled (bilinear) by ``stride`` to the size the encoder padded its input to, then cropped
     to ``image_size`` (the pad lies bottom and right); a map that would not cover ``image_size``
     (features not from this toolkit's padded encoders) is resized to it instead.
     """
+    if image_size is None:
+        image_size = tuple(s * stride for s in logits.shape[-2:])
     if stride > 1:
         logits = F.interpolate(logits, scale_factor=stride, mode="bilinear", align_corners=False)
     h, w = image_size
@@ -66,7 +70,7 @@ def fit_to_image_size(
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class ResUNetHead(nn.Module):
+class ResUNetHead(LesionSemSegHead):
     """U-Net decoder with residual blocks and a background + C class softmax; see the module
     docstring."""
 
@@ -134,23 +138,14 @@ class ResUNetHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         r = cfg.MODEL.RESUNET
-        missing = [f for f in r.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.RESUNET.IN_FEATURES {list(r.IN_FEATURES)}: the backbone has no {missing} "
-                f"(it gives {sorted(input_shape)})"
-            )
+        check_in_features("MODEL.RESUNET.IN_FEATURES", r.IN_FEATURES, input_shape)
         activation = cfg.MODEL.LESION_SEG.ACTIVATION
         if activation != "softmax":
             raise ValueError(
                 "ResUNetHead predicts one softmax over background and lesions; set "
                 f"MODEL.LESION_SEG.ACTIVATION to 'softmax' (got {activation!r})"
             )
-        if cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE != IGNORE_VALUE:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE must be {IGNORE_VALUE}, the semantic targets' "
-                f"ignore value (got {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE})"
-            )
+        check_ignore_value_cfg(cfg)
         return {
             "input_shape": {f: input_shape[f] for f in r.IN_FEATURES},
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
@@ -174,35 +169,16 @@ class ResUNetHead(nn.Module):
             x = block(torch.cat([skip, x], dim=1))
         return self.predictor(x)
 
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        targets: Optional[torch.Tensor] = None,
-        image_size: Optional[Tuple[int, int]] = None,
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """
-        Args:
-            features: the encoder's features, by name.
-            targets: uint8 (N, C, H, W) at ``image_size``: 0 / 1 / 255 (ignore); None at
-                inference.
-            image_size: (H, W) of the (padded) input; default: the finest feature's size times
-                its stride.
-
-        Returns:
-            (logits (N, C + 1, H, W) at ``image_size``, background first; losses
-            {"loss_focal", "loss_dice"} in training with targets, else empty).
-        """
-        logits = self.layers(features).float()
-        stride = self.strides[0]
-        if image_size is None:
-            image_size = tuple(s * stride for s in logits.shape[-2:])
-        logits = fit_to_image_size(logits, stride, tuple(image_size))
-        if not self.training or targets is None:
-            return logits, {}
-        return logits, self.losses(logits, targets)
+    def predict(
+        self, features: Dict[str, torch.Tensor], image_size: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """(N, C + 1, H, W) logits at ``image_size``, background first; by default the finest
+        feature's size times its stride."""
+        return fit_to_image_size(self.layers(features).float(), self.strides[0], image_size)
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """ResUNet's focal + Dice loss of (N, C + 1, H, W) logits against per-lesion targets."""
+        """ResUNet's focal + Dice loss ({"loss_focal", "loss_dice"}) of (N, C + 1, H, W) logits
+        against per-lesion targets."""
         if targets.shape[1] != self.num_classes:
             raise ValueError(
                 f"ResUNetHead has {self.num_classes} lesion classes but the targets have "

@@ -18,13 +18,19 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ..losses import IGNORE_VALUE, sigmoid_bce_loss, sigmoid_dice_loss
+from ..losses import sigmoid_bce_loss, sigmoid_dice_loss
+from .common import (
+    LesionSemSegHead,
+    check_in_features,
+    check_sigmoid_head_cfg,
+    upsample_to_image,
+)
 
 __all__ = ["LesionFPNSemHead"]
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class LesionFPNSemHead(nn.Module):
+class LesionFPNSemHead(LesionSemSegHead):
     """Per-lesion sigmoid logits from FPN features; see the module docstring."""
 
     @configurable
@@ -86,22 +92,8 @@ class LesionFPNSemHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         head = cfg.MODEL.SEM_SEG_HEAD
-        missing = [f for f in head.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES {list(head.IN_FEATURES)}: the backbone has no "
-                f"{missing} (it gives {sorted(input_shape)})"
-            )
-        if cfg.MODEL.LESION_SEG.ACTIVATION != "sigmoid":
-            raise ValueError(
-                "LesionFPNSemHead predicts one sigmoid map per lesion; set MODEL.LESION_SEG."
-                f"ACTIVATION to 'sigmoid' (got {cfg.MODEL.LESION_SEG.ACTIVATION!r})"
-            )
-        if head.IGNORE_VALUE != IGNORE_VALUE:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE must be {IGNORE_VALUE}, the semantic targets' "
-                f"ignore value (got {head.IGNORE_VALUE})"
-            )
+        check_in_features("MODEL.SEM_SEG_HEAD.IN_FEATURES", head.IN_FEATURES, input_shape)
+        check_sigmoid_head_cfg(cfg, cls.__name__)
         return {
             "input_shape": {k: input_shape[k] for k in head.IN_FEATURES},
             "num_classes": head.NUM_CLASSES,
@@ -110,40 +102,20 @@ class LesionFPNSemHead(nn.Module):
             "norm": head.NORM,
         }
 
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        targets: Optional[torch.Tensor] = None,
-        image_size: Optional[Tuple[int, int]] = None,
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """
-        Args:
-            features: the backbone's features, by name.
-            targets: uint8 (N, C, H, W) at ``image_size``: 0 / 1 / 255 (ignore); None at
-                inference.
-            image_size: (H, W) of the padded input; default: the finest feature times its
-                stride.
-
-        Returns:
-            (logits (N, C, H, W) at ``image_size``, losses: {"loss_sem_seg_bce",
-            "loss_sem_seg_dice"} in training with targets, else empty).
-        """
+    def predict(
+        self, features: Dict[str, torch.Tensor], image_size: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """(N, C, H, W) logits at ``image_size``, by default the finest feature times its
+        stride."""
         x = None
         for name, head in zip(self.in_features, self.scale_heads):
             y = head(features[name])
             x = y if x is None else x + y
-        logits = self.predictor(x)
-        if image_size is None:
-            image_size = tuple(s * self.common_stride for s in logits.shape[-2:])
-        logits = F.interpolate(
-            logits.float(), size=tuple(image_size), mode="bilinear", align_corners=False
-        )
-        if not self.training or targets is None:
-            return logits, {}
-        return logits, self.losses(logits, targets)
+        return upsample_to_image(self.predictor(x), self.common_stride, image_size)
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """BCE and soft Dice over the valid (non-255) pixels of every lesion map."""
+        """BCE and soft Dice ({"loss_sem_seg_bce", "loss_sem_seg_dice"}) over the valid (non-255)
+        pixels of every lesion map."""
         losses = {"loss_sem_seg_bce": sigmoid_bce_loss(logits, targets)}
         if self.dice_weight > 0:
             losses["loss_sem_seg_dice"] = self.dice_weight * sigmoid_dice_loss(logits, targets)
