@@ -1,10 +1,11 @@
 """Pictures a person checks a lesion detector with: ground truth and predictions side by side."""
-from typing import List, Optional
+from typing import List
 
 import numpy as np
-from detectron2.data import MetadataCatalog
-from detectron2.structures import Instances
+from detectron2.structures import BoxMode, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from .data.instances import decode_segmentation
 
 __all__ = ["draw_prediction_overlay", "draw_ground_truth_overlay", "side_by_side"]
 
@@ -44,21 +45,11 @@ def draw_ground_truth_overlay(image: np.ndarray, dataset_dict: dict, metadata) -
     """RGB image with the dataset dict's annotations (ignore regions in grey)."""
     vis = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE)
     anns = dataset_dict.get("annotations", [])
-    from detectron2.structures import BoxMode
-    import pycocotools.mask as mask_util
-
     masks, boxes, labels, colors = [], [], [], []
     names = metadata.get("thing_classes", [])
+    height, width = image.shape[:2]
     for ann in anns:
-        seg = ann["segmentation"]
-        if isinstance(seg, dict):
-            rle = dict(seg)
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode("ascii")
-            masks.append(mask_util.decode(rle).astype(bool))
-        else:
-            h, w = image.shape[:2]
-            masks.append(mask_util.decode(mask_util.merge(mask_util.frPyObjects(seg, h, w))).astype(bool))
+        masks.append(decode_segmentation(ann["segmentation"], height, width))
         boxes.append(BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS))
         crowd = ann.get("iscrowd", 0)
         labels.append("ignore" if crowd else (names[ann["category_id"]] if names else str(ann["category_id"])))
@@ -77,7 +68,3 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarra
     canvas[: left.shape[0], : left.shape[1]] = left
     canvas[: right.shape[0], left.shape[1] + gap :] = right
     return canvas
-
-
-def metadata_of(dataset_name: Optional[str]):
-    return MetadataCatalog.get(dataset_name) if dataset_name else MetadataCatalog.get("__unused")

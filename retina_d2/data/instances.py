@@ -20,6 +20,7 @@ __all__ = [
     "instance_rles_from_mask",
     "encode_rle",
     "decode_rle",
+    "decode_segmentation",
     "mask_to_polygons",
     "coco_annotation",
 ]
@@ -169,6 +170,15 @@ def decode_rle(rle: dict) -> np.ndarray:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return mask_util.decode({"size": rle["size"], "counts": counts}).astype(bool)
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """HxW bool mask of any COCO ``segmentation``: polygons, uncompressed or compressed RLE."""
+    if isinstance(segmentation, list):  # polygons
+        segmentation = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+        segmentation = mask_util.frPyObjects(segmentation, height, width)
+    return decode_rle(segmentation)
 
 
 def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:

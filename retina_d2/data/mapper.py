@@ -23,12 +23,12 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-import pycocotools.mask as mask_util
 from detectron2.structures import BitMasks, BoxMode, Instances, PolygonMasks
-from scipy import ndimage
 from fvcore.transforms.transform import BlendTransform, NoOpTransform, TransformList
+from scipy import ndimage
 
 from ..config import has_semantic_head
+from .instances import decode_segmentation
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
 
 __all__ = ["LesionDatasetMapper", "semantic_classes"]
@@ -259,16 +259,6 @@ def semantic_classes(dataset_names: Sequence[str]) -> List[str]:
     return first
 
 
-def _decode(segmentation, height: int, width: int) -> np.ndarray:
-    if isinstance(segmentation, list):  # polygons
-        segmentation = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-        segmentation = mask_util.frPyObjects(segmentation, height, width)
-    elif isinstance(segmentation["counts"], str):
-        segmentation = dict(segmentation, counts=segmentation["counts"].encode("ascii"))
-    return mask_util.decode(segmentation)
-
-
 def _layered_instances(annos: List[dict], transforms, image_shape, file_shape) -> Instances:
     """Transformed instances of ``annos``, built by transforming label maps, not masks.
 
@@ -284,7 +274,7 @@ def _layered_instances(annos: List[dict], transforms, image_shape, file_shape) -
     used: List[int] = []  # labels taken in each layer
     placed = []  # (layer index, label) per annotation
     for anno in annos:
-        mask = _decode(anno["segmentation"], height, width).astype(bool)
+        mask = decode_segmentation(anno["segmentation"], height, width)
         ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
         if len(ys) == 0:
             placed.append(None)

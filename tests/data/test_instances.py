@@ -9,6 +9,7 @@ from retina_d2.data.instances import (
     Dilation,
     coco_annotation,
     decode_rle,
+    decode_segmentation,
     dilate_small_lesions,
     encode_rle,
     instance_rles,
@@ -112,3 +113,19 @@ def test_dilation_validation():
         Dilation(iterations=-1)
     with pytest.raises(ValueError, match="connectivity"):
         label_components(np.zeros((3, 3)), connectivity=6)
+
+
+def test_decode_segmentation_reads_every_coco_form():
+    mask = np.zeros((9, 11), bool)
+    mask[2:6, 3:8] = True
+    (rle,) = instance_rles_from_mask(mask)
+    assert np.array_equal(decode_segmentation(rle, 9, 11), mask)
+    bytes_rle = dict(rle, counts=rle["counts"].encode("ascii"))
+    assert np.array_equal(decode_segmentation(bytes_rle, 9, 11), mask)
+    flat = mask.ravel(order="F").astype(int)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate(([0], change, [flat.size]))).tolist()
+    assert np.array_equal(decode_segmentation({"size": [9, 11], "counts": counts}, 9, 11), mask)
+    # A polygon along the box's pixel corners rasterises to the box.
+    polygon = [[3.0, 2.0, 8.0, 2.0, 8.0, 6.0, 3.0, 6.0]]
+    assert decode_segmentation(polygon, 9, 11).sum() == mask.sum()
