@@ -129,6 +129,9 @@ def add_retina_config(cfg):
     cfg.RETINA.AUG = CN()
     cfg.RETINA.AUG.HFLIP = True
     cfg.RETINA.AUG.VFLIP = True
+    # With INPUT.CROP: the share of crops centred on a random lesion (0 = Detectron2's uniform
+    # RandomCrop). Native-resolution crops are mostly healthy retina otherwise.
+    cfg.RETINA.AUG.CROP_LESION_PROB = 0.0
     cfg.RETINA.AUG.ROT90 = True  # random multiple of 90 degrees
     cfg.RETINA.AUG.TRANSLATE = 0.1  # max shift, fraction of the image size (0 = off)
     cfg.RETINA.AUG.SCALE = (0.9, 1.1)  # random scale range ((1.0, 1.0) = off)

@@ -53,6 +53,12 @@ def _tool(script: str, *args: str, env=None) -> float:
     return time.perf_counter() - start
 
 
+def _checkpoint_iteration(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("iteration", -1))
+
+
 def _exudate_row(name, metrics):
     row = {"name": name}
     for task in ("segm", "bbox"):
@@ -76,12 +82,21 @@ def run(args) -> dict:
     opts = ["OUTPUT_DIR", str(run_dir), *args.opts]
     train_s = None
     if not args.skip_train:
-        train_s = _tool("train_net.py", "--config-file", str(args.config_file), *opts, env=env)
+        # No periodic evaluation while training: every checkpoint is scored below anyway.
+        train_s = _tool(
+            "train_net.py", "--config-file", str(args.config_file), "TEST.EVAL_PERIOD", "0", *opts,
+            env=env,
+        )
     # Every checkpoint is scored by its own --eval-only run, so the numbers come from the code
     # as it is now, whatever the training run's periodic evaluations reported.
     rows = []
     eval_s = {}
-    checkpoints = sorted(run_dir.glob("model_[0-9]*.pth")) + [run_dir / "model_final.pth"]
+    checkpoints = sorted(run_dir.glob("model_[0-9]*.pth"))
+    final = run_dir / "model_final.pth"
+    if final.is_file():
+        # The periodic checkpoint of the last iteration holds model_final's weights: score once.
+        last_iter = _checkpoint_iteration(final)
+        checkpoints = [c for c in checkpoints if _checkpoint_iteration(c) != last_iter] + [final]
     for ckpt in checkpoints:
         if not ckpt.is_file():
             continue

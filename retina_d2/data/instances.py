@@ -21,6 +21,7 @@ __all__ = [
     "encode_rle",
     "decode_rle",
     "decode_segmentation",
+    "decode_segmentation_region",
     "mask_to_polygons",
     "coco_annotation",
 ]
@@ -179,6 +180,71 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     elif isinstance(segmentation["counts"], list):  # uncompressed RLE
         segmentation = mask_util.frPyObjects(segmentation, height, width)
     return decode_rle(segmentation)
+
+
+def _rle_string_counts(counts: bytes) -> np.ndarray:
+    """The run lengths of COCO's compressed RLE string (the inverse of pycocotools' rleToString).
+
+    Each count is a little-endian base-32 number, 5 bits per character offset by 48, 0x20 meaning
+    another character follows and 0x10 in the last one the sign; from the third count on, the
+    number is the difference to the count two places earlier.
+    """
+    runs: List[int] = []
+    value, shift = 0, 0
+    for char in counts:
+        c = char - 48
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+        value, shift = 0, 0
+    return np.asarray(runs, dtype=np.int64)
+
+
+def decode_segmentation_region(
+    segmentation, height: int, width: int
+) -> Optional[Tuple[slice, slice, np.ndarray]]:
+    """The tight box of a COCO ``segmentation`` and the mask inside it, or None when empty.
+
+    Compressed RLE (what the converters write) is decoded from its runs alone, so the cost follows
+    the lesion's pixels, not the image's: a full-size mask of a 4288x2848 image per 10-pixel
+    microaneurysm is what made loading an eye full of lesions slow.
+
+    Returns:
+        ``(rows, cols, patch)`` with ``mask[rows, cols] == patch`` and nothing outside.
+    """
+    if isinstance(segmentation, dict) and not isinstance(segmentation["counts"], list):
+        counts = segmentation["counts"]
+        if isinstance(counts, str):
+            counts = counts.encode("ascii")
+        h, w = segmentation["size"]
+        runs = _rle_string_counts(counts)
+        ends = np.cumsum(runs)
+        starts = ends - runs
+        lesion = slice(1, None, 2)  # runs alternate background, lesion
+        first, length = starts[lesion], runs[lesion]
+        keep = length > 0
+        first, length = first[keep], length[keep]
+        if not len(first):
+            return None
+        # Every lesion pixel's column-major index: each run's start repeated, plus 0..length-1.
+        offsets = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
+        flat = np.repeat(first, length) + offsets
+        rows, cols = flat % h, flat // h
+    else:
+        mask = decode_segmentation(segmentation, height, width)
+        rows, cols = np.nonzero(mask)
+        if not len(rows):
+            return None
+    r0, c0 = rows.min(), cols.min()
+    patch = np.zeros((rows.max() - r0 + 1, cols.max() - c0 + 1), dtype=bool)
+    patch[rows - r0, cols - c0] = True
+    return slice(int(r0), int(rows.max()) + 1), slice(int(c0), int(cols.max()) + 1), patch
 
 
 def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:

@@ -28,7 +28,7 @@ from fvcore.transforms.transform import BlendTransform, NoOpTransform, Transform
 from scipy import ndimage
 
 from ..config import has_semantic_head
-from .instances import decode_segmentation
+from .instances import decode_segmentation_region
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
 
 __all__ = ["LesionDatasetMapper", "semantic_classes"]
@@ -274,13 +274,11 @@ def _layered_instances(annos: List[dict], transforms, image_shape, file_shape) -
     used: List[int] = []  # labels taken in each layer
     placed = []  # (layer index, label) per annotation
     for anno in annos:
-        mask = decode_segmentation(anno["segmentation"], height, width)
-        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        if len(ys) == 0:
+        region = decode_segmentation_region(anno["segmentation"], height, width)
+        if region is None:
             placed.append(None)
             continue
-        rows, cols = slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
-        inside = mask[rows, cols]
+        rows, cols, inside = region
         index = next(
             (i for i, layer in enumerate(layers) if used[i] < 255 and not layer[rows, cols][inside].any()),
             None,

@@ -10,6 +10,7 @@ from retina_d2.data.instances import (
     coco_annotation,
     decode_rle,
     decode_segmentation,
+    decode_segmentation_region,
     dilate_small_lesions,
     encode_rle,
     instance_rles,
@@ -129,3 +130,54 @@ def test_decode_segmentation_reads_every_coco_form():
     # A polygon along the box's pixel corners rasterises to the box.
     polygon = [[3.0, 2.0, 8.0, 2.0, 8.0, 6.0, 3.0, 6.0]]
     assert decode_segmentation(polygon, 9, 11).sum() == mask.sum()
+
+
+def _region_to_mask(region, shape):
+    mask = np.zeros(shape, bool)
+    if region is not None:
+        rows, cols, patch = region
+        mask[rows, cols] = patch
+        # The box is tight: every edge row and column holds a lesion pixel.
+        assert patch[0].any() and patch[-1].any() and patch[:, 0].any() and patch[:, -1].any()
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_region_decoding_equals_pycocotools(seed):
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 60)), int(rng.integers(1, 80)))
+    # Sparse, dense, empty and full masks: long runs need multi-character counts and the
+    # delta coding that starts at the third count; full masks start with an empty run.
+    density = [0.01, 0.3, 0.95, 0.0, 1.0, 0.5][seed % 6]
+    mask = rng.random(shape) < density
+    if seed % 4 == 0:
+        mask[:] = False
+        mask[rng.integers(shape[0]), rng.integers(shape[1])] = True  # one pixel
+    rle = encode_rle(mask)
+    got = decode_segmentation_region(rle, *shape)
+    assert (got is None) == (not mask.any())
+    np.testing.assert_array_equal(_region_to_mask(got, shape), mask_util.decode(
+        dict(rle, counts=rle["counts"].encode("ascii"))).astype(bool))
+    np.testing.assert_array_equal(_region_to_mask(got, shape), mask)
+    # Bytes counts, uncompressed RLE and polygons go the same way.
+    as_bytes = dict(rle, counts=rle["counts"].encode("ascii"))
+    np.testing.assert_array_equal(
+        _region_to_mask(decode_segmentation_region(as_bytes, *shape), shape), mask
+    )
+
+
+def test_region_decoding_of_a_large_image_and_other_forms():
+    shape = (2848, 4288)
+    labels = np.zeros(shape, np.int32)
+    labels[100:103, 4000:4002] = 1  # a 6-pixel microaneurysm far from the origin
+    labels[2840:2848, 0:3] = 2  # touching the corner
+    rles = dict(instance_rles(labels))
+    for label_id, rle in rles.items():
+        rows, cols, patch = decode_segmentation_region(rle, *shape)
+        ys, xs = np.nonzero(labels == label_id)
+        assert (rows.start, rows.stop, cols.start, cols.stop) == (
+            ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
+        assert patch.all()
+    polygon = [[3.0, 2.0, 8.0, 2.0, 8.0, 6.0, 3.0, 6.0]]
+    rows, cols, patch = decode_segmentation_region(polygon, 9, 11)
+    assert (rows, cols) == (slice(2, 6), slice(3, 8)) and patch.all()

@@ -22,6 +22,7 @@ from retina_d2.data.preprocess import (
     FieldOfViewCropTransform,
     GrahamNormalization,
     GrahamTransform,
+    RandomLesionCrop,
     RandomRotation90,
     RandomTranslateScale,
     Rotation90Transform,
@@ -318,6 +319,18 @@ def test_graham_maps_a_uniform_image_to_128():
     assert out.dtype == np.uint8 and out.shape == (60, 90, 3) and (out == 128).all()
 
 
+@pytest.mark.parametrize("sigma", [3.0, 17.0, 40.0, 61.0])
+def test_graham_equals_the_exact_blur_on_a_fundus(sigma):
+    # The blur behind Graham runs on a coarser grid when sigma is wide: the output must still be
+    # the formula with cv2's exact Gaussian, within two grey levels everywhere (edges of the image and of the FOV included).
+    fundus = render_fundus(np.random.default_rng(3), size=768).image
+    image = fundus.astype(np.float32)
+    exact = np.clip(4 * image - 4 * cv2.GaussianBlur(image, (0, 0), sigma) + 128, 0, 255)
+    got = GrahamTransform(sigma).apply_image(fundus).astype(float)
+    diff = np.abs(got - np.rint(exact))
+    assert diff.mean() < 0.2 and diff.max() <= 2
+
+
 def test_graham_sigma_scales_with_width():
     rng = np.random.default_rng(0)
     grid = rng.uniform(40, 220, size=(24, 24, 3)).astype(np.float32)
@@ -412,6 +425,9 @@ def test_build_preprocess_follows_the_config():
     train = _types(build_preprocess(cfg, is_train=True))
     assert train.index(T.RandomCrop) == train.index(ClaheOnLightness) + 1
     assert T.RandomCrop not in _types(build_preprocess(cfg, is_train=False))
+    cfg.RETINA.AUG.CROP_LESION_PROB = 0.5
+    train = _types(build_preprocess(cfg, is_train=True))
+    assert RandomLesionCrop in train and T.RandomCrop not in train
     off = _cfg(
         HFLIP=False,
         VFLIP=False,
@@ -446,3 +462,35 @@ def test_training_pipeline_moves_masks_with_image():
             box = tfms.apply_box(tight_box(lesion)[None])[0]
             np.testing.assert_allclose(box, tight_box(moved), atol=1.5)
     assert len(shapes) > 1  # sizes and quarter turns were drawn
+
+
+def test_lesion_crop_holds_a_lesion_centre_and_stays_inside():
+    h, w, crop = 300, 500, 64
+    boxes = np.array([[10, 20, 14, 26], [480, 280, 499, 299]], dtype=np.float32)
+    image = np.zeros((h, w, 3), np.uint8)
+    always = RandomLesionCrop("absolute", [crop, crop], lesion_prob=1.0)
+    never = RandomLesionCrop("absolute", [crop, crop], lesion_prob=0.0)
+    corners = set()
+    np.random.seed(0)
+    for _ in range(200):
+        t = always.get_transform(image, boxes)
+        assert (t.w, t.h) == (crop, crop)
+        assert 0 <= t.x0 <= w - crop and 0 <= t.y0 <= h - crop
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        inside = [
+            t.x0 <= cx < t.x0 + crop and t.y0 <= cy < t.y0 + crop for cx, cy in centres
+        ]
+        assert any(inside)
+        corners.add((t.x0, t.y0))
+    assert len(corners) > 20  # the lesion lands anywhere in the window, not always central
+    # Uniform crops: this small a lesion would be held by chance in about 2% of them.
+    held = 0
+    for _ in range(200):
+        t = never.get_transform(image, boxes)
+        held += t.x0 <= 12 < t.x0 + crop and t.y0 <= 23 < t.y0 + crop
+    assert held < 20
+    # No boxes (a healthy eye): a uniform crop, and a crop larger than the image is clipped.
+    t = always.get_transform(np.zeros((40, 50, 3), np.uint8), None)
+    assert (t.x0, t.y0, t.w, t.h) == (0, 0, 50, 40)
+    with pytest.raises(ValueError, match="lesion_prob"):
+        RandomLesionCrop("absolute", [crop, crop], lesion_prob=1.5)
