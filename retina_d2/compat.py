@@ -155,6 +155,16 @@ def _patch_torch_load():
     fv_checkpoint.Checkpointer._load_file = _load_file
 
 
+def _quiet_import_warnings():
+    # Detectron2 0.6 scripts a few helpers with torch.jit.script at import time; current torch
+    # warns about every one, on every tool's start, about code the user does not own.
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+    )
+
+
 _applied = False
 
 
@@ -163,6 +173,7 @@ def apply():
     global _applied
     if _applied:
         return
+    _quiet_import_warnings()
     _patch_numpy()
     _patch_pillow()
     _patch_pkg_resources()

@@ -162,6 +162,11 @@ def add_retina_config(cfg):
     cfg.RETINA.EVAL.FROC_IOU = 0.2
     # Predictions scoring >= this give the lesion-level precision / recall / F1.
     cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD = 0.35
+    # After --eval-only and after training, an HTML report of each test set's evaluation folder
+    # (retina_d2/report): every metric table, PR / FROC curves, and this many worst and best
+    # images with hits, misses and false alarms outlined (0: no gallery).
+    cfg.RETINA.EVAL.REPORT = True
+    cfg.RETINA.EVAL.REPORT_GALLERY = 4
 
 
 def get_retina_cfg():

@@ -4,8 +4,8 @@
 # The heavy part (torch, torchvision, Detectron2 and the rest of requirements.lock) lives in
 # ${RETINA_D2_CACHE:-~/.cache/retina_d2}/env-<hash>, keyed by a hash of the lock file, this script
 # and the interpreter version, so a second checkout or a second run costs seconds. ./.venv is a
-# small venv of its own whose site-packages chains to the cached one and to this checkout
-# (the equivalent of `pip install -e .` without touching the shared environment).
+# small venv of its own whose site-packages chains to the cached one, with this checkout
+# installed in it by `pip install -e .` (the shared environment is never touched).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,10 +85,11 @@ if [ ! -x .venv/bin/python ] || [ ! -f .venv/.retina_d2_env ] || \
   "$python" -m venv --without-pip .venv
   site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   env_site="$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  {
-    echo "$here"
-    echo "import site; site.addsitedir('$env_site')"
-  } > "$site/retina_d2_env.pth"
+  echo "import site; site.addsitedir('$env_site')" > "$site/retina_d2_env.pth"
+  # The checkout itself, as `pip install -e .` installs it: importable, and the `retina-d2`
+  # command in .venv/bin. Offline: no dependencies (the cached env has them), no build isolation.
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    2> >(grep -v '^WARNING: Location' >&2)
   printf '#!/bin/sh\nexec "%s" -m pytest "$@"\n' "$here/.venv/bin/python" > .venv/bin/pytest
   chmod +x .venv/bin/pytest
   echo "$env" > .venv/.retina_d2_env

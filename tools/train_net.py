@@ -9,7 +9,8 @@ Examples:
 
 Datasets are the conversions found under $RETINA_D2_DATASETS (default ./datasets); see
 datasets/README.md. The run's config, environment, checkpoints (the best one as model_best.pth),
-metrics and overlay pictures go to OUTPUT_DIR.
+metrics, overlay pictures and the HTML report (inference/<dataset>/report/index.html, see
+tools/report.py) go to OUTPUT_DIR.
 """
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ def main(args):
         results = LesionTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
+            LesionTrainer.write_reports(cfg)
         return results
     trainer = LesionTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -43,12 +45,14 @@ def main(args):
     # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set.
     results = getattr(trainer, "_last_eval_results", None)
     if results and comm.is_main_process():
+        for page in LesionTrainer.write_reports(cfg):
+            print(f"\nreport: {page}")
         print(f"\nmetrics, predictions and overlay pictures: {cfg.OUTPUT_DIR}/inference/")
     return results
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    args = default_argument_parser(epilog=__doc__).parse_args(argv)
     try:
         if args.num_gpus <= 1 and args.num_machines == 1:
             return main(args)  # launch() would drop the results

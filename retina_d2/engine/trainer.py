@@ -56,6 +56,28 @@ class LesionTrainer(DefaultTrainer):
         return DatasetEvaluators(evaluators)
 
     @classmethod
+    def write_reports(cls, cfg):
+        """The HTML report of each test set's evaluation folder (RETINA.EVAL.REPORT).
+
+        A report that cannot be written is logged, not raised: the metrics it would show are
+        already saved, and a run of hours must not end in a traceback for a picture.
+        """
+        if not cfg.RETINA.EVAL.REPORT or not comm.is_main_process():
+            return []
+        from ..report import ReportError, build_report
+
+        pages = []
+        for dataset_name in cfg.DATASETS.TEST:
+            eval_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+            if not os.path.isdir(eval_dir):
+                continue
+            try:
+                pages.append(build_report(eval_dir, gallery_size=cfg.RETINA.EVAL.REPORT_GALLERY))
+            except (ReportError, OSError) as e:
+                logger.warning("no report for %s: %s", dataset_name, e)
+        return pages
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
         if cfg.SOLVER.OPTIMIZER.upper() == "SGD":
             return super().build_optimizer(cfg, model)

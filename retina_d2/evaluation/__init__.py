@@ -23,6 +23,7 @@ from .instance_eval import (
     iou_name,
     load_coco_gt,
     load_coco_results,
+    precision_recall_curves,
     write_metrics_json,
 )
 from .overlays import OverlayEvaluator
@@ -44,6 +45,7 @@ __all__ = [
     "froc_curve",
     "froc_metrics",
     "iou_name",
+    "precision_recall_curves",
     "load_coco_gt",
     "load_coco_results",
     "rate_name",

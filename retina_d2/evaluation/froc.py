@@ -59,6 +59,10 @@ from .instance_eval import (
 __all__ = [
     "FP_RATES",
     "MATCHES",
+    "HIT",
+    "FALSE_POSITIVE",
+    "NEITHER",
+    "match_lesions",
     "LesionFROCEvaluator",
     "froc_curve",
     "froc_metrics",
@@ -75,7 +79,8 @@ FP_RATES = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)
 MATCHES = ("iou", "center")
 
 # A prediction's outcome.
-_HIT, _FP, _NEITHER = 1, 0, -1
+# The outcome of a prediction: it found a lesion, it is a false positive, or it counts as neither.
+HIT, FALSE_POSITIVE, NEITHER = 1, 0, -1
 
 
 def rate_name(rate: float) -> str:
@@ -148,7 +153,7 @@ def _overlaps(
     return inside.astype(np.float64)
 
 
-def _match_image(
+def match_lesions(
     predictions: Sequence[dict],
     lesions: Sequence,
     ignore_regions: Sequence,
@@ -157,24 +162,28 @@ def _match_image(
     use_masks: bool,
     image_size: Sequence[int],
 ) -> np.ndarray:
-    """The outcome (_HIT, _FP, _NEITHER) of each prediction, given in descending score order, on
-    one image's lesions of one category (see the module docstring for the rules)."""
+    """Match one image's predictions of one category, given in descending score order, to its
+    lesions of that category (the rules are in the module docstring).
+
+    Returns:
+        (outcome of each prediction: HIT, FALSE_POSITIVE or NEITHER; bool per lesion: found)
+    """
     # "center" overlaps are 0 / 1: any threshold in (0, 1] reads them the same.
     threshold = threshold if match == "iou" else 0.5
     overlap = _overlaps(predictions, lesions, False, match, use_masks, image_size)
     on_ignore = _overlaps(predictions, ignore_regions, True, match, use_masks, image_size)
     on_ignore = (on_ignore >= threshold).any(axis=1)
     hit = np.zeros(len(lesions), bool)
-    outcomes = np.full(len(predictions), _FP, np.int8)
+    outcomes = np.full(len(predictions), FALSE_POSITIVE, np.int8)
     for i in range(len(predictions)):
         candidates = np.flatnonzero(overlap[i] >= threshold)
         free = candidates[~hit[candidates]]
         if free.size:
             hit[free[np.argmax(overlap[i, free])]] = True
-            outcomes[i] = _HIT
+            outcomes[i] = HIT
         elif candidates.size or on_ignore[i]:
-            outcomes[i] = _NEITHER  # a duplicate of a found lesion, or on an ignore region
-    return outcomes
+            outcomes[i] = NEITHER  # a duplicate of a found lesion, or on an ignore region
+    return outcomes, hit
 
 
 # --- the curve ---------------------------------------------------------------------------------
@@ -196,8 +205,8 @@ def _curve(
     [0, 1], NaN where undefined (sensitivity without lesions, FPs per image without images)."""
     order = np.argsort(-scores, kind="mergesort")
     scores, outcomes = scores[order], outcomes[order]
-    hits = np.cumsum(outcomes == _HIT)
-    fps = np.cumsum(outcomes == _FP)
+    hits = np.cumsum(outcomes == HIT)
+    fps = np.cumsum(outcomes == FALSE_POSITIVE)
     # One operating point per distinct score: the last prediction of each run of tied scores.
     last = np.flatnonzero(np.r_[scores[1:] != scores[:-1], True]) if scores.size else []
     hits, fps, thresholds = hits[last], fps[last], scores[last]
@@ -215,8 +224,8 @@ def _curve(
         sensitivity_at[rate_name(rate)] = value
 
     kept = int(np.count_nonzero(scores >= score_threshold))
-    tp = int(_count_at(outcomes, kept, _HIT))
-    fp = int(_count_at(outcomes, kept, _FP))
+    tp = int(_count_at(outcomes, kept, HIT))
+    fp = int(_count_at(outcomes, kept, FALSE_POSITIVE))
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / num_lesions if num_lesions else float("nan")
     f1 = 2 * tp / (2 * tp + fp + (num_lesions - tp)) if tp + fp + num_lesions else float("nan")
@@ -362,7 +371,7 @@ def froc_curve(
         size = (images[image_id]["height"], images[image_id]["width"])
         scores[category_id] += [p["score"] for p in preds]
         outcomes[category_id].append(
-            _match_image(preds, lesions, ignore, match, iou_threshold, use_masks, size)
+            match_lesions(preds, lesions, ignore, match, iou_threshold, use_masks, size)[0]
         )
 
     num_lesions = defaultdict(int)
@@ -601,7 +610,7 @@ class LesionFROCEvaluator(LesionPredictionCollector):
         froc = froc_curve(self._coco_gt, results, annotated_category_ids=annotated, **self._options)
         self._logger.info(f"FROC of {self._dataset_name}:\n" + format_froc(froc))
         if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
+            self._write_eval_info()
             write_froc_json(froc, os.path.join(self._output_dir, "froc.json"))
             save_froc_plots(froc, self._output_dir)
         return {"froc": froc_metrics(froc)}

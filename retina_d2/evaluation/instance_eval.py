@@ -52,6 +52,7 @@ __all__ = [
     "InstanceEvalError",
     "evaluate_coco_results",
     "format_instance_metrics",
+    "precision_recall_curves",
     "load_coco_gt",
     "load_coco_results",
     "iou_name",
@@ -407,6 +408,40 @@ def evaluate_coco_results(
     return metrics
 
 
+def precision_recall_curves(
+    gt: GroundTruth,
+    results: Results,
+    task: str = "segm",
+    iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
+    max_dets: int = 256,
+) -> "OrderedDict[str, OrderedDict[float, Tuple[np.ndarray, np.ndarray]]]":
+    """COCOeval's interpolated precision at its 101 recall points, per category and IoU threshold.
+
+    Returns:
+        category name -> IoU threshold -> (recall, precision), the points where COCOeval defines
+        precision (recall levels the detector never reaches are left out); categories without
+        ground truth are left out. Empty for segm when the results have no masks.
+    """
+    coco_gt, gt_source = load_coco_gt(gt)
+    results, source = load_coco_results(results)
+    if not _check_results(results, coco_gt, source, gt_source, (task,)):
+        return OrderedDict()  # segm asked of box-only results (warned about)
+    evaluated = _run_cocoeval(coco_gt, results, task, iou_thresholds, max_dets, "pycocotools")
+    precision = evaluated["precision"]  # [IoU, recall, category, area, maxDets]
+    recall_points = evaluated["params"].recThrs
+    curves = OrderedDict()
+    for k, category_id in enumerate(sorted(coco_gt.getCatIds())):
+        per_iou = OrderedDict()
+        for t, threshold in enumerate(iou_thresholds):
+            values = precision[t, :, k, 0, -1]
+            defined = values > -1  # -1: no ground truth of this category
+            if defined.any():
+                per_iou[float(threshold)] = (recall_points[defined], values[defined])
+        if per_iou:
+            curves[coco_gt.cats[category_id]["name"]] = per_iou
+    return curves
+
+
 def format_instance_metrics(
     metrics: Mapping[str, Mapping[str, float]],
     iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
@@ -554,6 +589,19 @@ class LesionPredictionCollector(DatasetEvaluator):
         }
         return results, annotated
 
+    def _write_eval_info(self) -> None:
+        """``eval_info.json``: the GT file and image folder the report's gallery reads."""
+        if not self._output_dir:
+            return
+        info = {
+            "dataset": self._dataset_name,
+            "gt_json": os.path.abspath(PathManager.get_local_path(self._metadata.json_file)),
+            "image_root": getattr(self._metadata, "image_root", None),
+        }
+        PathManager.mkdirs(self._output_dir)
+        with PathManager.open(os.path.join(self._output_dir, "eval_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+
     def _to_dataset_ids(self, coco_results: Iterable[dict]) -> List[dict]:
         """Contiguous class ids (the model's) -> the GT's category ids."""
         coco_results = list(coco_results)
@@ -641,7 +689,7 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
             return {}
         results, annotated = gathered
         if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
+            self._write_eval_info()
             path = os.path.join(self._output_dir, "coco_instances_results.json")
             self._logger.info("Saving results to %s", path)
             with PathManager.open(path, "w") as f:

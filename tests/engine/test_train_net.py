@@ -41,6 +41,11 @@ def test_training_writes_checkpoint_config_env_metrics_and_overlays(trained):
     assert {"AP35", "AP50", "AP75", "AP"} <= set(metrics["segm"])
     overlays = list((inference / "overlays").glob("*.png"))
     assert len(overlays) == 2
+    # The HTML report, written after the final evaluation, with the gallery (eval_info.json
+    # names the GT and its images) and the run's config.
+    assert json.loads((inference / "eval_info.json").read_text())["dataset"] == "synthetic_seg_val"
+    page = (inference / "report" / "index.html").read_text()
+    assert "Instance detection" in page and "Worst" in page and "META_ARCHITECTURE" in page
 
 
 def test_eval_only_reloads_the_weights(trained, datasets, monkeypatch, tmp_path):
@@ -51,6 +56,7 @@ def test_eval_only_reloads_the_weights(trained, datasets, monkeypatch, tmp_path)
     )
     before = json.loads((trained / "inference/synthetic_seg_val/instance_metrics.json").read_text())
     assert results["segm"]["AP50"] == pytest.approx(before["segm"]["AP50"], nan_ok=True)
+    assert (tmp_path / "inference" / "synthetic_seg_val" / "report" / "index.html").is_file()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,272 @@
+"""Assemble the evaluation report of one evaluation folder (``OUTPUT_DIR/inference/<dataset>``).
+
+What the evaluators left there decides what the page holds: ``instance_metrics.json`` (mAP tables),
+``froc.json`` and its ``froc_*.png``, ``semantic_metrics.json`` and ``pr_curves/``, any other
+``*_metrics.json`` (grading, localization); with the predictions (``coco_instances_results.json``)
+and the ground truth (``eval_info.json``, or ``gt=``) also instance PR curves and the gallery.
+"""
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from detectron2.data.detection_utils import read_image
+
+from ..evaluation.instance_eval import (
+    InstanceEvalError,
+    _check_results,
+    load_coco_gt,
+    load_coco_results,
+    precision_recall_curves,
+)
+from .curves import save_instance_pr_curves
+from .gallery import COLOURS, draw_outcome, pick_worst_and_best, score_images
+from .page import render_page
+from .tables import froc_tables, metric_tables
+
+__all__ = ["ReportError", "build_report", "EVAL_INFO", "REPORT_DIR"]
+
+logger = logging.getLogger(__name__)
+
+EVAL_INFO = "eval_info.json"  # written by the instance evaluators: GT file, image root, dataset
+REPORT_DIR = "report"
+RESULTS = "coco_instances_results.json"
+_KNOWN = ("instance_metrics.json", "froc.json", "semantic_metrics.json")
+
+
+class ReportError(ValueError):
+    """An evaluation folder the report cannot be made from; the message names the file."""
+
+
+def _read_json(path: Path, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{what} {path} cannot be read as JSON: {e}") from e
+
+
+def _find_upwards(eval_dir: Path, name: str, levels: int = 2) -> Optional[Path]:
+    """``name`` in the eval folder or up to two folders above (OUTPUT_DIR holds config.yaml)."""
+    for folder in [eval_dir, *list(eval_dir.parents)[:levels]]:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _gallery_params(eval_dir: Path, froc: Optional[dict]) -> Tuple[float, str, float]:
+    """(score threshold, match, IoU threshold): those of the FROC table when there is one, else
+    the config's RETINA.EVAL.FROC_* keys, else their defaults."""
+    if froc and "params" in froc:
+        p = froc["params"]
+        return float(p["score_threshold"]), p.get("match", "iou"), float(p.get("iou_threshold", 0.2))
+    config = _find_upwards(eval_dir, "config.yaml")
+    if config is not None:
+        import yaml
+
+        try:
+            evaluation = (yaml.safe_load(config.read_text()) or {}).get("RETINA", {}).get("EVAL", {})
+        except yaml.YAMLError:
+            evaluation = {}
+        return (
+            float(evaluation.get("FROC_SCORE_THRESHOLD", 0.35)),
+            evaluation.get("FROC_MATCH", "iou"),
+            float(evaluation.get("FROC_IOU", 0.2)),
+        )
+    return 0.35, "iou", 0.2
+
+
+def _copy_figures(sources: List[Path], figures_dir: Path, report_dir: Path) -> List[Tuple[str, str]]:
+    figures = []
+    for source in sources:
+        target = figures_dir / source.name
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        figures.append((target.relative_to(report_dir).as_posix(), source.stem.replace("_", " ")))
+    return figures
+
+
+def build_report(
+    eval_dir,
+    out_dir=None,
+    *,
+    gt=None,
+    image_root=None,
+    gallery_size: int = 4,
+    score_threshold: Optional[float] = None,
+    title: Optional[str] = None,
+) -> Path:
+    """Write ``index.html`` and its PNGs for one evaluation folder; return the page's path.
+
+    Args:
+        eval_dir: the folder an evaluation wrote (``OUTPUT_DIR/inference/<dataset>``).
+        out_dir: where the report goes (default ``<eval_dir>/report``; its old content is
+            replaced: a report is derived from the folder and written again after each run).
+        gt, image_root: the COCO GT file and its images' folder, when ``eval_info.json`` does
+            not give them (an evaluation by ``tools/evaluate.py``, say).
+        gallery_size: images shown among the worst and among the best (0: no gallery).
+        score_threshold: predictions kept for the gallery (default: the FROC table's).
+
+    Raises:
+        ReportError: a missing folder, no metrics in it, an unreadable file, or predictions
+            for another ground truth.
+    """
+    eval_dir = Path(eval_dir)
+    if not eval_dir.is_dir():
+        raise ReportError(f"evaluation folder {eval_dir} does not exist")
+    eval_dir = eval_dir.resolve()
+    info = _read_json(eval_dir / EVAL_INFO, "evaluation info") if (eval_dir / EVAL_INFO).is_file() else {}
+    gt = Path(gt) if gt is not None else (Path(info["gt_json"]) if info.get("gt_json") else None)
+    if image_root is None and info.get("image_root"):
+        image_root = info["image_root"]
+
+    metric_files = [eval_dir / n for n in _KNOWN if (eval_dir / n).is_file()]
+    metric_files += sorted(
+        p for p in eval_dir.glob("*_metrics.json") if p.name not in _KNOWN
+    )
+    if not metric_files:
+        raise ReportError(
+            f"{eval_dir} holds no metrics file ({', '.join(_KNOWN)} or another *_metrics.json): "
+            "evaluate first (tools/train_net.py --eval-only, or tools/evaluate.py --json into it)"
+        )
+    loaded = {p.name: _read_json(p, "metrics file") for p in metric_files}
+
+    coco_gt = results = None
+    results_path = eval_dir / RESULTS
+    if gt is not None:
+        try:
+            coco_gt, _ = load_coco_gt(gt)
+        except InstanceEvalError as e:
+            raise ReportError(str(e)) from e
+        lesions = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())]
+    else:
+        lesions = _lesion_names(loaded)
+    if coco_gt is not None and results_path.is_file():
+        try:
+            results, source = load_coco_results(results_path)
+            _check_results(results, coco_gt, source, str(gt), ("bbox",))
+        except InstanceEvalError as e:
+            raise ReportError(f"{results_path} does not fit the ground truth {gt}: {e}") from e
+
+    out_dir = Path(out_dir) if out_dir is not None else eval_dir / REPORT_DIR
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the old report and swapped in whole: a failed run leaves the old one intact.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        page = _assemble(
+            eval_dir, staging, loaded, lesions, coco_gt, results, image_root, gallery_size,
+            score_threshold, title or f"Evaluation report: {info.get('dataset', eval_dir.name)}",
+        )
+        (staging / "index.html").write_text(page, encoding="utf-8")
+        if out_dir.exists():
+            logger.info("replacing the report in %s", out_dir)
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("report: %s", out_dir / "index.html")
+    return out_dir / "index.html"
+
+
+def _lesion_names(loaded) -> List[str]:
+    """Lesion names from ``<metric>-<lesion>`` keys, when no GT file names them."""
+    names = []
+    for name, content in loaded.items():
+        if name == "froc.json":
+            names += [n for n in content.get("categories", {}) if n not in names]
+            continue
+        for values in content.values():
+            if isinstance(values, dict):
+                for key in values:
+                    if "-" in key and key.split("-", 1)[1] not in names:
+                        names.append(key.split("-", 1)[1])
+    return names
+
+
+def _assemble(
+    eval_dir, report_dir, loaded, lesions, coco_gt, results, image_root, gallery_size,
+    score_threshold, title,
+) -> str:
+    figures_dir = report_dir / "figures"
+    sections = []
+    if "instance_metrics.json" in loaded:
+        figures = []
+        if results is not None:
+            task = "segm" if results and "segmentation" in results[0] else "bbox"
+            iou = [float(k[2:]) / 100 for k in loaded["instance_metrics.json"].get(task, {})
+                   if k[2:].isdigit() and k.startswith("AP")] or [0.35, 0.5, 0.75]
+            curves = precision_recall_curves(coco_gt, results, task, iou)
+            for name, path in save_instance_pr_curves(curves, figures_dir, task).items():
+                figures.append((path.relative_to(report_dir).as_posix(), f"{name}: precision-recall ({task})"))
+        sections.append((
+            "Instance detection (COCO AP, percent)",
+            metric_tables("instance_metrics.json", loaded["instance_metrics.json"], lesions),
+            figures,
+        ))
+    froc = loaded.get("froc.json")
+    if froc is not None:
+        sections.append((
+            "Lesion-level FROC",
+            froc_tables(froc),
+            _copy_figures(sorted(eval_dir.glob("froc_*.png")), figures_dir, report_dir),
+        ))
+    if "semantic_metrics.json" in loaded:
+        sections.append((
+            "Lesion segmentation (pixels, percent)",
+            metric_tables("semantic_metrics.json", loaded["semantic_metrics.json"], lesions),
+            _copy_figures(sorted((eval_dir / "pr_curves").glob("*.png")), figures_dir, report_dir),
+        ))
+    for name, content in loaded.items():
+        if name in _KNOWN:
+            continue
+        heading = name[: -len("_metrics.json")].replace("_", " ").capitalize()
+        sections.append((heading, metric_tables(name, content, lesions), []))
+
+    worst, best, note = [], [], ""
+    if coco_gt is None or results is None:
+        note = "No gallery: the folder has no predictions (coco_instances_results.json) or no ground truth (eval_info.json or --gt)."
+    elif results and "segmentation" not in results[0]:
+        note = "No gallery: the predictions carry no masks."
+    elif gallery_size > 0:
+        threshold, match, iou = _gallery_params(eval_dir, froc)
+        if score_threshold is not None:
+            threshold = score_threshold
+        outcomes = score_images(coco_gt, results, score_threshold=threshold, match=match, iou_threshold=iou)
+        worst_o, best_o = pick_worst_and_best(outcomes, gallery_size)
+        rule = f"mask IoU ≥ {iou}" if match == "iou" else "centre inside"
+        note = (
+            f"Predictions scoring ≥ {threshold}; a hit is {rule}, as in the FROC table. Images "
+            f"ranked by lesion F1 (all lesion types pooled)."
+        )
+        gallery_dir = report_dir / "gallery"
+        for picked, target in ((worst_o, worst), (best_o, best)):
+            for outcome in picked:
+                path = Path(image_root or "") / outcome.file_name
+                try:
+                    image = read_image(str(path), format="RGB")
+                except (OSError, ValueError) as e:
+                    raise ReportError(f"gallery image {path} cannot be read: {e}") from e
+                png = draw_outcome(image, outcome, coco_gt, gallery_dir / f"{outcome.image_id}.png")
+                caption = (
+                    f"{Path(outcome.file_name).name}: F1 {outcome.f1:.2f}, {len(outcome.hits)} "
+                    f"found, {len(outcome.misses)} missed, {len(outcome.false_alarms)} false alarms"
+                )
+                target.append((png.relative_to(report_dir).as_posix(), caption))
+
+    config = _find_upwards(eval_dir, "config.yaml")
+    env = _find_upwards(eval_dir, "env.txt")
+    return render_page(
+        title=title,
+        eval_dir=str(eval_dir),
+        sections=sections,
+        worst=worst,
+        best=best,
+        colours=COLOURS if (worst or best) else None,
+        gallery_note=note,
+        config_text=config.read_text() if config else None,
+        env_text=env.read_text() if env else None,
+    )
