@@ -62,13 +62,15 @@ def _gallery_params(eval_dir: Path, froc: Optional[dict]) -> Tuple[float, str, f
     the config's RETINA.EVAL.FROC_* keys, else their defaults."""
     if froc and "params" in froc:
         p = froc["params"]
-        return float(p["score_threshold"]), p.get("match", "iou"), float(p.get("iou_threshold", 0.2))
+        match = p.get("match", "iou")
+        return float(p["score_threshold"]), match, float(p.get("iou_threshold", 0.2))
     config = _find_upwards(eval_dir, "config.yaml")
     if config is not None:
         import yaml
 
         try:
-            evaluation = (yaml.safe_load(config.read_text()) or {}).get("RETINA", {}).get("EVAL", {})
+            content = yaml.safe_load(config.read_text()) or {}
+            evaluation = content.get("RETINA", {}).get("EVAL", {})
         except yaml.YAMLError:
             evaluation = {}
         return (
@@ -79,7 +81,9 @@ def _gallery_params(eval_dir: Path, froc: Optional[dict]) -> Tuple[float, str, f
     return 0.35, "iou", 0.2
 
 
-def _copy_figures(sources: List[Path], figures_dir: Path, report_dir: Path) -> List[Tuple[str, str]]:
+def _copy_figures(
+    sources: List[Path], figures_dir: Path, report_dir: Path
+) -> List[Tuple[str, str]]:
     figures = []
     for source in sources:
         target = figures_dir / source.name
@@ -118,7 +122,9 @@ def build_report(
     if not eval_dir.is_dir():
         raise ReportError(f"evaluation folder {eval_dir} does not exist")
     eval_dir = eval_dir.resolve()
-    info = _read_json(eval_dir / EVAL_INFO, "evaluation info") if (eval_dir / EVAL_INFO).is_file() else {}
+    info = {}
+    if (eval_dir / EVAL_INFO).is_file():
+        info = _read_json(eval_dir / EVAL_INFO, "evaluation info")
     gt = Path(gt) if gt is not None else (Path(info["gt_json"]) if info.get("gt_json") else None)
     if image_root is None and info.get("image_root"):
         image_root = info["image_root"]
@@ -201,7 +207,8 @@ def _assemble(
                    if k[2:].isdigit() and k.startswith("AP")] or [0.35, 0.5, 0.75]
             curves = precision_recall_curves(coco_gt, results, task, iou)
             for name, path in save_instance_pr_curves(curves, figures_dir, task).items():
-                figures.append((path.relative_to(report_dir).as_posix(), f"{name}: precision-recall ({task})"))
+                caption = f"{name}: precision-recall ({task})"
+                figures.append((path.relative_to(report_dir).as_posix(), caption))
         sections.append((
             "Instance detection (COCO AP, percent)",
             metric_tables("instance_metrics.json", loaded["instance_metrics.json"], lesions),
@@ -228,14 +235,19 @@ def _assemble(
 
     worst, best, note = [], [], ""
     if coco_gt is None or results is None:
-        note = "No gallery: the folder has no predictions (coco_instances_results.json) or no ground truth (eval_info.json or --gt)."
+        note = (
+            f"No gallery: the folder has no predictions ({RESULTS}) or no ground truth "
+            f"({EVAL_INFO} or --gt)."
+        )
     elif results and "segmentation" not in results[0]:
         note = "No gallery: the predictions carry no masks."
     elif gallery_size > 0:
         threshold, match, iou = _gallery_params(eval_dir, froc)
         if score_threshold is not None:
             threshold = score_threshold
-        outcomes = score_images(coco_gt, results, score_threshold=threshold, match=match, iou_threshold=iou)
+        outcomes = score_images(
+            coco_gt, results, score_threshold=threshold, match=match, iou_threshold=iou
+        )
         worst_o, best_o = pick_worst_and_best(outcomes, gallery_size)
         rule = f"mask IoU ≥ {iou}" if match == "iou" else "centre inside"
         note = (

@@ -21,7 +21,7 @@ def save_instance_pr_curves(
     out_dir: Path,
     task: str = "segm",
 ) -> Dict[str, Path]:
-    """``<task>_pr_<lesion>.png`` per lesion type, one line per IoU threshold; returns name -> path."""
+    """``<task>_pr_<lesion>.png`` per lesion type, a line per IoU threshold; name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, per_iou in curves.items():

@@ -71,7 +71,8 @@ def score_images(
         size = (image["height"], image["width"])
         outcome = ImageOutcome(image_id, image["file_name"], *size, [], [], [], [])
         anns = coco_gt.imgToAnns.get(image_id, [])
-        for category_id in sorted({a["category_id"] for a in anns} | {c for i, c in by_key if i == image_id}):
+        predicted = {c for i, c in by_key if i == image_id}
+        for category_id in sorted({a["category_id"] for a in anns} | predicted):
             preds = sorted(by_key.get((image_id, category_id), []), key=lambda p: -p["score"])
             cat_anns = [a for a in anns if a["category_id"] == category_id]
             lesions = [a for a in cat_anns if not a.get("iscrowd", 0)]

@@ -11,7 +11,8 @@ __all__ = ["render_page"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+h1 { font-size: 1.5em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .8em 0 1.6em; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; }
 th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -19,8 +20,10 @@ caption { text-align: left; font-weight: 600; padding: .3em 0; }
 p.note { color: #555; font-size: .85em; margin-top: -1.2em; }
 .figures, .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
-.figures figure { width: 31%; } .gallery figure { width: 48%; } figcaption { font-size: .85em; color: #444; }
-.key span { display: inline-block; width: 1em; height: 1em; vertical-align: middle; margin: 0 .3em 0 1em; }
+.figures figure { width: 31%; } .gallery figure { width: 48%; }
+figcaption { font-size: .85em; color: #444; }
+.key span { display: inline-block; width: 1em; height: 1em; vertical-align: middle;
+            margin: 0 .3em 0 1em; }
 pre { background: #f7f7f7; padding: 1em; overflow: auto; font-size: .8em; max-height: 30em; }
 """
 

@@ -133,7 +133,9 @@ def froc_tables(froc: Mapping, source: str = "froc.json") -> List[Table]:
     columns += ["precision", "recall", "F1"]
     match = params.get("match", "iou")
     rule = (
-        f"mask IoU ≥ {params.get('iou_threshold')}" if match == "iou" else "centre inside the lesion"
+        f"mask IoU ≥ {params.get('iou_threshold')}"
+        if match == "iou"
+        else "centre inside the lesion"
     )
     note = (
         f"A prediction hits a lesion when {rule}; each lesion counts once. Precision, recall and "

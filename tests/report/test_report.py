@@ -46,7 +46,8 @@ def _pred(image_id, category_id, mask, score):
 # Image 1: exudates A (found) and B (missed), a microaneurysm (found), a false alarm.
 # Image 2: one exudate, found. Image 3: healthy but for an ignore region; one false alarm, one
 # prediction on the ignore region (neither), one below the score threshold (not shown).
-A, B, C, D = _box_mask(10, 20, 10, 20), _box_mask(40, 50, 40, 50), _box_mask(30, 32, 5, 7), _box_mask(20, 30, 30, 40)
+A, B = _box_mask(10, 20, 10, 20), _box_mask(40, 50, 40, 50)
+C, D = _box_mask(30, 32, 5, 7), _box_mask(20, 30, 30, 40)
 IGNORE = _box_mask(0, 10, 50, 64)
 GT_ANNS = [_ann(1, 1, EX, A), _ann(2, 1, EX, B), _ann(3, 1, MA, C), _ann(4, 2, EX, D),
            _ann(5, 3, EX, IGNORE, iscrowd=1)]
