@@ -36,6 +36,8 @@ BENCHMARKS: Dict[str, tuple] = {
               "iterations per second, beside Detectron2's stock mask_rcnn_R_50_FPN_3x"),
     "heimed-maskrcnn": ("heimed_maskrcnn", "Mask R-CNN trained on the HEI-MED dev split within a "
                         "CPU budget; exudate AP35/50/75 on its 10 val images"),
+    "heimed-semantic": ("heimed_semantic", "the four semantic heads trained on the HEI-MED dev "
+                        "split; exudate AUC-PR / F1, parameters, CPU latency and memory"),
 }
 
 

@@ -76,7 +76,8 @@ def infer_latency(config: str, size: int = 1024, repeats: int = 3) -> Dict[str, 
             start = time.perf_counter()
             outputs = model(inputs)
             times.append(time.perf_counter() - start)
-            detections = len(outputs[0]["instances"])
+            # A semantic head returns maps, not instances.
+            detections = len(outputs[0]["instances"]) if "instances" in outputs[0] else None
     return {"seconds": statistics.median(times), "seconds_all": times, "detections": detections,
             "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "threads": torch.get_num_threads()}
