@@ -11,7 +11,7 @@ import types
 import numpy as np
 import PIL.Image
 
-__all__ = ["HAS_D2_EXTENSION", "MissingExtensionError", "apply"]
+__all__ = ["HAS_D2_EXTENSION", "MissingExtensionError", "apply", "patch_cpu_ddp"]
 
 # Filled by apply(): True when a compiled detectron2._C is importable.
 HAS_D2_EXTENSION = False
@@ -163,6 +163,33 @@ def _quiet_import_warnings():
     warnings.filterwarnings(
         "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
     )
+
+
+def patch_cpu_ddp():
+    """Let Detectron2 0.6 wrap a model on the CPU in ``DistributedDataParallel``.
+
+    Its ``create_ddp_model`` passes ``device_ids=[local rank]`` whatever the model's device, and
+    torch refuses device ids for a CPU module. Here a model without CUDA parameters gets none; a
+    CUDA model is wrapped exactly as before. Not part of :func:`apply` (it needs Detectron2's
+    engine imported): ``retina_d2.engine.launch`` calls it in each CPU worker process.
+    """
+    import detectron2.engine as d2_engine
+    import detectron2.engine.defaults as d2_defaults
+
+    original = d2_defaults.create_ddp_model
+    if getattr(original, "_retina_d2_patched", False):
+        return
+
+    def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+        if "device_ids" not in kwargs and not any(p.is_cuda for p in model.parameters()):
+            kwargs["device_ids"] = None
+        return original(model, fp16_compression=fp16_compression, **kwargs)
+
+    create_ddp_model._retina_d2_patched = True
+    create_ddp_model.__doc__ = original.__doc__
+    # DefaultTrainer calls the name in its own module; users may call the re-exported one.
+    d2_defaults.create_ddp_model = create_ddp_model
+    d2_engine.create_ddp_model = create_ddp_model
 
 
 _applied = False

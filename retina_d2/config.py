@@ -1,7 +1,20 @@
 """``add_retina_config``: every config key retina_d2 adds to Detectron2's, with its default."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["ConfigError", "add_retina_config", "get_retina_cfg", "has_semantic_head"]
+__all__ = [
+    "ConfigError",
+    "add_retina_config",
+    "get_retina_cfg",
+    "has_detector",
+    "has_grading",
+    "has_localization",
+    "has_semantic_head",
+    "lesion_architecture",
+    "trains_lesions",
+]
+
+# The meta-architecture of retina_d2/modeling/meta_arch/multitask.py.
+MULTITASK_ARCHITECTURE = "MultiTaskLesionNet"
 
 
 class ConfigError(ValueError):
@@ -109,6 +122,54 @@ def add_retina_config(cfg):
     cfg.MODEL.CBAM_DEEPLAB.FOCAL_GAMMA = 2.0  # focal exponent
     cfg.MODEL.CBAM_DEEPLAB.BOUNDARY_BETA = 1.5  # boundary weights exp(-beta * |Sobel(target)|)
 
+    # MultiTaskLesionNet (retina_d2/modeling/meta_arch/multitask.py): lesions, DR / DME grading
+    # and optic disc / fovea localization in one forward pass.
+    cfg.MODEL.MULTITASK = CN()
+    # The lesion branch: "LesionRCNN" (instances; lesion maps too with MODEL.LESION_SEG.ENABLED),
+    # "SemanticLesionNet" (lesion maps) or "" (none: grading / localization on a plain backbone).
+    cfg.MODEL.MULTITASK.LESION_ARCHITECTURE = "LesionRCNN"
+    # Keep the lesion branch fixed (the Lesion-Net paper trains segmentation first, then grading
+    # on its maps): it takes no lesion targets then, so a grading-only dataset can train.
+    cfg.MODEL.MULTITASK.LESION_FROZEN = False
+    # A lesion-only checkpoint (LesionRCNN / SemanticLesionNet .pth) loaded into the lesion branch
+    # when the model is built, unless MODEL.WEIGHTS is set ("" = none).
+    cfg.MODEL.MULTITASK.LESION_WEIGHTS = ""
+    # A BACKBONE_REGISTRY name: grading and localization read a second backbone of their own,
+    # built from this same config (the paper's separate grading CNN; trained even when the lesion
+    # branch is frozen). "" = they share the lesion branch's backbone.
+    cfg.MODEL.MULTITASK.TASK_BACKBONE = ""
+
+    # Grading heads (retina_d2/modeling/grading.py, GRADING_HEAD_REGISTRY): one per graded task.
+    cfg.MODEL.GRADING = CN()
+    # Record fields graded: "dr_grade" (0-4), "dme_grade" (0-2); [] = no grading.
+    cfg.MODEL.GRADING.TASKS = []
+    # "SideAttentionGradingHead" (Lesion-Net's), "LesionConcatGradingHead" or "PlainGradingHead".
+    cfg.MODEL.GRADING.NAME = "SideAttentionGradingHead"
+    cfg.MODEL.GRADING.IN_FEATURE = "res5"  # the backbone feature graded
+    # Side attention's weight maps: "conv" (two 3x3 convs on the lesion maps, the paper's) or
+    # "cw_max" (the lesion maps' channel-wise max, one parameter-free map for every channel).
+    cfg.MODEL.GRADING.ATTENTION = "conv"
+    cfg.MODEL.GRADING.ATTENTION_CHANNELS = 0  # k: the last k feature channels weighted; 0 = all
+    cfg.MODEL.GRADING.ATTENTION_HIDDEN = 64  # channels between the two 3x3 convs
+    # Lesion maps -> the feature's size: "max" (a 3-px microaneurysm survives) or "avg".
+    cfg.MODEL.GRADING.LESION_POOL = "max"
+    cfg.MODEL.GRADING.DROPOUT = 0.0  # before the FC layer
+    cfg.MODEL.GRADING.LOSS_WEIGHT = 1.0  # of each grading task's cross-entropy
+
+    # Landmark localization (retina_d2/modeling/localization.py): one heatmap per landmark.
+    cfg.MODEL.LOCALIZATION = CN()
+    cfg.MODEL.LOCALIZATION.LANDMARKS = []  # "optic_disc", "fovea"; [] = no localization
+    # Backbone features summed (1x1 projections, upsampled to the finest): its stride is the
+    # heatmap's. Deep features give the fovea, a dark spot, the context that finds it.
+    cfg.MODEL.LOCALIZATION.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.LOCALIZATION.CONVS_DIM = 64
+    cfg.MODEL.LOCALIZATION.NUM_CONVS = 2
+    cfg.MODEL.LOCALIZATION.NORM = "GN"
+    cfg.MODEL.LOCALIZATION.SIGMA = 12.0  # of the Gaussian target, in network-input pixels
+    # Cells around the heatmap's peak whose probability-weighted mean gives the position.
+    cfg.MODEL.LOCALIZATION.REFINE_RADIUS = 2
+    cfg.MODEL.LOCALIZATION.LOSS_WEIGHT = 1.0
+
     cfg.RETINA = CN()
     # Preprocessing, applied to train and test images alike (retina_d2/data/preprocess.py).
     cfg.RETINA.PREPROCESS = CN()
@@ -132,12 +193,32 @@ def add_retina_config(cfg):
     # With INPUT.CROP: the share of crops centred on a random lesion (0 = Detectron2's uniform
     # RandomCrop). Native-resolution crops are mostly healthy retina otherwise.
     cfg.RETINA.AUG.CROP_LESION_PROB = 0.0
+    # With INPUT.CROP: a lesion the crop cuts is kept only if at least this fraction of its area
+    # (in the frame just before the crop) lies inside the crop; 0 keeps any visible part, as
+    # Detectron2 does. A sliver of a lesion looks like nothing the model should call a lesion.
+    cfg.RETINA.AUG.CROP_MIN_VISIBLE = 0.0
     cfg.RETINA.AUG.ROT90 = True  # random multiple of 90 degrees
     cfg.RETINA.AUG.TRANSLATE = 0.1  # max shift, fraction of the image size (0 = off)
     cfg.RETINA.AUG.SCALE = (0.9, 1.1)  # random scale range ((1.0, 1.0) = off)
     cfg.RETINA.AUG.BRIGHTNESS = (0.8, 1.2)  # intensity ranges for colour jitter ((1, 1) = off)
     cfg.RETINA.AUG.CONTRAST = (0.8, 1.2)
     cfg.RETINA.AUG.SATURATION = (0.8, 1.2)
+
+    # Tiled (sliding-window) inference over whole images (retina_d2/modeling/tiling.py): the
+    # model sees overlapping tiles at the network input's resolution (after INPUT.MIN_SIZE_TEST;
+    # with 0 the photograph's own pixels), so 1-5 px lesions are never shrunk and memory follows
+    # the tile, not the image. Instances split by a seam are merged; semantic maps are blended.
+    cfg.RETINA.TILE = CN()
+    cfg.RETINA.TILE.ENABLED = False
+    cfg.RETINA.TILE.SIZE = 512  # tile side in network-input pixels
+    # Pixels neighbouring tiles share (>= 1): seams are matched there, and a lesion no larger
+    # than this always lies whole in some tile.
+    cfg.RETINA.TILE.OVERLAP = 64
+    # Two instances of one lesion type from overlapping tiles are one lesion when their masks
+    # (boxes, without masks) have at least this IoU within the area both tiles saw.
+    cfg.RETINA.TILE.MERGE_IOU = 0.5
+    cfg.RETINA.TILE.BATCH_SIZE = 1  # tiles per forward pass
+    # The merged instances are capped at TEST.DETECTIONS_PER_IMAGE, as the untiled model's are.
 
     # Evaluation (retina_d2/evaluation/instance_eval.py).
     cfg.RETINA.EVAL = CN()
@@ -165,6 +246,11 @@ def add_retina_config(cfg):
     # After --eval-only and after training, an HTML report of each test set's evaluation folder
     # (retina_d2/report): every metric table, PR / FROC curves, and this many worst and best
     # images with hits, misses and false alarms outlined (0: no gallery).
+    # Grading and localization (retina_d2/evaluation/grading_eval.py, localization_eval.py):
+    # an image-level lesion probability >= this predicts the lesion present (lesion F1).
+    cfg.RETINA.EVAL.PRESENCE_THRESHOLD = 0.5
+    # Radii (pixels of the original image) within which a landmark counts as found.
+    cfg.RETINA.EVAL.LANDMARK_RADII = [50.0, 100.0]
     cfg.RETINA.EVAL.REPORT = True
     cfg.RETINA.EVAL.REPORT_GALLERY = 4
 
@@ -178,8 +264,46 @@ def get_retina_cfg():
     return cfg
 
 
+def lesion_architecture(cfg) -> str:
+    """The meta-architecture that predicts lesions: ``MODEL.META_ARCHITECTURE``, or for
+    MultiTaskLesionNet its lesion branch (``MODEL.MULTITASK.LESION_ARCHITECTURE``, "" = none)."""
+    if cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE:
+        return cfg.MODEL.MULTITASK.LESION_ARCHITECTURE
+    return cfg.MODEL.META_ARCHITECTURE
+
+
 def has_semantic_head(cfg) -> bool:
     """Whether the model of ``cfg`` has a semantic lesion head: SemanticLesionNet, or LesionRCNN
-    with ``MODEL.LESION_SEG.ENABLED``. Its mapper then loads semantic targets and its trainer
-    evaluates them."""
-    return cfg.MODEL.META_ARCHITECTURE == "SemanticLesionNet" or bool(cfg.MODEL.LESION_SEG.ENABLED)
+    with ``MODEL.LESION_SEG.ENABLED`` (alone or as MultiTaskLesionNet's lesion branch). Its mapper
+    then loads semantic targets and its trainer evaluates them."""
+    arch = lesion_architecture(cfg)
+    return arch == "SemanticLesionNet" or (bool(arch) and bool(cfg.MODEL.LESION_SEG.ENABLED))
+
+
+def has_detector(cfg) -> bool:
+    """Whether the model of ``cfg`` predicts lesion instances (a LesionRCNN, alone or as
+    MultiTaskLesionNet's lesion branch)."""
+    return lesion_architecture(cfg) not in ("", "SemanticLesionNet")
+
+
+def trains_lesions(cfg) -> bool:
+    """Whether training needs lesion targets: a lesion branch that is not frozen."""
+    frozen = (
+        cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE and cfg.MODEL.MULTITASK.LESION_FROZEN
+    )
+    return bool(lesion_architecture(cfg)) and not frozen
+
+
+def has_grading(cfg) -> bool:
+    """Whether the model of ``cfg`` grades (MultiTaskLesionNet with MODEL.GRADING.TASKS)."""
+    return (
+        cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE and len(cfg.MODEL.GRADING.TASKS) > 0
+    )
+
+
+def has_localization(cfg) -> bool:
+    """Whether the model of ``cfg`` finds landmarks (MODEL.LOCALIZATION.LANDMARKS)."""
+    return (
+        cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE
+        and len(cfg.MODEL.LOCALIZATION.LANDMARKS) > 0
+    )

@@ -18,12 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import retina_d2  # noqa: E402,F401  (Detectron2 compat first)
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from retina_d2.config import ConfigError  # noqa: E402
-from retina_d2.engine import LesionTrainer, setup_cfg  # noqa: E402
+# Detectron2's launch, which also runs --num-gpus N as N CPU processes where there is no CUDA.
+from retina_d2.engine import LesionTrainer, launch, setup_cfg  # noqa: E402
 from retina_d2.modeling import LesionCheckpointer  # noqa: E402
 
 

@@ -38,6 +38,9 @@ BENCHMARKS: Dict[str, tuple] = {
                         "CPU budget; exudate AP35/50/75 on its 10 val images"),
     "heimed-semantic": ("heimed_semantic", "the four semantic heads trained on the HEI-MED dev "
                         "split; exudate AUC-PR / F1, parameters, CPU latency and memory"),
+    "heimed-localization": ("heimed_localization", "optic-nerve localization (MultiTaskLesionNet, "
+                            "~10 CPU minutes) on the HEI-MED dev split; distance on 10 val images"),
+    "tiling": ("tiling", "tiled native-resolution inference vs whole-image: s/image, peak memory"),
 }
 
 

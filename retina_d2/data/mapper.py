@@ -15,7 +15,7 @@ the original ``("height", "width")``, which stay those of the file.
 """
 import copy
 import logging
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,17 +24,31 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, BoxMode, Instances, PolygonMasks
-from fvcore.transforms.transform import BlendTransform, NoOpTransform, TransformList
+from fvcore.transforms.transform import (
+    BlendTransform,
+    CropTransform,
+    NoOpTransform,
+    TransformList,
+)
 from scipy import ndimage
 
-from ..config import has_semantic_head
+from ..config import (
+    has_detector,
+    has_localization,
+    has_semantic_head,
+    lesion_architecture,
+    trains_lesions,
+)
 from .instances import decode_segmentation_region
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
 
-__all__ = ["LesionDatasetMapper", "semantic_classes"]
+__all__ = ["LANDMARK_FIELDS", "LesionDatasetMapper", "semantic_classes", "transform_landmarks"]
 
 # Value of the semantic targets' ignore pixels (the converters' SEMANTIC_IGNORE).
 SEMANTIC_IGNORE = 255
+
+# Landmark name -> the image-record field holding its [x, y] in the file's pixels.
+LANDMARK_FIELDS = {"optic_disc": "optic_disc_center", "fovea": "fovea_center"}
 
 # Transforms that leave every pixel where it was: a FOV crop after these still crops the file.
 _FRAME_PRESERVING = (NoOpTransform, BlendTransform, T.ColorTransform, PhotometricTransform)
@@ -60,6 +74,8 @@ class LesionDatasetMapper:
         recompute_boxes: bool = True,
         instance_targets: bool = True,
         semantic_classes: Optional[Sequence[str]] = None,
+        landmark_targets: bool = False,
+        crop_min_visible: float = 0.0,
     ):
         """
         Args:
@@ -76,6 +92,12 @@ class LesionDatasetMapper:
                 none (the annotations' boxes still keep the FOV crop from cutting lesions).
             semantic_classes: the lesion names of the ``"sem_seg"`` channels, in order (the
                 dataset's ``thing_classes``); None: no semantic targets. Used in training only.
+            landmark_targets: in training, add ``"landmarks"``: the record's landmarks moved with
+                the image (:func:`transform_landmarks`).
+            crop_min_visible: drop a lesion that the training crop (``INPUT.CROP``) cuts when
+                less than this fraction of its area, in the frame just before the crop, lies
+                inside the crop. 0 keeps every visible part (Detectron2's behaviour). Needs
+                bitmask instance masks with ``recompute_boxes``.
         """
         if instance_mask_format not in ("bitmask", "polygon"):
             raise ValueError(
@@ -83,6 +105,18 @@ class LesionDatasetMapper:
             )
         if recompute_boxes and not use_instance_mask:
             raise ValueError("recompute_boxes needs instance masks (use_instance_mask=True)")
+        if not 0.0 <= crop_min_visible <= 1.0:
+            raise ValueError(
+                f"crop_min_visible (RETINA.AUG.CROP_MIN_VISIBLE) must be in [0, 1], got "
+                f"{crop_min_visible}"
+            )
+        if crop_min_visible > 0 and instance_targets and not (
+            use_instance_mask and recompute_boxes and instance_mask_format == "bitmask"
+        ):
+            raise ValueError(
+                "crop_min_visible (RETINA.AUG.CROP_MIN_VISIBLE) measures lesions by their masks: "
+                "it needs MODEL.MASK_ON with INPUT.MASK_FORMAT 'bitmask'"
+            )
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
@@ -91,12 +125,16 @@ class LesionDatasetMapper:
         self.recompute_boxes = recompute_boxes
         self.instance_targets = instance_targets
         self.semantic_classes = list(semantic_classes) if semantic_classes is not None else None
+        self.landmark_targets = landmark_targets
+        self.crop_min_visible = float(crop_min_visible)
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(f"[LesionDatasetMapper] {mode}: {augmentations}")
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        semantic_only = cfg.MODEL.META_ARCHITECTURE == "SemanticLesionNet"
+        # The lesion branch decides the lesion targets; a frozen one (MultiTaskLesionNet) takes
+        # none, so grading-only datasets can train the other tasks.
+        semantic_only = lesion_architecture(cfg) == "SemanticLesionNet"
         return {
             "is_train": is_train,
             "augmentations": build_preprocess(cfg, is_train),
@@ -104,12 +142,14 @@ class LesionDatasetMapper:
             "use_instance_mask": cfg.MODEL.MASK_ON and not semantic_only,
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
             "recompute_boxes": cfg.MODEL.MASK_ON and not semantic_only,
-            "instance_targets": not semantic_only,
+            "instance_targets": has_detector(cfg) and trains_lesions(cfg),
             "semantic_classes": (
                 semantic_classes(cfg.DATASETS.TRAIN)
-                if is_train and has_semantic_head(cfg)
+                if is_train and has_semantic_head(cfg) and trains_lesions(cfg)
                 else None
             ),
+            "landmark_targets": is_train and has_localization(cfg),
+            "crop_min_visible": cfg.RETINA.AUG.CROP_MIN_VISIBLE,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -141,6 +181,8 @@ class LesionDatasetMapper:
                 dataset_dict["fov_box"] = fov_box
             return dataset_dict
 
+        if self.landmark_targets:
+            dataset_dict["landmarks"] = transform_landmarks(dataset_dict, transforms, image_shape)
         if self.semantic_classes is not None:
             dataset_dict["sem_seg"] = self._semantic_targets(dataset_dict, transforms, image_shape)
         if self.instance_targets:
@@ -218,6 +260,7 @@ class LesionDatasetMapper:
             instances = _layered_instances(
                 [a for a in annos if a.get("iscrowd", 0) == 0], transforms, image_shape,
                 (dataset_dict["height"], dataset_dict["width"]),
+                min_visible=self.crop_min_visible,
             )
             dataset_dict["instances"] = utils.filter_empty_instances(instances)
             return
@@ -235,6 +278,25 @@ class LesionDatasetMapper:
         if self.recompute_boxes and len(instances):
             instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
+
+
+def transform_landmarks(record: dict, transforms, image_shape) -> Dict[str, Tuple[float, float]]:
+    """The record's landmarks (:data:`LANDMARK_FIELDS`, ``[x, y]`` in the file's pixels) moved by
+    the image's ``transforms``, as ``{name: (x, y)}`` in the transformed image's pixels.
+
+    A landmark the record lacks, or that the transforms move out of the ``image_shape`` (a crop),
+    is left out: absent, never (0, 0), so a model masks it out of its loss.
+    """
+    height, width = image_shape
+    moved = {}
+    for name, field_name in LANDMARK_FIELDS.items():
+        xy = record.get(field_name)
+        if xy is None:
+            continue
+        x, y = transforms.apply_coords(np.array([xy], dtype=np.float64))[0]
+        if 0 <= x < width and 0 <= y < height:
+            moved[name] = (float(x), float(y))
+    return moved
 
 
 def semantic_classes(dataset_names: Sequence[str]) -> List[str]:
@@ -259,7 +321,19 @@ def semantic_classes(dataset_names: Sequence[str]) -> List[str]:
     return first
 
 
-def _layered_instances(annos: List[dict], transforms, image_shape, file_shape) -> Instances:
+def _split_at_crop(transforms: TransformList):
+    """``(before, crop, after)`` around the training crop (``RandomCrop`` / ``RandomLesionCrop``;
+    the field-of-view crop never cuts a lesion), or None when there is none."""
+    items = transforms.transforms
+    for i, tfm in enumerate(items):
+        if isinstance(tfm, CropTransform) and not isinstance(tfm, FieldOfViewCropTransform):
+            return TransformList(items[:i]), tfm, TransformList(items[i + 1 :])
+    return None
+
+
+def _layered_instances(
+    annos: List[dict], transforms, image_shape, file_shape, min_visible: float = 0.0
+) -> Instances:
     """Transformed instances of ``annos``, built by transforming label maps, not masks.
 
     Detectron2 transforms every instance mask on its own at the file's resolution: hundreds of
@@ -268,6 +342,9 @@ def _layered_instances(annos: List[dict], transforms, image_shape, file_shape) -
     the same source pixel for every output pixel as it does for each instance's own mask, so the
     result is identical to Detectron2's per-mask path at a fraction of the cost. Boxes are the
     tight boxes of the transformed masks.
+
+    With ``min_visible > 0``, a lesion whose area inside the training crop is below
+    ``min_visible`` times its area in the frame just before the crop is dropped.
     """
     height, width = file_shape
     layers: List[np.ndarray] = []
@@ -290,13 +367,31 @@ def _layered_instances(annos: List[dict], transforms, image_shape, file_shape) -
         used[index] += 1
         layers[index][rows, cols][inside] = used[index]
         placed.append((index, used[index]))
-    moved = [transforms.apply_segmentation(layer) for layer in layers]
+    split = _split_at_crop(transforms) if min_visible > 0 else None
+    dropped = set()  # (layer index, label) of lesions the crop cut too much
+    if split is None:
+        moved = [transforms.apply_segmentation(layer) for layer in layers]
+    else:
+        before, crop, after = split
+        moved = []
+        for index, layer in enumerate(layers):
+            framed = before.apply_segmentation(layer)
+            cropped = crop.apply_segmentation(framed)
+            whole = np.bincount(framed.ravel(), minlength=256)
+            inside = np.bincount(cropped.ravel(), minlength=256)
+            # A ratio, not inside < min_visible * whole: 0.3 * 100 is a hair above 30.
+            fraction = inside / np.maximum(whole, 1)
+            cut = np.flatnonzero((whole > 0) & (fraction < min_visible))
+            dropped.update((index, int(label)) for label in cut if label > 0)
+            moved.append(after.apply_segmentation(cropped))
     masks, classes = [], []
     found = [ndimage.find_objects(m) for m in moved]
     for anno, where in zip(annos, placed):
         if where is None:
             continue
         index, label = where
+        if where in dropped:
+            continue
         region = found[index][label - 1] if label <= len(found[index]) else None
         if region is None:
             continue  # transformed out of the image

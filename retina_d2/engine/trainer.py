@@ -14,12 +14,25 @@ from detectron2.utils.logger import setup_logger
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config import ConfigError, get_retina_cfg, has_semantic_head
+from ..config import (
+    MULTITASK_ARCHITECTURE,
+    ConfigError,
+    get_retina_cfg,
+    has_detector,
+    has_grading,
+    has_localization,
+    has_semantic_head,
+    lesion_architecture,
+    trains_lesions,
+)
 from ..data.mapper import LesionDatasetMapper
 from ..data.register import register_all
 from ..evaluation import LesionFROCEvaluator, LesionInstanceEvaluator, OverlayEvaluator
+from ..evaluation.grading_eval import LesionGradingEvaluator
+from ..evaluation.localization_eval import LandmarkLocalizationEvaluator
 from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
+from ..modeling.tiling import TiledInference
 from .hooks import LossSwitchHook
 
 __all__ = ["LesionTrainer", "setup_cfg"]
@@ -39,20 +52,37 @@ class LesionTrainer(DefaultTrainer):
         )
 
     @classmethod
+    def build_inference_model(cls, cfg, model):
+        """The model that evaluation runs: ``model`` itself, or ``model`` run tile by tile at
+        native resolution with RETINA.TILE.ENABLED (:class:`TiledInference`)."""
+        if cfg.RETINA.TILE.ENABLED:
+            return TiledInference(cfg, model)
+        return model
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test through :meth:`build_inference_model`."""
+        return super().test(cfg, cls.build_inference_model(cfg, model), evaluators)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """The evaluators of what the model outputs: instance AP (and FROC with
         RETINA.EVAL.FROC_ENABLED) and overlays for a detector (LesionRCNN), semantic metrics for a semantic head (SemanticLesionNet, or LesionRCNN with
-        MODEL.LESION_SEG.ENABLED)."""
+        MODEL.LESION_SEG.ENABLED); for MultiTaskLesionNet also grading / lesion classification
+        and landmark distances. Lesion evaluators need a dataset with lesion classes."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluators = []
-        if cfg.MODEL.META_ARCHITECTURE != "SemanticLesionNet":
+        # A dataset without lesion classes (a grading / localization set) has no lesion truth.
+        lesion_truth = bool(MetadataCatalog.get(dataset_name).get("thing_classes", None))
+        if has_detector(cfg) and lesion_truth:
             evaluators.append(LesionInstanceEvaluator.from_config(cfg, dataset_name, output_folder))
             if cfg.RETINA.EVAL.FROC_ENABLED:
                 evaluators.append(LesionFROCEvaluator.from_config(cfg, dataset_name, output_folder))
             if cfg.RETINA.EVAL.NUM_OVERLAYS > 0:
                 evaluators.append(OverlayEvaluator.from_config(cfg, dataset_name, output_folder))
-        if has_semantic_head(cfg):
+        if has_semantic_head(cfg) and lesion_truth:
             evaluators.append(LesionSemanticEvaluator.from_config(cfg, dataset_name, output_folder))
+        evaluators += _task_evaluators(cfg, dataset_name, output_folder, lesion_truth)
         return DatasetEvaluators(evaluators)
 
     @classmethod
@@ -115,6 +145,20 @@ class LesionTrainer(DefaultTrainer):
         return hook_list
 
 
+def _task_evaluators(cfg, dataset_name, output_folder, lesion_truth: bool):
+    """MultiTaskLesionNet's evaluators: grades and lesion classification (image-level lesion
+    presence, where the dataset has lesion truth), and landmark distances."""
+    evaluators = []
+    multitask = cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE
+    if has_grading(cfg) or (multitask and lesion_architecture(cfg) and lesion_truth):
+        evaluators.append(LesionGradingEvaluator.from_config(cfg, dataset_name, output_folder))
+    if has_localization(cfg):
+        evaluators.append(
+            LandmarkLocalizationEvaluator.from_config(cfg, dataset_name, output_folder)
+        )
+    return evaluators
+
+
 def setup_cfg(config_file: str, opts=(), args=None):
     """Config of a run: defaults + retina_d2 keys + file + command-line overrides, frozen.
 
@@ -163,7 +207,9 @@ def _check_datasets(cfg, config_file):
                 f"converted datasets found: {known or 'none'}"
             )
         classes = MetadataCatalog.get(name).get("thing_classes", None)
-        detector = cfg.MODEL.META_ARCHITECTURE != "SemanticLesionNet"
+        if not classes and not trains_lesions(cfg):
+            continue  # a grading / localization set for a model that trains no lesions
+        detector = has_detector(cfg)
         if (
             has_semantic_head(cfg)
             and classes is not None

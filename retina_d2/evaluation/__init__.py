@@ -1,7 +1,8 @@
 """Evaluators: instance AP / AR at the lesion papers' IoU thresholds (``instance_eval``),
 lesion-level FROC and F1 (``froc``), pixel AUC-PR / F1 / Dice / IoU of semantic heads
-(``semantic_eval``) and overlay pictures of predictions beside ground truth
-(``overlays``)."""
+(``semantic_eval``), overlay pictures of predictions beside ground truth (``overlays``), DR /
+macular-oedema grading and lesion classification (``grading_eval``) and optic disc / fovea
+localization (``localization_eval``)."""
 from .froc import (
     FP_RATES,
     MATCHES,
@@ -13,6 +14,7 @@ from .froc import (
     save_froc_plots,
     write_froc_json,
 )
+from .grading_eval import LesionGradingEvaluator, quadratic_weighted_kappa
 from .instance_eval import (
     BACKENDS,
     TASKS,
@@ -26,6 +28,7 @@ from .instance_eval import (
     precision_recall_curves,
     write_metrics_json,
 )
+from .localization_eval import LandmarkLocalizationEvaluator
 from .overlays import OverlayEvaluator
 from .semantic_eval import LesionSemanticEvaluator
 
@@ -35,7 +38,9 @@ __all__ = [
     "MATCHES",
     "TASKS",
     "InstanceEvalError",
+    "LandmarkLocalizationEvaluator",
     "LesionFROCEvaluator",
+    "LesionGradingEvaluator",
     "LesionInstanceEvaluator",
     "LesionSemanticEvaluator",
     "OverlayEvaluator",
@@ -46,6 +51,7 @@ __all__ = [
     "froc_metrics",
     "iou_name",
     "precision_recall_curves",
+    "quadratic_weighted_kappa",
     "load_coco_gt",
     "load_coco_results",
     "rate_name",

@@ -230,8 +230,14 @@ def _assemble(
     for name, content in loaded.items():
         if name in _KNOWN:
             continue
-        heading = name[: -len("_metrics.json")].replace("_", " ").capitalize()
-        sections.append((heading, metric_tables(name, content, lesions), []))
+        stem = name[: -len("_metrics.json")]
+        # The grading evaluator draws confusion_<task>.png beside its JSON.
+        figures = _copy_figures(
+            sorted(eval_dir.glob("confusion_*.png")) if stem == "grading" else [],
+            figures_dir, report_dir,
+        )
+        sections.append((stem.replace("_", " ").capitalize(),
+                         metric_tables(name, content, lesions), figures))
 
     worst, best, note = [], [], ""
     if coco_gt is None or results is None:

@@ -15,7 +15,11 @@ from sklearn.metrics import average_precision_score, f1_score, jaccard_score
 from retina_d2.config import get_retina_cfg
 from retina_d2.data.converters import ConvertOptions, synthetic
 from retina_d2.engine import LesionTrainer
-from retina_d2.evaluation import LesionInstanceEvaluator, OverlayEvaluator
+from retina_d2.evaluation import (
+    LesionFROCEvaluator,
+    LesionInstanceEvaluator,
+    OverlayEvaluator,
+)
 from retina_d2.evaluation.semantic_eval import LesionSemanticEvaluator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,9 +234,13 @@ def test_trainer_picks_evaluators_by_what_the_model_outputs(semantic_run, tmp_pa
         evaluators = LesionTrainer.build_evaluator(cfg, "synthetic_seg_val", str(tmp_path))
         return [type(e) for e in evaluators._evaluators]
 
-    assert kinds() == [LesionInstanceEvaluator, OverlayEvaluator]
+    # The synthetic configs also score FROC.
+    assert kinds() == [LesionInstanceEvaluator, LesionFROCEvaluator, OverlayEvaluator]
+    assert kinds(**{"RETINA.EVAL.FROC_ENABLED": False}) == [
+        LesionInstanceEvaluator, OverlayEvaluator]
     assert kinds(**{"MODEL.LESION_SEG.ENABLED": True}) == [
         LesionInstanceEvaluator,
+        LesionFROCEvaluator,
         OverlayEvaluator,
         LesionSemanticEvaluator,
     ]

@@ -1,2 +1,3 @@
 from .lesion_rcnn import LesionRCNN  # noqa: F401  (registers it)
 from .semantic_net import SemanticLesionNet  # noqa: F401  (registers it)
+from .multitask import MultiTaskLesionNet  # noqa: F401  (registers it)

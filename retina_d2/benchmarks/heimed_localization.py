@@ -1,0 +1,199 @@
+"""
+``tools/benchmark.py heimed-localization``: optic-nerve localization on real HEI-MED images.
+
+Converts the 40-image HEI-MED sample with the dev split (``configs/splits/heimed_dev.json``: 30
+train, 10 val; the optic-nerve centre of every image from its ``.meta`` ``ONrow`` / ``ONcol``),
+trains ``configs/multitask_heimed.yaml`` (MultiTaskLesionNet: slim Lesion-Net lesion branch +
+optic-disc heatmap, 512 px) for a fixed number of iterations on the CPU (default: the config's
+schedule, about ten minutes on two cores), and scores the final weights on the 10 val images:
+mean and median Euclidean distance in pixels of the 2196 x 1958 originals and the share within
+1/8, 1/4 and 1/2 of a disc diameter (~300 px). Beside it, two training-free rows on the same
+images: the centre of the brightest disc-sized region (the disc is the brightest large structure
+of a fundus photograph; a learned model that does not beat it has not learned) and the image
+centre (the scale of the numbers).
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from . import REPO_ROOT, format_table, machine_info
+
+__all__ = [
+    "add_arguments",
+    "brightest_region_center",
+    "floor_rows",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "heimed"
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_localization.json"
+DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_localization"
+CONFIG = REPO_ROOT / "configs" / "multitask_heimed.yaml"
+SPLIT = REPO_ROOT / "configs" / "splits" / "heimed_dev.json"
+LANDMARK = "optic_disc"
+VAL_DATASET = "heimed_seg_val"
+# Width the training-free finder works at: the disc stays ~70 px wide, the blur stays cheap.
+_FLOOR_WIDTH = 512
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="HEI-MED folder")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="dataset + run folder")
+    parser.add_argument("--config-file", type=Path, default=CONFIG)
+    parser.add_argument(
+        "--iterations", type=int, help="training iterations (default: the config's schedule)"
+    )
+    parser.add_argument(
+        "--skip-train", action="store_true", help="score the final weights already in --work/run"
+    )
+
+
+def brightest_region_center(
+    image: np.ndarray, fov_threshold: int = 20, disc_fraction: float = 0.14
+) -> Tuple[float, float]:
+    """The centre (x, y) of the brightest disc-sized region inside the field of view.
+
+    The luminance inside the FOV is averaged over a Gaussian of a quarter disc diameter (the disc
+    taken as ``disc_fraction`` of the FOV's width), normalised by the FOV mask blurred alike so
+    the dark rim does not pull the average down, and the maximum is taken at least half a disc
+    from the rim: small bright exudates average away, the disc does not.
+
+    Args:
+        image: HxWx3 uint8 RGB.
+        fov_threshold: pixels brighter than this (channel maximum) are inside the FOV.
+        disc_fraction: the disc's diameter over the FOV's width.
+
+    Returns:
+        (x, y) in the image's pixels.
+    """
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = min(1.0, _FLOOR_WIDTH / width)
+    size = (round(width * scale), round(height * scale))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    fov = (small.max(axis=2) > fov_threshold).astype(np.float32)
+    cols = np.flatnonzero(fov.any(axis=0))
+    fov_width = float(cols[-1] - cols[0] + 1) if cols.size else float(small.shape[1])
+    disc = disc_fraction * fov_width
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) * fov
+    sigma = disc / 4.0
+    mean = cv2.GaussianBlur(grey, (0, 0), sigma) / np.maximum(
+        cv2.GaussianBlur(fov, (0, 0), sigma), 1e-3
+    )
+    margin = max(1, int(round(disc / 2)))
+    inner = cv2.erode(fov, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8))
+    mean[inner == 0] = -1.0
+    y, x = np.unravel_index(int(np.argmax(mean)), mean.shape)
+    # Pixel centres map back through the resize: (i + 0.5) / scale - 0.5.
+    return (x + 0.5) / scale - 0.5, (y + 0.5) / scale - 0.5
+
+
+def floor_rows(records: Sequence[dict], image_root: Path, radii: Sequence[float]) -> list:
+    """The training-free rows (brightest region, image centre) over the records that have an
+    ``optic_disc_center``: name and :func:`localization_metrics` of each."""
+    import cv2
+
+    from ..evaluation.localization_eval import localization_metrics
+
+    distances = {"brightest region (no training)": [], "image centre (no training)": []}
+    for record in records:
+        truth = record.get("optic_disc_center")
+        if truth is None:
+            continue
+        path = Path(image_root) / record["file_name"]
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise OSError(f"cannot read {path}")
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        guesses = {
+            "brightest region (no training)": brightest_region_center(image),
+            "image centre (no training)": (image.shape[1] / 2.0, image.shape[0] / 2.0),
+        }
+        for name, (x, y) in guesses.items():
+            distances[name].append(float(np.hypot(x - truth[0], y - truth[1])))
+    return [{"name": name, **localization_metrics(d, radii)} for name, d in distances.items()]
+
+
+def _tool(script: str, *args: str, env=None) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], check=True, env=env)
+    return time.perf_counter() - start
+
+
+def run(args) -> dict:
+    from retina_d2.config import get_retina_cfg
+    from retina_d2.data.converters.base import require_dir, write_json_atomic
+    from retina_d2.evaluation.localization_eval import radius_name
+
+    from .heimed_semantic import scaled_schedule
+
+    root = require_dir(args.root.resolve(), "the HEI-MED folder")
+    work = args.work.resolve()
+    datasets = work / "datasets"
+    run_dir = work / "run"
+    env = dict(os.environ, RETINA_D2_DATASETS=str(datasets))
+    convert_s = _tool(
+        "convert_dataset.py", "heimed", "--root", str(root), "--out", str(datasets / "heimed"),
+        "--split-file", str(SPLIT), "--overwrite", env=env,
+    )
+    cfg = get_retina_cfg()
+    cfg.merge_from_file(str(args.config_file))
+    iterations = args.iterations or cfg.SOLVER.MAX_ITER
+    radii = list(cfg.RETINA.EVAL.LANDMARK_RADII)
+    opts = scaled_schedule(args.config_file, iterations) + ["OUTPUT_DIR", str(run_dir)]
+    train_s = None
+    if args.skip_train:
+        _tool(
+            "train_net.py", "--config-file", str(args.config_file), "--eval-only",
+            "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *opts, env=env,
+        )
+    else:
+        logger.info("training %s for %d iterations", args.config_file, iterations)
+        train_s = _tool("train_net.py", "--config-file", str(args.config_file), *opts, env=env)
+    eval_dir = run_dir / "inference" / VAL_DATASET
+    metrics = json.loads((eval_dir / "localization_metrics.json").read_text())[LANDMARK]
+    model_row = {
+        "name": "MultiTaskLesionNet (" + Path(args.config_file).name + ")",
+        "iterations": iterations,
+        "train_minutes": None if train_s is None else train_s / 60,
+        **metrics,
+    }
+    val = json.loads((datasets / "heimed" / "val.json").read_text())
+    manifest = json.loads((datasets / "heimed" / "retina_d2.json").read_text())
+    image_root = Path(manifest["image_root"])
+    if not image_root.is_absolute():
+        image_root = datasets / "heimed" / image_root
+    rows = [model_row] + floor_rows(val["images"], image_root, radii)
+    results = {
+        "benchmark": "heimed-localization",
+        "split": str(SPLIT.relative_to(REPO_ROOT)),
+        "config": str(Path(args.config_file).resolve().relative_to(REPO_ROOT)),
+        "convert_seconds": convert_s,
+        "note": "optic-nerve centre (the .meta ONrow / ONcol) on the 10 val images; distances in "
+                "pixels of the 2196 x 1958 originals; radii 1/8, 1/4, 1/2 of a ~300 px disc "
+                "diameter; final weights, CPU training",
+        "radii_px": radii,
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, results, indent=2)
+    columns = [
+        ("method", "name", ""), ("iters", "iterations", "d"), ("train min", "train_minutes", ".1f"),
+        ("mean px", "distance", ".1f"), ("median px", "median_distance", ".1f"),
+    ] + [(f"<= {r:g} px %", radius_name(r), ".0f") for r in radii]
+    print(f"\nHEI-MED optic-nerve localization, 10 val images, {os.cpu_count()} CPUs")
+    print(format_table(rows, columns))
+    print(f"\nresults: {args.out}")
+    return results

@@ -1,0 +1,397 @@
+"""MultiTaskLesionNet: lesions, DR / macular-oedema grades and optic disc / fovea centres in one
+forward pass.
+
+The network of the Lesion-Net paper (Wei et al., ICPR 2020: a lesion-segmentation branch whose
+maps attend a grading network) plus the ResUNet report's landmark localization, on top of the
+project's lesion models:
+
+* the lesion branch (``MODEL.MULTITASK.LESION_ARCHITECTURE``) is a :class:`LesionRCNN`
+  (instances, and lesion maps with ``MODEL.LESION_SEG.ENABLED``), a :class:`SemanticLesionNet`
+  (lesion maps) or nothing; it trains with the other tasks or stays frozen
+  (``LESION_FROZEN``, optionally loaded from a lesion-only run's ``LESION_WEIGHTS``);
+* one grading head per ``MODEL.GRADING.TASKS`` entry (:mod:`retina_d2.modeling.grading`) on
+  ``MODEL.GRADING.IN_FEATURE``, reading the lesion maps where it uses them;
+* a :class:`~retina_d2.modeling.localization.LandmarkHeatmapHead` for
+  ``MODEL.LOCALIZATION.LANDMARKS``.
+
+Grading and localization read the lesion branch's backbone, or a second backbone of their own
+(``MODEL.MULTITASK.TASK_BACKBONE``, the paper's separate grading CNN). A task's loss covers only
+the images labelled for it: a missing grade or landmark is masked out, never read as 0.
+
+Training inputs: the mapper's dicts ("image", lesion targets when the branch trains,
+"dr_grade" / "dme_grade" from the record, "landmarks" {name: (x, y)} in input pixels). Inference
+returns per image "instances" (LesionRCNN), "sem_seg" (C, height, width) and "lesion_presence"
+(C,) probabilities (a lesion branch; presence is the maps' global max, Lesion-Net's lesion
+classification, or the best instance score per class without maps), "dr_grade" / "dme_grade"
+(probabilities over the grades) and "landmarks" {name: (x, y)} in the original image's pixels with
+"landmark_scores" {name: score}.
+"""
+import contextlib
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.backbone import Backbone
+from detectron2.structures import ImageList
+from torch import nn
+
+from ...config import MULTITASK_ARCHITECTURE
+from ..grading import (
+    GRADE_COUNTS,
+    build_grading_head,
+    check_grading_tasks,
+    grade_targets,
+    grading_loss,
+)
+from ..localization import LandmarkHeatmapHead, to_original_frame
+from .lesion_rcnn import LesionRCNN
+from .semantic_net import (
+    ACTIVATIONS,
+    SemanticLesionNet,
+    batch_semantic_targets,
+    semantic_outputs,
+)
+
+__all__ = ["LESION_ARCHITECTURES", "MultiTaskLesionNet", "load_lesion_weights"]
+
+logger = logging.getLogger(__name__)
+
+LESION_ARCHITECTURES = {"LesionRCNN": LesionRCNN, "SemanticLesionNet": SemanticLesionNet, "": None}
+
+
+def load_lesion_weights(lesion_model: nn.Module, path: str) -> None:
+    """Load a lesion-only checkpoint (``{"model": state_dict}`` or a bare state dict; keys of a
+    MultiTaskLesionNet checkpoint lose their ``lesion_model.`` prefix) into the lesion branch.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: none of its weights fits the branch.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"MODEL.MULTITASK.LESION_WEIGHTS = {path!r}: no such file (train the lesion branch "
+            "first, e.g. with the lesion-only config, or leave the key empty)"
+        ) from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    prefix = "lesion_model."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = lesion_model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ValueError(
+            f"MODEL.MULTITASK.LESION_WEIGHTS = {path!r}: none of its weights fits the lesion "
+            f"branch ({type(lesion_model).__name__}); is it a checkpoint of the same lesion model?"
+        )
+    lesion_model.load_state_dict(fitting, strict=False)
+    missing = sorted(set(own) - set(fitting))
+    logger.info(
+        "lesion branch: %d tensors loaded from %s%s", len(fitting), path,
+        f"; {len(missing)} left as built, e.g. {missing[:3]}" if missing else "",
+    )
+
+
+@META_ARCH_REGISTRY.register()
+class MultiTaskLesionNet(nn.Module):
+    """A lesion branch, grading heads and a landmark head on shared or own features; see the
+    module docstring."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        lesion_model: Optional[nn.Module],
+        backbone: Optional[Backbone] = None,
+        task_backbone: Optional[Backbone] = None,
+        grading_heads: Optional[Dict[str, nn.Module]] = None,
+        grading_feature: str = "res5",
+        landmark_head: Optional[LandmarkHeatmapHead] = None,
+        lesion_frozen: bool = False,
+        grading_loss_weight: float = 1.0,
+        landmark_loss_weight: float = 1.0,
+        sem_seg_activation: str = "sigmoid",
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+    ):
+        """
+        Args:
+            lesion_model: a LesionRCNN or SemanticLesionNet (the lesion branch), or None.
+            backbone: the shared backbone when there is no lesion branch (else the branch's).
+            task_backbone: a backbone of grading and localization's own, or None (shared).
+            grading_heads: graded record field ("dr_grade", "dme_grade") -> grading head.
+            grading_feature: the feature the grading heads read.
+            landmark_head: the localization head, or None.
+            lesion_frozen: keep the lesion branch (and a shared backbone) fixed: no lesion losses,
+                no gradients into it.
+            grading_loss_weight, landmark_loss_weight: factors of those losses.
+            sem_seg_activation: "sigmoid" or "softmax", the lesion maps' layout.
+            pixel_mean, pixel_std: per-channel input normalisation.
+        """
+        super().__init__()
+        if (lesion_model is None) == (backbone is None):
+            raise ValueError(
+                "give exactly one of lesion_model (its backbone is shared) or backbone"
+            )
+        if sem_seg_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"sem_seg_activation must be one of {ACTIVATIONS}, got {sem_seg_activation!r}"
+            )
+        self.lesion_model = lesion_model
+        self.backbone = backbone
+        self.task_backbone = task_backbone
+        self.grading_heads = nn.ModuleDict(grading_heads or {})
+        check_grading_tasks(list(self.grading_heads))
+        self.grading_feature = grading_feature
+        self.landmark_head = landmark_head
+        self.lesion_frozen = lesion_frozen
+        self.grading_loss_weight = grading_loss_weight
+        self.landmark_loss_weight = landmark_loss_weight
+        self.sem_seg_activation = sem_seg_activation
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        if self.grading_heads and self._lesion_head() is None:
+            needing = [
+                t for t, h in self.grading_heads.items() if getattr(h, "uses_lesion_maps", True)
+            ]
+            if needing:
+                raise ValueError(
+                    f"the grading heads of {needing} read lesion maps, which this lesion branch "
+                    "does not make: use SemanticLesionNet, or LesionRCNN with "
+                    "MODEL.LESION_SEG.ENABLED, or MODEL.GRADING.NAME 'PlainGradingHead'"
+                )
+        if lesion_frozen and lesion_model is not None:
+            for p in lesion_model.parameters():
+                p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        node = cfg.MODEL.MULTITASK
+        if node.LESION_ARCHITECTURE not in LESION_ARCHITECTURES:
+            raise ValueError(
+                f"MODEL.MULTITASK.LESION_ARCHITECTURE must be one of "
+                f"{sorted(LESION_ARCHITECTURES)}, got {node.LESION_ARCHITECTURE!r}"
+            )
+        if node.LESION_ARCHITECTURE == MULTITASK_ARCHITECTURE:
+            raise ValueError("MODEL.MULTITASK.LESION_ARCHITECTURE cannot be MultiTaskLesionNet")
+        lesion_class = LESION_ARCHITECTURES[node.LESION_ARCHITECTURE]
+        lesion_model = backbone = None
+        if lesion_class is not None:
+            lesion_model = lesion_class(cfg)
+            if node.LESION_WEIGHTS and not cfg.MODEL.WEIGHTS:
+                # With MODEL.WEIGHTS (a multi-task checkpoint: --eval-only, fine-tuning) the
+                # branch is overwritten anyway; the lesion-only run need not be at hand.
+                load_lesion_weights(lesion_model, node.LESION_WEIGHTS)
+            shared = lesion_model.backbone
+        else:
+            backbone = shared = build_backbone(cfg)
+        task_backbone = None
+        if node.TASK_BACKBONE:
+            if node.TASK_BACKBONE not in BACKBONE_REGISTRY:
+                raise ValueError(
+                    f"MODEL.MULTITASK.TASK_BACKBONE {node.TASK_BACKBONE!r} is not a registered "
+                    "backbone"
+                )
+            input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
+            task_backbone = BACKBONE_REGISTRY.get(node.TASK_BACKBONE)(cfg, input_shape)
+        task_shapes = (task_backbone or shared).output_shape()
+
+        tasks = list(cfg.MODEL.GRADING.TASKS)
+        check_grading_tasks(tasks)
+        grading_heads = {}
+        if tasks:
+            feature = cfg.MODEL.GRADING.IN_FEATURE
+            if feature not in task_shapes:
+                raise ValueError(
+                    f"MODEL.GRADING.IN_FEATURE {feature!r}: the backbone gives "
+                    f"{sorted(task_shapes)}"
+                )
+            num_lesions = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            for task in tasks:
+                grading_heads[task] = build_grading_head(
+                    cfg, task_shapes[feature], num_lesions, GRADE_COUNTS[task]
+                )
+        landmark_head = None
+        if cfg.MODEL.LOCALIZATION.LANDMARKS:
+            landmark_head = LandmarkHeatmapHead(cfg, task_shapes)
+        return {
+            "lesion_model": lesion_model,
+            "backbone": backbone,
+            "task_backbone": task_backbone,
+            "grading_heads": grading_heads,
+            "grading_feature": cfg.MODEL.GRADING.IN_FEATURE,
+            "landmark_head": landmark_head,
+            "lesion_frozen": node.LESION_FROZEN,
+            "grading_loss_weight": cfg.MODEL.GRADING.LOSS_WEIGHT,
+            "landmark_loss_weight": cfg.MODEL.LOCALIZATION.LOSS_WEIGHT,
+            "sem_seg_activation": cfg.MODEL.LESION_SEG.ACTIVATION,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def shared_backbone(self) -> Backbone:
+        """The lesion branch's backbone, or the model's own when there is no branch."""
+        return self.lesion_model.backbone if self.lesion_model is not None else self.backbone
+
+    def train(self, mode: bool = True):
+        # A frozen branch stays in eval mode: dropout off, detector in inference mode.
+        super().train(mode)
+        if self.lesion_frozen and self.lesion_model is not None:
+            self.lesion_model.eval()
+        return self
+
+    def _lesion_head(self) -> Optional[nn.Module]:
+        return getattr(self.lesion_model, "sem_seg_head", None)
+
+    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
+        """Normalise, pad (to every backbone's divisibility) and batch the input images."""
+        divisibility = max(
+            b.size_divisibility for b in (self.shared_backbone, self.task_backbone) if b is not None
+        )
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, divisibility)
+
+    def _lesion_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) lesion probabilities from the semantic head's logits."""
+        if self.sem_seg_activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1)[:, 1:]
+
+    def _lesion_branch(self, batched_inputs, images: ImageList, features, with_losses: bool):
+        """Run the lesion branch on the shared features.
+
+        Returns:
+            (lesion logits or None, loss dict (with_losses), detections (LesionRCNN, inference)
+            or None).
+        """
+        losses: Dict[str, torch.Tensor] = {}
+        detections = None
+        model = self.lesion_model
+        if isinstance(model, LesionRCNN):
+            if with_losses:
+                gt = [x["instances"].to(self.device) for x in batched_inputs]
+                proposals, proposal_losses = model.proposal_generator(images, features, gt)
+                _, detector_losses = model.roi_heads(images, features, proposals, gt)
+                losses.update(detector_losses)
+                losses.update(proposal_losses)
+            elif not self.training:
+                proposals, _ = model.proposal_generator(images, features, None)
+                detections, _ = model.roi_heads(images, features, proposals, None)
+        head = self._lesion_head()
+        if head is None:
+            return None, losses, detections
+        targets = None
+        if with_losses:
+            targets = batch_semantic_targets(
+                batched_inputs, self.device, self.shared_backbone.size_divisibility
+            )
+            # ImageList pads to the largest divisibility of both backbones; the targets follow.
+            pad_h = images.tensor.shape[-2] - targets.shape[-2]
+            pad_w = images.tensor.shape[-1] - targets.shape[-1]
+            if pad_h or pad_w:
+                targets = F.pad(targets, (0, pad_w, 0, pad_h), value=255)
+        logits, sem_losses = head(features, targets, tuple(images.tensor.shape[-2:]))
+        weight = getattr(model, "sem_seg_loss_weight", 1.0)
+        losses.update({k: v * weight for k, v in sem_losses.items()})
+        return logits, losses, detections
+
+    def forward(self, batched_inputs: List[dict]):
+        """
+        Args:
+            batched_inputs: the mapper's dicts (module docstring).
+
+        Returns:
+            Training: the loss dict of every task (lesion losses under their own names,
+            "loss_dr_grade", "loss_dme_grade", "loss_landmarks"). Inference: one output dict per
+            image (module docstring).
+        """
+        images = self.preprocess_image(batched_inputs)
+        train_lesions = self.training and not self.lesion_frozen and self.lesion_model is not None
+        frozen = contextlib.nullcontext() if not self.lesion_frozen else torch.no_grad()
+        with frozen:
+            features = self.shared_backbone(images.tensor)
+            logits, losses, detections = (None, {}, None)
+            if self.lesion_model is not None:
+                logits, losses, detections = self._lesion_branch(
+                    batched_inputs, images, features, train_lesions
+                )
+        task_features = features
+        if self.task_backbone is not None:
+            task_features = self.task_backbone(images.tensor)
+        lesion_maps = self._lesion_probabilities(logits) if logits is not None else None
+
+        grades = {
+            task: head(task_features[self.grading_feature], lesion_maps)
+            for task, head in self.grading_heads.items()
+        }
+        heatmaps = self.landmark_head(task_features) if self.landmark_head is not None else None
+        if self.training:
+            for task, grade_logits in grades.items():
+                targets = grade_targets(batched_inputs, task, GRADE_COUNTS[task], self.device)
+                loss = grading_loss(grade_logits, targets)
+                losses[f"loss_{task}"] = loss * self.grading_loss_weight
+            if heatmaps is not None:
+                landmark_losses = self.landmark_head.losses(
+                    heatmaps, batched_inputs, images.image_sizes
+                )
+                weight = self.landmark_loss_weight
+                losses.update({k: v * weight for k, v in landmark_losses.items()})
+            return losses
+        return self._outputs(
+            batched_inputs, images, logits, lesion_maps, detections, grades, heatmaps
+        )
+
+    def _outputs(self, batched_inputs, images, logits, lesion_maps, detections, grades, heatmaps):
+        """The per-image inference dicts (module docstring)."""
+        if detections is not None:
+            outputs = LesionRCNN._postprocess(detections, batched_inputs, images.image_sizes)
+        else:
+            outputs = [{} for _ in batched_inputs]
+        if logits is not None:
+            probs = semantic_outputs(
+                logits, batched_inputs, images.image_sizes, self.sem_seg_activation
+            )
+            for output, prob, maps, (h, w) in zip(outputs, probs, lesion_maps, images.image_sizes):
+                output["sem_seg"] = prob
+                # Lesion-Net's lesion classification: each map's global max (padding excluded).
+                output["lesion_presence"] = maps[:, :h, :w].amax(dim=(-2, -1))
+        elif detections is not None:
+            num_classes = self.lesion_model.roi_heads.num_classes
+            for output in outputs:
+                instances = output["instances"]
+                presence = torch.zeros(num_classes, device=self.device)
+                if len(instances):
+                    presence = presence.scatter_reduce(
+                        0, instances.pred_classes, instances.scores, reduce="amax"
+                    )
+                output["lesion_presence"] = presence
+        for task, grade_logits in grades.items():
+            for output, row in zip(outputs, torch.softmax(grade_logits.float(), dim=1)):
+                output[task] = row
+        if heatmaps is not None:
+            points, scores = self.landmark_head.inference(heatmaps, images.image_sizes)
+            for i, (inputs, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+                original = to_original_frame(
+                    points[i], image_size, inputs.get("height", image_size[0]),
+                    inputs.get("width", image_size[1]), inputs.get("fov_box"),
+                )
+                names = self.landmark_head.landmarks
+                outputs[i]["landmarks"] = {
+                    name: (float(original[j, 0]), float(original[j, 1]))
+                    for j, name in enumerate(names)
+                }
+                outputs[i]["landmark_scores"] = {
+                    name: float(scores[i, j]) for j, name in enumerate(names)
+                }
+        return outputs
