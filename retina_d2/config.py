@@ -35,6 +35,13 @@ def add_retina_config(cfg):
     cfg.MODEL.LESION_RESNET.NORM = "GN"  # GN trains from scratch; frozen BN on random weights diverges
     cfg.MODEL.LESION_RESNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
+    # LesionRCNN: predictions of a class whose masks touch become one lesion, as the converters
+    # make one ground-truth lesion of each connected component (retina_d2/modeling/postprocess.py).
+    cfg.MODEL.LESION_MERGE = CN()
+    cfg.MODEL.LESION_MERGE.ENABLED = False
+    cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.35  # only confident predictions merge
+    cfg.MODEL.LESION_MERGE.CONNECTIVITY = 8
+
     # Semantic lesion heads (retina_d2/modeling/semantic, chosen by MODEL.SEM_SEG_HEAD.NAME with
     # NUM_CLASSES = lesion channels, background not counted, and IGNORE_VALUE 255).
     cfg.MODEL.LESION_SEG = CN()
@@ -185,6 +192,11 @@ def add_retina_config(cfg):
     cfg.RETINA.PREPROCESS.CLAHE = False
     cfg.RETINA.PREPROCESS.CLAHE_CLIP_LIMIT = 2.0
     cfg.RETINA.PREPROCESS.CLAHE_TILE_GRID = 8
+    # A band this wide (fraction of the image width, after the FOV crop and resize) along the
+    # frame's edges is set to the neutral grey that Graham normalisation gives flat retina (128;
+    # 0 without Graham). Some cameras write bright or dark lines into the last rows (HEI-MED),
+    # which Graham's 4x contrast turns into a row of false lesions. 0 = off.
+    cfg.RETINA.PREPROCESS.FRAME_MARGIN = 0.0
 
     # Training augmentation; every geometric op is applied to masks identically.
     cfg.RETINA.AUG = CN()

@@ -102,8 +102,8 @@ def run(args) -> dict:
             continue
         out = work / "eval" / ckpt.stem
         eval_s[ckpt.name] = _tool(
-            "train_net.py", "--config-file", str(args.config_file), "--eval-only",
-            "MODEL.WEIGHTS", str(ckpt), "OUTPUT_DIR", str(out), *args.opts, env=env,
+            "train_net.py", "--config-file", str(args.config_file), "--eval-only", *args.opts,
+            "MODEL.WEIGHTS", str(ckpt), "OUTPUT_DIR", str(out), env=env,
         )
         metrics = json.loads((out / "inference" / "heimed_seg_val" / "instance_metrics.json").read_text())
         rows.append(_exudate_row(ckpt.name, metrics))

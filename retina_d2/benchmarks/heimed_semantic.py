@@ -30,13 +30,13 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_semantic.json"
 DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_semantic"
 SPLIT = REPO_ROOT / "configs" / "splits" / "heimed_dev.json"
 EXUDATE = "hard exudate"
-# name -> (config, default iterations). Iterations are sized to roughly ten CPU minutes each on
-# this project's 2-core machines (measured seconds per iteration differ by head).
+# name -> (config, default iterations). Iterations are sized to about ten CPU minutes each on
+# this project's 2-core machines when the machine is shared (seconds per iteration differ by head).
 HEADS = {
-    "ResUNet": ("configs/resunet_heimed.yaml", 400),
-    "Lesion-Net 16s": ("configs/lesionnet16s_heimed.yaml", 400),
-    "CBAM-DeepLab": ("configs/cbam_deeplab_heimed.yaml", 400),
-    "Red-Seg": ("configs/redseg_heimed.yaml", 400),
+    "ResUNet": ("configs/resunet_heimed.yaml", 150),
+    "Lesion-Net 16s": ("configs/lesionnet16s_heimed.yaml", 150),
+    "CBAM-DeepLab": ("configs/cbam_deeplab_heimed.yaml", 150),
+    "Red-Seg": ("configs/redseg_heimed.yaml", 150),
 }
 
 

@@ -9,7 +9,7 @@ photometric ones change only the image and leave masks and coordinates as they a
 ``cfg.RETINA.AUG`` and ``cfg.INPUT``::
 
     FieldOfViewCrop -> FieldOfViewCircleMask -> ResizeShortestEdge -> GrahamNormalization
-    -> ClaheOnLightness -> (train) RandomCrop or RandomLesionCrop -> RandomFlip x2 -> RandomRotation90 -> RandomTranslateScale
+    -> ClaheOnLightness -> FrameMargin -> (train) RandomCrop or RandomLesionCrop -> RandomFlip x2 -> RandomRotation90 -> RandomTranslateScale
     -> RandomBrightness / RandomContrast / RandomSaturation
 """
 from typing import List, Optional, Tuple
@@ -34,6 +34,8 @@ __all__ = [
     "RandomRotation90",
     "RandomTranslateScale",
     "RandomLesionCrop",
+    "FrameMarginTransform",
+    "FrameMargin",
     "field_of_view_box",
     "build_preprocess",
 ]
@@ -167,6 +169,22 @@ class GrahamTransform(PhotometricTransform):
         blur = _wide_gaussian_blur(image, self.sigma).reshape(image.shape)
         out = np.clip(4.0 * image - 4.0 * blur + 128.0, 0.0, 255.0)
         return np.rint(out).astype(np.uint8).reshape(img.shape)
+
+
+class FrameMarginTransform(PhotometricTransform):
+    """Set a band of ``margin`` pixels along the image's four edges to ``value``."""
+
+    def __init__(self, margin: int, value: int):
+        super().__init__()
+        self._set_attributes(dict(margin=int(margin), value=int(value)))
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        m = self.margin
+        if m <= 0:
+            return img
+        out = img.copy()
+        out[:m], out[-m:], out[:, :m], out[:, -m:] = self.value, self.value, self.value, self.value
+        return out
 
 
 class ClaheTransform(PhotometricTransform):
@@ -455,6 +473,19 @@ class ClaheOnLightness(T.Augmentation):
         return ClaheTransform(self.clip_limit, self.tile_grid, self.image_format)
 
 
+class FrameMargin(T.Augmentation):
+    """:class:`FrameMarginTransform` with the band a fraction of the image's width."""
+
+    def __init__(self, fraction: float, value: int):
+        super().__init__()
+        if not 0 <= fraction < 0.5:
+            raise ValueError(f"RETINA.PREPROCESS.FRAME_MARGIN must be in [0, 0.5), got {fraction}")
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> Transform:
+        return FrameMarginTransform(round(self.fraction * image.shape[1]), self.value)
+
+
 class RandomRotation90(T.Augmentation):
     """Rotate by a random multiple of 90 degrees (0, 90, 180 or 270, equally likely)."""
 
@@ -576,6 +607,8 @@ def build_preprocess(cfg, is_train: bool) -> List[T.Augmentation]:
         augs.append(GrahamNormalization(pre.GRAHAM_SIGMA))
     if pre.CLAHE:
         augs.append(ClaheOnLightness(pre.CLAHE_CLIP_LIMIT, pre.CLAHE_TILE_GRID, cfg.INPUT.FORMAT))
+    if pre.FRAME_MARGIN > 0:
+        augs.append(FrameMargin(pre.FRAME_MARGIN, 128 if pre.GRAHAM else 0))
     if not is_train:
         return augs
     if cfg.INPUT.CROP.ENABLED:

@@ -20,6 +20,8 @@ from retina_d2.data.preprocess import (
     FieldOfViewCircleMask,
     FieldOfViewCrop,
     FieldOfViewCropTransform,
+    FrameMargin,
+    FrameMarginTransform,
     GrahamNormalization,
     GrahamTransform,
     RandomLesionCrop,
@@ -494,3 +496,21 @@ def test_lesion_crop_holds_a_lesion_centre_and_stays_inside():
     assert (t.x0, t.y0, t.w, t.h) == (0, 0, 50, 40)
     with pytest.raises(ValueError, match="lesion_prob"):
         RandomLesionCrop("absolute", [crop, crop], lesion_prob=1.5)
+
+
+def test_frame_margin_neutralises_the_edges_only():
+    image = np.full((40, 60, 3), 200, np.uint8)
+    image[-2:] = 255  # a camera's bright line in the last rows
+    out = FrameMargin(0.05, 128).get_transform(image).apply_image(image)  # 3 px of 60
+    band = np.ones((40, 60), bool)
+    band[3:-3, 3:-3] = False
+    assert (out[band] == 128).all() and (out[~band] == 200).all()
+    mask = np.ones((40, 60), np.uint8)
+    assert FrameMarginTransform(3, 128).apply_segmentation(mask) is mask
+    cfg = _cfg()
+    cfg.RETINA.PREPROCESS.GRAHAM = True
+    cfg.RETINA.PREPROCESS.FRAME_MARGIN = 0.01
+    test_types = _types(build_preprocess(cfg, is_train=False))
+    assert test_types.index(FrameMargin) == test_types.index(GrahamNormalization) + 1
+    with pytest.raises(ValueError, match="FRAME_MARGIN"):
+        FrameMargin(0.6, 128)

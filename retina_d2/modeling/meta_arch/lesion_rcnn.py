@@ -20,6 +20,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..postprocess import merge_connected_lesions
 from .semantic_net import ACTIVATIONS, batch_semantic_targets, semantic_outputs
 
 __all__ = ["LesionRCNN", "paste_into_frame"]
@@ -55,6 +56,8 @@ class LesionRCNN(GeneralizedRCNN):
         sem_seg_head: Optional[nn.Module] = None,
         sem_seg_loss_weight: float = 1.0,
         sem_seg_activation: str = "sigmoid",
+        merge_score_threshold: Optional[float] = None,
+        merge_connectivity: int = 8,
         **kwargs,
     ):
         """
@@ -62,6 +65,10 @@ class LesionRCNN(GeneralizedRCNN):
             sem_seg_head: a semantic lesion head on the backbone's features, or None.
             sem_seg_loss_weight: factor of the semantic head's losses.
             sem_seg_activation: "sigmoid" or "softmax" (the head's output layout).
+            merge_score_threshold: with a value, predictions of a class scoring at least this
+                whose masks touch are returned as one lesion (:func:`merge_connected_lesions`);
+                None returns Detectron2's instances as they are.
+            merge_connectivity: 8 or 4, how masks touch.
             kwargs: :class:`GeneralizedRCNN`'s arguments.
         """
         super().__init__(**kwargs)
@@ -72,6 +79,8 @@ class LesionRCNN(GeneralizedRCNN):
         self.sem_seg_head = sem_seg_head
         self.sem_seg_loss_weight = sem_seg_loss_weight
         self.sem_seg_activation = sem_seg_activation
+        self.merge_score_threshold = merge_score_threshold
+        self.merge_connectivity = merge_connectivity
 
     @classmethod
     def from_config(cls, cfg):
@@ -80,6 +89,9 @@ class LesionRCNN(GeneralizedRCNN):
             ret["sem_seg_head"] = build_sem_seg_head(cfg, ret["backbone"].output_shape())
             ret["sem_seg_loss_weight"] = cfg.MODEL.LESION_SEG.LOSS_WEIGHT
             ret["sem_seg_activation"] = cfg.MODEL.LESION_SEG.ACTIVATION
+        if cfg.MODEL.LESION_MERGE.ENABLED:
+            ret["merge_score_threshold"] = cfg.MODEL.LESION_MERGE.SCORE_THRESH
+            ret["merge_connectivity"] = cfg.MODEL.LESION_MERGE.CONNECTIVITY
         return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
@@ -139,6 +151,11 @@ class LesionRCNN(GeneralizedRCNN):
         if not do_postprocess:
             return results
         processed = self._postprocess(results, batched_inputs, images.image_sizes)
+        if self.merge_score_threshold is not None:
+            for output in processed:
+                output["instances"] = merge_connected_lesions(
+                    output["instances"], self.merge_score_threshold, self.merge_connectivity
+                )
         if self.sem_seg_head is not None:
             logits, _ = self.sem_seg_head(features, None, tuple(images.tensor.shape[-2:]))
             probs = semantic_outputs(
