@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["BENCHMARKS", "REPO_ROOT", "build_parser", "main", "measure_in_subprocess"]
+__all__ = [
+    "BENCHMARKS",
+    "HEIMED_ROOT",
+    "HEIMED_SPLIT",
+    "REPO_ROOT",
+    "build_parser",
+    "convert_heimed_dev",
+    "main",
+    "measure_in_subprocess",
+    "run_tool",
+]
 
 # The checkout this package lives in: default places of data beside it and of results in it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -152,6 +162,38 @@ def measure_in_subprocess(
             return measured
         with open(result_path) as f:
             return {**json.load(f), **measured}
+
+
+# The HEI-MED sample beside the checkout and its fixed 30 / 10 dev split, shared by the benchmarks
+# that train on it.
+HEIMED_ROOT = REPO_ROOT.parent / "shared" / "data" / "heimed"
+HEIMED_SPLIT = REPO_ROOT / "configs" / "splits" / "heimed_dev.json"
+
+
+def run_tool(script: str, *args: str, env: Optional[Dict[str, str]] = None) -> float:
+    """Run ``tools/<script>`` of this checkout in a subprocess (its output streams through);
+    return the seconds it took."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], check=True, env=env)
+    return time.perf_counter() - start
+
+
+def convert_heimed_dev(root: Path, datasets: Path, semantic: bool = True) -> tuple:
+    """Convert HEI-MED at ``root`` with the dev split into ``datasets/heimed``.
+
+    Returns:
+        (seconds, environment whose RETINA_D2_DATASETS registers the conversion for the tools)
+    """
+    from retina_d2.data.converters.base import require_dir
+
+    root = require_dir(root.resolve(), "the HEI-MED folder")
+    env = dict(os.environ, RETINA_D2_DATASETS=str(datasets))
+    flags = [] if semantic else ["--no-semantic"]
+    seconds = run_tool(
+        "convert_dataset.py", "heimed", "--root", str(root), "--out", str(datasets / "heimed"),
+        "--split-file", str(HEIMED_SPLIT), *flags, "--overwrite", env=env,
+    )
+    return seconds, env
 
 
 def machine_info() -> Dict[str, Any]:

@@ -15,15 +15,20 @@ centre (the scale of the numbers).
 import json
 import logging
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Sequence, Tuple
 
 import numpy as np
 
-from . import REPO_ROOT, format_table, machine_info
+from . import (
+    HEIMED_ROOT,
+    HEIMED_SPLIT,
+    REPO_ROOT,
+    convert_heimed_dev,
+    format_table,
+    machine_info,
+    run_tool,
+)
 
 __all__ = [
     "add_arguments",
@@ -34,11 +39,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "heimed"
+DEFAULT_ROOT = HEIMED_ROOT
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_localization.json"
 DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_localization"
 CONFIG = REPO_ROOT / "configs" / "multitask_heimed.yaml"
-SPLIT = REPO_ROOT / "configs" / "splits" / "heimed_dev.json"
+SPLIT = HEIMED_SPLIT
 LANDMARK = "optic_disc"
 VAL_DATASET = "heimed_seg_val"
 # Width the training-free finder works at: the disc stays ~70 px wide, the blur stays cheap.
@@ -125,28 +130,18 @@ def floor_rows(records: Sequence[dict], image_root: Path, radii: Sequence[float]
     return [{"name": name, **localization_metrics(d, radii)} for name, d in distances.items()]
 
 
-def _tool(script: str, *args: str, env=None) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], check=True, env=env)
-    return time.perf_counter() - start
-
 
 def run(args) -> dict:
     from retina_d2.config import get_retina_cfg
-    from retina_d2.data.converters.base import require_dir, write_json_atomic
+    from retina_d2.data.converters.base import write_json_atomic
     from retina_d2.evaluation.localization_eval import radius_name
 
     from .heimed_semantic import scaled_schedule
 
-    root = require_dir(args.root.resolve(), "the HEI-MED folder")
     work = args.work.resolve()
     datasets = work / "datasets"
     run_dir = work / "run"
-    env = dict(os.environ, RETINA_D2_DATASETS=str(datasets))
-    convert_s = _tool(
-        "convert_dataset.py", "heimed", "--root", str(root), "--out", str(datasets / "heimed"),
-        "--split-file", str(SPLIT), "--overwrite", env=env,
-    )
+    convert_s, env = convert_heimed_dev(args.root, datasets, semantic=True)
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(args.config_file))
     iterations = args.iterations or cfg.SOLVER.MAX_ITER
@@ -154,13 +149,13 @@ def run(args) -> dict:
     opts = scaled_schedule(args.config_file, iterations) + ["OUTPUT_DIR", str(run_dir)]
     train_s = None
     if args.skip_train:
-        _tool(
+        run_tool(
             "train_net.py", "--config-file", str(args.config_file), "--eval-only",
             "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *opts, env=env,
         )
     else:
         logger.info("training %s for %d iterations", args.config_file, iterations)
-        train_s = _tool("train_net.py", "--config-file", str(args.config_file), *opts, env=env)
+        train_s = run_tool("train_net.py", "--config-file", str(args.config_file), *opts, env=env)
     eval_dir = run_dir / "inference" / VAL_DATASET
     metrics = json.loads((eval_dir / "localization_metrics.json").read_text())[LANDMARK]
     model_row = {

@@ -11,22 +11,27 @@ subtraction) scores segm AP35 / AP50 = 9.8 / 4.1 on the same 10 images.
 import json
 import logging
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from . import REPO_ROOT, format_table, machine_info
+from . import (
+    HEIMED_ROOT,
+    HEIMED_SPLIT,
+    REPO_ROOT,
+    convert_heimed_dev,
+    format_table,
+    machine_info,
+    run_tool,
+)
 
 __all__ = ["add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "heimed"
+DEFAULT_ROOT = HEIMED_ROOT
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_maskrcnn.json"
 DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_maskrcnn"
 CONFIG = REPO_ROOT / "configs" / "maskrcnn_heimed.yaml"
-SPLIT = REPO_ROOT / "configs" / "splits" / "heimed_dev.json"
+SPLIT = HEIMED_SPLIT
 # DESIGN.md's training-free floor on this split (segm).
 FLOOR = {"AP35": 9.8, "AP50": 4.1}
 EXUDATE = "hard exudate"
@@ -46,12 +51,6 @@ def add_arguments(parser) -> None:
     )
 
 
-def _tool(script: str, *args: str, env=None) -> float:
-    """Run a tool of this checkout in a subprocess (its output streams through); return seconds."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], check=True, env=env)
-    return time.perf_counter() - start
-
 
 def _checkpoint_iteration(path: Path) -> int:
     import torch
@@ -69,21 +68,16 @@ def _exudate_row(name, metrics):
 
 
 def run(args) -> dict:
-    from retina_d2.data.converters.base import require_dir, write_json_atomic
+    from retina_d2.data.converters.base import write_json_atomic
 
-    root = require_dir(args.root.resolve(), "the HEI-MED folder")
     work = args.work.resolve()
     datasets, run_dir = work / "datasets", work / "run"
-    env = dict(os.environ, RETINA_D2_DATASETS=str(datasets))
-    convert_s = _tool(
-        "convert_dataset.py", "heimed", "--root", str(root), "--out", str(datasets / "heimed"),
-        "--split-file", str(SPLIT), "--no-semantic", "--overwrite", env=env,
-    )
+    convert_s, env = convert_heimed_dev(args.root, datasets, semantic=False)
     opts = ["OUTPUT_DIR", str(run_dir), *args.opts]
     train_s = None
     if not args.skip_train:
         # No periodic evaluation while training: every checkpoint is scored below anyway.
-        train_s = _tool(
+        train_s = run_tool(
             "train_net.py", "--config-file", str(args.config_file), "TEST.EVAL_PERIOD", "0", *opts,
             env=env,
         )
@@ -101,7 +95,7 @@ def run(args) -> dict:
         if not ckpt.is_file():
             continue
         out = work / "eval" / ckpt.stem
-        eval_s[ckpt.name] = _tool(
+        eval_s[ckpt.name] = run_tool(
             "train_net.py", "--config-file", str(args.config_file), "--eval-only", *args.opts,
             "MODEL.WEIGHTS", str(ckpt), "OUTPUT_DIR", str(out), env=env,
         )

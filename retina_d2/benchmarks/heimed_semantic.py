@@ -14,21 +14,27 @@ the CPU, peak memory and the parameter count. Each head's training budget is sta
 import json
 import logging
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from . import REPO_ROOT, format_table, machine_info, measure_in_subprocess
+from . import (
+    HEIMED_ROOT,
+    HEIMED_SPLIT,
+    REPO_ROOT,
+    convert_heimed_dev,
+    format_table,
+    machine_info,
+    measure_in_subprocess,
+    run_tool,
+)
 
 __all__ = ["add_arguments", "run", "HEADS", "scaled_schedule"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "heimed"
+DEFAULT_ROOT = HEIMED_ROOT
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_semantic.json"
 DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_semantic"
-SPLIT = REPO_ROOT / "configs" / "splits" / "heimed_dev.json"
+SPLIT = HEIMED_SPLIT
 EXUDATE = "hard exudate"
 # name -> (config, default iterations). Iterations are sized to about ten CPU minutes each on
 # this project's 2-core machines when the machine is shared (seconds per iteration differ by head).
@@ -78,23 +84,13 @@ def scaled_schedule(config: Path, iterations: int) -> list:
     return opts
 
 
-def _tool(script: str, *args: str, env=None) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], check=True, env=env)
-    return time.perf_counter() - start
-
 
 def run(args) -> dict:
-    from retina_d2.data.converters.base import require_dir, write_json_atomic
+    from retina_d2.data.converters.base import write_json_atomic
 
-    root = require_dir(args.root.resolve(), "the HEI-MED folder")
     work = args.work.resolve()
     datasets = work / "datasets"
-    env = dict(os.environ, RETINA_D2_DATASETS=str(datasets))
-    convert_s = _tool(
-        "convert_dataset.py", "heimed", "--root", str(root), "--out", str(datasets / "heimed"),
-        "--split-file", str(SPLIT), "--overwrite", env=env,
-    )
+    convert_s, env = convert_heimed_dev(args.root, datasets, semantic=True)
     rows = []
     for name in args.heads:
         config, default_iterations = HEADS[name]
@@ -104,9 +100,9 @@ def run(args) -> dict:
         train_s = None
         if not args.skip_train:
             logger.info("training %s for %d iterations", name, iterations)
-            train_s = _tool("train_net.py", "--config-file", str(REPO_ROOT / config), *opts, env=env)
+            train_s = run_tool("train_net.py", "--config-file", str(REPO_ROOT / config), *opts, env=env)
         else:
-            _tool(
+            run_tool(
                 "train_net.py", "--config-file", str(REPO_ROOT / config), "--eval-only",
                 "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *opts, env=env,
             )
