@@ -499,7 +499,8 @@ def write_froc_json(froc: Mapping, path: str):
         json.dump(_json_safe(froc), f, indent=2)
 
 
-def _slug(name: str) -> str:
+def file_slug(name: str) -> str:
+    """A lesion name as a file-name part: "hard exudate" -> "hard_exudate"."""
     return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_").lower()
 
 
@@ -534,7 +535,7 @@ def save_froc_plots(froc: Mapping, output_dir: str) -> List[str]:
         ax.set_title(f"{name}: FROC {curve['froc'] * 100:.1f}% ({curve['num_lesions']} lesions)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right")
-        path = os.path.join(output_dir, f"froc_{_slug(name)}.png")
+        path = os.path.join(output_dir, f"froc_{file_slug(name)}.png")
         with PathManager.open(path, "wb") as f:
             figure.savefig(f, format="png")
         paths.append(path)

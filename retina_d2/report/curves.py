@@ -1,5 +1,4 @@
 """Instance precision-recall curves per lesion type, one PNG each, from COCOeval's arrays."""
-import re
 from pathlib import Path
 from typing import Dict, Mapping, Tuple
 
@@ -9,11 +8,9 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..evaluation.froc import file_slug  # noqa: E402
+
 __all__ = ["save_instance_pr_curves"]
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def save_instance_pr_curves(
@@ -33,7 +30,7 @@ def save_instance_pr_curves(
         axes.grid(alpha=0.3)
         axes.legend(loc="upper right", fontsize=8)
         figure.tight_layout()
-        path = out_dir / f"{task}_pr_{_slug(name)}.png"
+        path = out_dir / f"{task}_pr_{file_slug(name)}.png"
         figure.savefig(path)
         plt.close(figure)
         paths[name] = path
