@@ -255,16 +255,24 @@ def add_retina_config(cfg):
     cfg.RETINA.EVAL.FROC_IOU = 0.2
     # Predictions scoring >= this give the lesion-level precision / recall / F1.
     cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD = 0.35
-    # After --eval-only and after training, an HTML report of each test set's evaluation folder
-    # (retina_d2/report): every metric table, PR / FROC curves, and this many worst and best
-    # images with hits, misses and false alarms outlined (0: no gallery).
     # Grading and localization (retina_d2/evaluation/grading_eval.py, localization_eval.py):
     # an image-level lesion probability >= this predicts the lesion present (lesion F1).
     cfg.RETINA.EVAL.PRESENCE_THRESHOLD = 0.5
     # Radii (pixels of the original image) within which a landmark counts as found.
     cfg.RETINA.EVAL.LANDMARK_RADII = [50.0, 100.0]
+    # After --eval-only and after training, an HTML report of each test set's evaluation folder
+    # (retina_d2/report): every metric table, PR / FROC curves, and this many worst and best
+    # images with hits, misses and false alarms outlined (0: no gallery).
     cfg.RETINA.EVAL.REPORT = True
     cfg.RETINA.EVAL.REPORT_GALLERY = 4
+
+    # Mixed-precision inference (retina_d2/modeling/amp.py), the test-time side of Detectron2's
+    # SOLVER.AMP.ENABLED: evaluation and tools/predict.py run the model under torch.autocast in
+    # AMP_DTYPE ("float16" on CUDA; "bfloat16" is what CPU autocast is made for). Outputs come
+    # back in float32, so evaluators and the tiling merge see the same types either way.
+    cfg.RETINA.INFERENCE = CN()
+    cfg.RETINA.INFERENCE.AMP = False
+    cfg.RETINA.INFERENCE.AMP_DTYPE = "float16"
 
 
 def get_retina_cfg():

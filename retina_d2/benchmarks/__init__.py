@@ -51,6 +51,8 @@ BENCHMARKS: Dict[str, tuple] = {
     "heimed-localization": ("heimed_localization", "optic-nerve localization (MultiTaskLesionNet, "
                             "~10 CPU minutes) on the HEI-MED dev split; distance on 10 val images"),
     "tiling": ("tiling", "tiled native-resolution inference vs whole-image: s/image, peak memory"),
+    "gpu": ("gpu", "CUDA training and inference images/s with and without mixed precision, and "
+            "tiled vs whole-image inference on the GPU"),
 }
 
 

@@ -115,7 +115,7 @@ def small_lesion_recall(labels: np.ndarray, pred_masks, iou_threshold: float,
 
 
 def _cfg(tiled: bool, tile: int, overlap: int, min_size: int, detections: Optional[int],
-         device: str, weights: Optional[str]):
+         device: str, weights: Optional[str], amp: bool = False):
     from ..config import get_retina_cfg
 
     cfg = get_retina_cfg()
@@ -128,6 +128,8 @@ def _cfg(tiled: bool, tile: int, overlap: int, min_size: int, detections: Option
         cfg.TEST.DETECTIONS_PER_IMAGE = detections
     cfg.RETINA.TILE.ENABLED = tiled
     cfg.RETINA.TILE.SIZE, cfg.RETINA.TILE.OVERLAP = tile, overlap
+    cfg.RETINA.INFERENCE.AMP = amp
+    cfg.RETINA.INFERENCE.AMP_DTYPE = "float16" if device.startswith("cuda") else "bfloat16"
     return cfg
 
 
@@ -143,9 +145,10 @@ def _labels(truth: Optional[Dict[str, str]]) -> Optional[np.ndarray]:
 
 def infer_images(images: List[Dict[str, Any]], tiled: bool, tile: int, overlap: int,
                  min_size: int = 0, detections: Optional[int] = None, device: str = "cpu",
-                 weights: Optional[str] = None, repeats: int = 1) -> Dict[str, Any]:
+                 weights: Optional[str] = None, repeats: int = 1, amp: bool = False) -> Dict[str, Any]:
     """Seconds per image of one variant over ``images`` (``{"file": path, "truth": ...}``), and
-    the recall of small lesions when weights are given. Runs in its own process."""
+    the recall of small lesions when weights are given. Runs in its own process. ``amp``: under
+    autocast (RETINA.INFERENCE.AMP)."""
     import torch
     from detectron2.modeling import build_model
 
@@ -155,14 +158,14 @@ def infer_images(images: List[Dict[str, Any]], tiled: bool, tile: int, overlap: 
     from retina_d2.modeling import LesionCheckpointer
 
     torch.manual_seed(0)
-    cfg = _cfg(tiled, tile, overlap, min_size, detections, device, weights)
+    cfg = _cfg(tiled, tile, overlap, min_size, detections, device, weights, amp)
     model = build_model(cfg).eval()
     if weights:
         LesionCheckpointer(model).load(weights)
     runner = LesionTrainer.build_inference_model(cfg, model).eval()
     mapper = LesionDatasetMapper(cfg, is_train=False)
     with torch.no_grad():  # warm-up on a small input: allocator and lazy inits out of the timing
-        model([{"image": torch.zeros((3, 128, 128), dtype=torch.uint8)}])
+        runner([{"image": torch.zeros((3, 128, 128), dtype=torch.uint8), "height": 128, "width": 128}])
     seconds, detections_out, found, total = [], [], 0, 0
     pre_infer_rss = 0.0
     for item in images:

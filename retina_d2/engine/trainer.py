@@ -32,6 +32,7 @@ from ..evaluation.grading_eval import LesionGradingEvaluator
 from ..evaluation.localization_eval import LandmarkLocalizationEvaluator
 from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
+from ..modeling.amp import AutocastInference
 from ..modeling.tiling import TiledInference
 from .hooks import LossSwitchHook
 
@@ -53,10 +54,14 @@ class LesionTrainer(DefaultTrainer):
 
     @classmethod
     def build_inference_model(cls, cfg, model):
-        """The model that evaluation runs: ``model`` itself, or ``model`` run tile by tile at
-        native resolution with RETINA.TILE.ENABLED (:class:`TiledInference`)."""
+        """The model that evaluation and prediction run: ``model`` itself, under autocast with
+        RETINA.INFERENCE.AMP (:class:`AutocastInference`), and run tile by tile at native
+        resolution with RETINA.TILE.ENABLED (:class:`TiledInference`). Autocast sits inside the
+        tiling, so tiles are merged from float32 outputs."""
+        if cfg.RETINA.INFERENCE.AMP:
+            model = AutocastInference(cfg, model)
         if cfg.RETINA.TILE.ENABLED:
-            return TiledInference(cfg, model)
+            model = TiledInference(cfg, model)
         return model
 
     @classmethod

@@ -40,9 +40,11 @@ def merge_connected_lesions(
     if masks.dim() == 4:  # (N, 1, H, W) before paste
         masks = masks[:, 0]
     masks_np = masks.cpu().numpy().astype(bool)
-    scores = instances.scores.cpu().numpy()
+    # float(): under autocast (RETINA.INFERENCE.AMP) they arrive in half precision, which numpy
+    # lacks for bfloat16.
+    scores = instances.scores.float().cpu().numpy()
     classes = instances.pred_classes.cpu().numpy()
-    boxes_np = instances.pred_boxes.tensor.cpu().numpy()
+    boxes_np = instances.pred_boxes.tensor.float().cpu().numpy()
     confident = scores >= score_threshold
     out_masks, out_scores, out_classes, out_boxes = [], [], [], []
     for cls in np.unique(classes[confident]):
