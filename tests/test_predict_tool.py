@@ -15,6 +15,7 @@ import predict  # noqa: E402
 import train_net  # noqa: E402
 
 from retina_d2.data.converters import ConvertOptions, synthetic  # noqa: E402
+from retina_d2.modeling import tiling  # noqa: E402
 
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 
@@ -66,6 +67,54 @@ def test_predict_writes_results_overlays_and_counts(trained, tmp_path):
     with open(tmp_path / "out/lesion_counts.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and "microaneurysm" in rows[0]
+
+
+def test_predict_runs_tile_by_tile_with_tiling_enabled(trained, tmp_path, monkeypatch):
+    """RETINA.TILE.ENABLED on the command line: each image goes through TiledInference's grid;
+    with a tile larger than the image the detections are the untiled ones."""
+    photos = _images(trained, tmp_path)
+    grids = []  # tiles per image the tiled path cut
+    tile_grid = tiling.tile_grid
+
+    def spy(height, width, tile, overlap):
+        grid = tile_grid(height, width, tile, overlap)
+        if (height, width) != (1, 1):  # not TiledInference's own check of its arguments
+            grids.append(len(grid))
+        return grid
+
+    monkeypatch.setattr(tiling, "tile_grid", spy)
+
+    def run(name, *opts):
+        out = tmp_path / name
+        code = predict.main([
+            "--config-file", INSTANT, "--weights", str(trained / "run/model_final.pth"),
+            "--input", str(photos), "--output", str(out), "--score-threshold", "0.0",
+            # Three iterations of training score low: keep every detection to compare.
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *opts,
+        ])
+        assert code == 0
+        return json.loads((out / "coco_instances_results.json").read_text())
+
+    untiled = run("untiled")
+    assert grids == []
+    run("tiles", "RETINA.TILE.ENABLED", "True", "RETINA.TILE.SIZE", "96",
+        "RETINA.TILE.OVERLAP", "16")
+    assert len(grids) == 2 and min(grids) > 1  # the 192 px network input needs several tiles
+    grids.clear()
+    one_tile = run("one_tile", "RETINA.TILE.ENABLED", "True", "RETINA.TILE.SIZE", "512")
+    assert grids == [1, 1]
+
+    def detections(results):
+        # Masks only by their frame: the tiled path thresholds them at the network input's pixels
+        # and resizes by nearest neighbour (tiling.py, step 5), the untiled model pastes them at
+        # the photograph's, and the mapper resized the FOV crop.
+        return [
+            {**{k: v for k, v in r.items() if k != "segmentation"},
+             "frame": r["segmentation"]["size"]}
+            for r in results
+        ]
+
+    assert untiled and detections(one_tile) == detections(untiled)
 
 
 def test_unreadable_image_is_skipped_with_a_warning(trained, tmp_path, capsys):

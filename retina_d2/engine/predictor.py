@@ -4,6 +4,7 @@ from detectron2.modeling import build_model
 
 from ..data.mapper import LesionDatasetMapper
 from ..modeling import LesionCheckpointer
+from .trainer import LesionTrainer
 
 __all__ = ["LesionPredictor"]
 
@@ -11,14 +12,17 @@ __all__ = ["LesionPredictor"]
 class LesionPredictor:
     """Like Detectron2's DefaultPredictor, but with retina_d2's test-time preprocessing (FOV
     crop, resize, Graham/CLAHE) from the same mapper the evaluator uses, so a prediction here
-    equals the one made during evaluation."""
+    equals the one made during evaluation: the model runs through the trainer's
+    :meth:`LesionTrainer.build_inference_model`, so RETINA.TILE.ENABLED tiles here too."""
 
     def __init__(self, cfg):
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg)
-        self.model.eval()
+        model = build_model(self.cfg)
         if cfg.MODEL.WEIGHTS:
-            LesionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            # Into the bare model: a wrapper would prefix the checkpoint's keys.
+            LesionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        # A wrapper is a new module in training mode, in which it runs the model untiled.
+        self.model = LesionTrainer.build_inference_model(self.cfg, model).eval()
         self.mapper = LesionDatasetMapper(self.cfg, is_train=False)
 
     def __call__(self, file_name: str):

@@ -26,10 +26,16 @@ test-time FOV crop and resize; with ``INPUT.MIN_SIZE_TEST: 0`` the photograph's 
    :func:`paste_into_frame` (the FOV shift); masks, already thresholded at the network's
    resolution, by nearest neighbour; semantic maps through ``sem_seg_postprocess`` and the FOV
    padding. Where the image fits one tile the output equals the untiled model's.
+6. Lesion merging (``MODEL.LESION_MERGE``, :func:`merge_connected_lesions`) runs once, on the
+   whole image's instances in the original frame, as LesionRCNN runs it on an untiled image. The
+   wrapped model's own merge is switched off for the tiles: merged per tile, the two halves of a
+   plaque cut by a seam would meet only through step 3's IoU, which pieces that merely touch do
+   not reach.
 
 The wrapper lives beside the meta-architectures because it is one: the same inputs and outputs,
 usable wherever the model is (Detectron2's ``inference_on_dataset``, the trainer's ``test``).
 """
+import contextlib
 import itertools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,7 +49,8 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 from torchvision.ops import box_iou
 
-from .meta_arch.lesion_rcnn import paste_into_frame
+from .meta_arch.lesion_rcnn import LesionRCNN, paste_into_frame
+from .postprocess import merge_connected_lesions
 
 __all__ = ["TiledInference", "seam_weights", "tile_grid"]
 
@@ -266,6 +273,21 @@ def _nearest_span(origin: int, length: int, scale: float, limit: int):
     return int(out[0]), int(out[-1]) + 1, torch.from_numpy(source)
 
 
+@contextlib.contextmanager
+def _tiles_unmerged(model: nn.Module):
+    """Switch off the lesion merge of every LesionRCNN in ``model`` (through DDP or autocast
+    wrappers) while it runs on tiles; the wrapper merges the assembled image instead."""
+    rcnns = [m for m in model.modules() if isinstance(m, LesionRCNN)]
+    thresholds = [m.merge_score_threshold for m in rcnns]
+    for m in rcnns:
+        m.merge_score_threshold = None
+    try:
+        yield
+    finally:
+        for m, threshold in zip(rcnns, thresholds):
+            m.merge_score_threshold = threshold
+
+
 class TiledInference(nn.Module):
     """A model run tile by tile at inference, with the model's own inputs and outputs (see the
     module docstring). In training mode it is the model itself."""
@@ -280,6 +302,8 @@ class TiledInference(nn.Module):
         merge_iou: float = 0.5,
         batch_size: int = 1,
         max_detections: Optional[int] = None,
+        merge_score_threshold: Optional[float] = None,
+        merge_connectivity: int = 8,
     ):
         """
         Args:
@@ -291,6 +315,11 @@ class TiledInference(nn.Module):
             batch_size: tiles per forward pass.
             max_detections: keep at most this many merged instances per image (highest scores);
                 None or 0: all.
+            merge_score_threshold: with a value, the whole image's instances of a class scoring
+                at least this whose masks touch become one lesion (:func:`merge_connected_lesions`,
+                LesionRCNN's argument of the same name); None: no merge. The wrapped model's own
+                merge never runs on tiles (module docstring, step 6).
+            merge_connectivity: 8 or 4, how masks touch.
         """
         super().__init__()
         tile_grid(1, 1, tile_size, overlap)  # the grid's own checks
@@ -309,10 +338,16 @@ class TiledInference(nn.Module):
         self.merge_iou = float(merge_iou)
         self.batch_size = int(batch_size)
         self.max_detections = max_detections or None
+        self.merge_score_threshold = merge_score_threshold
+        self.merge_connectivity = merge_connectivity
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module):
         tile = cfg.RETINA.TILE
+        # The merge LesionRCNN.inference applies untiled; MultiTaskLesionNet postprocesses its
+        # LesionRCNN branch without it, so its tiled output must not be merged either.
+        merge = cfg.MODEL.LESION_MERGE
+        merges = merge.ENABLED and cfg.MODEL.META_ARCHITECTURE == LesionRCNN.__name__
         return {
             "model": model,
             "tile_size": tile.SIZE,
@@ -320,6 +355,8 @@ class TiledInference(nn.Module):
             "merge_iou": tile.MERGE_IOU,
             "batch_size": tile.BATCH_SIZE,
             "max_detections": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "merge_score_threshold": merge.SCORE_THRESH if merges else None,
+            "merge_connectivity": merge.CONNECTIVITY,
         }
 
     def forward(self, batched_inputs: List[dict]):
@@ -334,7 +371,7 @@ class TiledInference(nn.Module):
         """
         if self.training:
             return self.model(batched_inputs)
-        with torch.no_grad():
+        with torch.no_grad(), _tiles_unmerged(self.model):
             return [self._infer_one(inputs) for inputs in batched_inputs]
 
     def _infer_one(self, inputs: dict) -> dict:
@@ -371,7 +408,12 @@ class TiledInference(nn.Module):
                     weights[y0:y1, x0:x1] += w
         result = {}
         if pieces is not None:
-            result["instances"] = self._merged_instances(pieces, tiles, (net_h, net_w), inputs)
+            instances = self._merged_instances(pieces, tiles, (net_h, net_w), inputs)
+            if self.merge_score_threshold is not None:
+                instances = merge_connected_lesions(
+                    instances, self.merge_score_threshold, self.merge_connectivity
+                )
+            result["instances"] = instances
         if semantic is not None:
             result["sem_seg"] = self._semantic_in_frame(semantic / weights, (net_h, net_w), inputs)
         return result

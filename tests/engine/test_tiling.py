@@ -223,6 +223,66 @@ def test_instances_land_in_the_original_frame(scale):
         ]
 
 
+class FixedTilePredictions(nn.Module):
+    """A stand-in detector that returns, for the tile starting at column c (channel 0 of the image
+    holds each pixel's column), the boxes ``by_column[c]`` given in the image's pixels as
+    ``(class, score, (x0, y0, x1, y1))``, each with its box filled as its mask."""
+
+    def __init__(self, by_column):
+        super().__init__()
+        self.by_column = by_column
+
+    def forward(self, batched_inputs):
+        outputs = []
+        for inputs in batched_inputs:
+            image = inputs["image"]
+            h, w = image.shape[1:]
+            left = int(image[0, 0, 0])
+            instances = Instances((h, w))
+            lesions = self.by_column[left]
+            boxes = torch.tensor([b for _, _, b in lesions], dtype=torch.float32)
+            boxes -= torch.tensor([left, 0, left, 0], dtype=torch.float32)
+            instances.pred_boxes = Boxes(boxes)
+            instances.scores = torch.tensor([s for _, s, _ in lesions])
+            instances.pred_classes = torch.tensor([c for c, _, _ in lesions])
+            masks = torch.zeros((len(lesions), h, w), dtype=torch.bool)
+            for mask, (x0, y0, x1, y1) in zip(masks, boxes.to(torch.int64).tolist()):
+                mask[y0:y1, x0:x1] = True
+            instances.pred_masks = masks
+            outputs.append({"instances": instances})
+        return outputs
+
+
+# Tiles of 16 with overlap 4 on 8x28: columns [0, 16) and [12, 28). Each tile sees one half of a
+# plaque cut at column 14: inside the shared columns 12-15 the halves touch but do not overlap, so
+# the IoU merge keeps them apart. A third lesion lies apart from the plaque.
+HALVES = {
+    0: [(0, 0.9, (6, 2, 14, 6))],
+    12: [(0, 0.6, (14, 2, 22, 6)), (0, 0.5, (24, 2, 26, 4))],
+}
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_lesion_merge_joins_touching_halves_from_different_tiles(merge):
+    image = torch.arange(28, dtype=torch.uint8).repeat(3, 8, 1)  # channel 0: the column
+    model = TiledInference(
+        model=FixedTilePredictions(HALVES), tile_size=16, overlap=4,
+        merge_score_threshold=0.3 if merge else None,
+    ).eval()
+    instances = model([{"image": image}])[0]["instances"]
+    got = [
+        (round(float(s), 4), b.tolist())
+        for s, b in zip(instances.scores, instances.pred_boxes.tensor)
+    ]
+    if merge:  # one plaque, scored by its best half, and the lesion apart
+        assert got == [(0.9, [6, 2, 22, 6]), (0.5, [24, 2, 26, 4])]
+        plaque = torch.zeros((8, 28), dtype=torch.bool)
+        plaque[2:6, 6:22] = True
+        assert torch.equal(instances.pred_masks[0], plaque)
+    else:
+        assert got == [(0.9, [6, 2, 14, 6]), (0.6, [14, 2, 22, 6]), (0.5, [24, 2, 26, 4])]
+
+
 # ------------------------------------------------------------------------------------------------
 # Semantic maps
 # ------------------------------------------------------------------------------------------------
@@ -359,6 +419,63 @@ def test_tiled_lesion_rcnn_over_many_tiles_keeps_the_output_contract(rcnn):
     assert output["sem_seg"].shape == (5, 130, 150)
     assert float(output["sem_seg"][:, outside].abs().max()) == 0.0
     assert 0.0 < float(output["sem_seg"].max()) <= 1.0
+
+
+def test_a_merging_lesion_rcnn_is_merged_over_the_whole_image_not_per_tile(rcnn, monkeypatch):
+    """MODEL.LESION_MERGE with tiles: the model's merge is off for the tiles (and back on after),
+    the wrapper merges the assembled image once, and where the image fits one tile the result is
+    the untiled merged one."""
+    from retina_d2.modeling import tiling
+    from retina_d2.modeling.meta_arch import lesion_rcnn
+
+    cfg, model = rcnn
+    cfg = cfg.clone()
+    cfg.MODEL.LESION_MERGE.ENABLED = True
+    cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.0
+    monkeypatch.setattr(model, "merge_score_threshold", 0.0)  # as build_model(cfg) sets it
+    calls = {"model": 0, "wrapper": 0}
+
+    def spy(module, key):
+        merge = module.merge_connected_lesions
+
+        def counted(*args, **kwargs):
+            calls[key] += 1
+            return merge(*args, **kwargs)
+
+        monkeypatch.setattr(module, "merge_connected_lesions", counted)
+
+    spy(lesion_rcnn, "model")
+    spy(tiling, "wrapper")
+    with torch.no_grad():
+        whole = model([_photo_inputs()])[0]["instances"]
+    assert calls == {"model": 1, "wrapper": 0}
+    one_tile = LesionTrainer.build_inference_model(cfg, model).eval()
+    assert one_tile.merge_score_threshold == 0.0
+    got = one_tile([_photo_inputs()])[0]["instances"]
+    assert calls == {"model": 1, "wrapper": 1}
+    assert model.merge_score_threshold == 0.0  # the model merges again outside the tiles
+    assert len(whole) > 0
+    assert torch.equal(whole.pred_boxes.tensor, got.pred_boxes.tensor)
+    assert torch.equal(whole.scores, got.scores)
+    assert torch.equal(whole.pred_masks, got.pred_masks)
+
+    cfg.RETINA.TILE.SIZE, cfg.RETINA.TILE.OVERLAP = 64, 16
+    TiledInference(cfg, model).eval()([_photo_inputs()])
+    assert calls == {"model": 1, "wrapper": 2}  # six tiles, one merge
+
+
+def test_only_a_lesion_rcnn_config_merges_the_tiled_image():
+    cfg = get_retina_cfg()
+    assert TiledInference(cfg, nn.Identity()).merge_score_threshold is None
+    cfg.MODEL.META_ARCHITECTURE = "LesionRCNN"
+    cfg.MODEL.LESION_MERGE.ENABLED = True
+    cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.25
+    cfg.MODEL.LESION_MERGE.CONNECTIVITY = 4
+    tiled = TiledInference(cfg, nn.Identity())
+    assert (tiled.merge_score_threshold, tiled.merge_connectivity) == (0.25, 4)
+    # MultiTaskLesionNet does not merge its LesionRCNN branch untiled: nor does its tiled run.
+    cfg.MODEL.META_ARCHITECTURE = "MultiTaskLesionNet"
+    assert TiledInference(cfg, nn.Identity()).merge_score_threshold is None
 
 
 def test_trainer_wraps_the_model_only_when_tiling_is_enabled(rcnn):
