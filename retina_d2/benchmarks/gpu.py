@@ -110,6 +110,8 @@ def train_speed(config: str, datasets: str, amp: bool, iterations: int, warmup: 
         trainer.register_hooks([clock])
         trainer.train()
         loss = trainer.storage.history("total_loss").latest()
+        # Detectron2's data_time: how long each step waited for its batch (the loader's share).
+        data_wait = [v for v, it in trainer.storage.history("data_time").values() if it >= warmup]
         trainer_kind = type(trainer._trainer).__name__
     timed = clock.ends[warmup:]
     seconds = timed[-1] - clock.ends[warmup - 1] if warmup else timed[-1] - timed[0]
@@ -119,6 +121,7 @@ def train_speed(config: str, datasets: str, amp: bool, iterations: int, warmup: 
     return {
         "images_per_second": batch * steps / seconds,
         "seconds_per_iteration": statistics.median(steps_s) if steps_s else seconds / steps,
+        "data_wait_seconds": statistics.median(data_wait) if data_wait else None,
         "batch": batch, "iterations": steps, "trainer": trainer_kind,
         "last_total_loss": loss, "loss_finite": math.isfinite(loss), **_gpu_peak(device),
     }
@@ -171,7 +174,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tiling", choices=["full", "small", "none"], default="full",
                         help="tiled-vs-whole rows on the tiling benchmark's synthetic photograph "
                         "(full = 4288x2848, small = 640x426, none = skip)")
+    parser.add_argument("--tasks", nargs="+", choices=["train", "infer"], default=["train", "infer"])
     parser.add_argument("--timeout", type=float, default=900, help="seconds per variant")
+
+
+def _measure(args, task: str, config: str, amp: bool, datasets: str, images: List[str]):
+    if task == "train" and amp and not args.device.startswith("cuda"):
+        return {"error": "not run: Detectron2's AMPTrainer needs CUDA"}
+    if task == "train":
+        kwargs = {"iterations": args.iterations, "warmup": args.warmup}
+    else:
+        kwargs = {"images": images, "passes": args.passes}
+    return measure_in_subprocess(
+        f"{__name__}:{task}_speed",
+        {"config": config, "datasets": datasets, "amp": amp, "device": args.device, **kwargs},
+        timeout=args.timeout,
+    )
 
 
 def _tiling_rows(args, tmp: Path) -> List[Dict[str, Any]]:
@@ -220,28 +238,12 @@ def run(args) -> dict:
         images = [str(datasets / "synthetic" / "raw" / r["file_name"]) for r in val["images"]]
         for config in args.configs:
             for amp in (False, True):
-                logger.info("%s: train, amp=%s", config, amp)
-                row = {"task": "train", "config": config, "amp": amp, "source": f"synthetic {args.size} px"}
-                if amp and not args.device.startswith("cuda"):
-                    row["error"] = "not run: Detectron2's AMPTrainer needs CUDA"
-                else:
-                    row.update(measure_in_subprocess(
-                        f"{__name__}:train_speed",
-                        {"config": config, "datasets": str(datasets), "amp": amp,
-                         "iterations": args.iterations, "warmup": args.warmup,
-                         "device": args.device},
-                        timeout=args.timeout,
-                    ))
-                results["rows"].append(row)
-                logger.info("%s: infer, amp=%s", config, amp)
-                row = {"task": "infer", "config": config, "amp": amp, "source": f"synthetic {args.size} px"}
-                row.update(measure_in_subprocess(
-                    f"{__name__}:infer_speed",
-                    {"config": config, "datasets": str(datasets), "amp": amp, "images": images,
-                     "passes": args.passes, "device": args.device},
-                    timeout=args.timeout,
-                ))
-                results["rows"].append(row)
+                for task in args.tasks:
+                    logger.info("%s: %s, amp=%s", config, task, amp)
+                    row = {"task": task, "config": config, "amp": amp,
+                           "source": f"synthetic {args.size} px"}
+                    row.update(_measure(args, task, config, amp, str(datasets), images))
+                    results["rows"].append(row)
                 _save(args.out, results, write_json_atomic)  # a later failure keeps these rows
         if args.tiling != "none":
             results["rows"] += _tiling_rows(args, Path(tmp))
@@ -250,6 +252,7 @@ def run(args) -> dict:
         ("task", "task", ""), ("config", "config", ""), ("source", "source", ""),
         ("variant", "variant", ""), ("AMP", "amp", ""), ("images/s", "images_per_second", ".2f"),
         ("GPU peak MB", "cuda_peak_mb", ".0f"), ("detections", "detections_per_image", ".0f"),
+        ("s / iter", "seconds_per_iteration", ".3f"), ("data wait s", "data_wait_seconds", ".3f"),
         ("last loss", "last_total_loss", ".3f"),
     ]))
     for row in results["rows"]:
