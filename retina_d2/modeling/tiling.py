@@ -49,6 +49,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 from torchvision.ops import box_iou
 
+from ..config import has_detector
 from .meta_arch.lesion_rcnn import LesionRCNN, paste_into_frame
 from .postprocess import merge_connected_lesions
 
@@ -344,10 +345,10 @@ class TiledInference(nn.Module):
     @classmethod
     def from_config(cls, cfg, model: nn.Module):
         tile = cfg.RETINA.TILE
-        # The merge LesionRCNN.inference applies untiled; MultiTaskLesionNet postprocesses its
-        # LesionRCNN branch without it, so its tiled output must not be merged either.
+        # The merge LesionRCNN (alone or as MultiTaskLesionNet's branch) applies untiled. A
+        # semantic-only model has no instances to merge.
         merge = cfg.MODEL.LESION_MERGE
-        merges = merge.ENABLED and cfg.MODEL.META_ARCHITECTURE == LesionRCNN.__name__
+        merges = merge.ENABLED and has_detector(cfg)
         return {
             "model": model,
             "tile_size": tile.SIZE,

@@ -464,7 +464,7 @@ def test_a_merging_lesion_rcnn_is_merged_over_the_whole_image_not_per_tile(rcnn,
     assert calls == {"model": 1, "wrapper": 2}  # six tiles, one merge
 
 
-def test_only_a_lesion_rcnn_config_merges_the_tiled_image():
+def test_only_a_detector_config_merges_the_tiled_image():
     cfg = get_retina_cfg()
     assert TiledInference(cfg, nn.Identity()).merge_score_threshold is None
     cfg.MODEL.META_ARCHITECTURE = "LesionRCNN"
@@ -473,8 +473,12 @@ def test_only_a_lesion_rcnn_config_merges_the_tiled_image():
     cfg.MODEL.LESION_MERGE.CONNECTIVITY = 4
     tiled = TiledInference(cfg, nn.Identity())
     assert (tiled.merge_score_threshold, tiled.merge_connectivity) == (0.25, 4)
-    # MultiTaskLesionNet does not merge its LesionRCNN branch untiled: nor does its tiled run.
+    # MultiTaskLesionNet merges what its LesionRCNN branch detects, as LesionRCNN does...
     cfg.MODEL.META_ARCHITECTURE = "MultiTaskLesionNet"
+    cfg.MODEL.MULTITASK.LESION_ARCHITECTURE = "LesionRCNN"
+    assert TiledInference(cfg, nn.Identity()).merge_score_threshold == 0.25
+    # ...and a semantic lesion branch has no instances to merge.
+    cfg.MODEL.MULTITASK.LESION_ARCHITECTURE = "SemanticLesionNet"
     assert TiledInference(cfg, nn.Identity()).merge_score_threshold is None
 
 

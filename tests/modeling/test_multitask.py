@@ -226,3 +226,29 @@ def test_without_lesion_maps_presence_is_the_best_instance_score_per_class(recor
     for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist()):
         expected[c] = max(expected[c], s)
     assert torch.allclose(out["lesion_presence"], expected)
+
+
+def test_lesion_merge_applies_to_the_detector_branch(records):
+    # MODEL.LESION_MERGE as LesionRCNN applies it: touching confident masks of one class become one
+    # lesion, so the merged lesions of a class are disjoint; without it random weights' masks overlap.
+    opts = ("MODEL.LESION_SEG.ENABLED", "False", "MODEL.GRADING.NAME", "PlainGradingHead",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.LESION_MERGE.SCORE_THRESH", "0.0")
+    mapper = LesionDatasetMapper(
+        is_train=False, augmentations=[T.ResizeShortestEdge(96, 96)], image_format="RGB"
+    )
+    inputs = mapper(dict(records[0]))
+
+    def overlapping_pairs(merge: bool):
+        torch.manual_seed(0)
+        model = build_model(_cfg(INSTANT, *opts, "MODEL.LESION_MERGE.ENABLED", str(merge))).eval()
+        with torch.no_grad():
+            instances = model([inputs])[0]["instances"]
+        pairs = 0
+        for cls in instances.pred_classes.unique():
+            masks = instances.pred_masks[instances.pred_classes == cls].flatten(1).int()
+            shared = masks @ masks.T
+            pairs += int((shared - torch.diag(shared.diagonal())).gt(0).sum()) // 2
+        return len(instances), pairs
+
+    unmerged, merged = overlapping_pairs(False), overlapping_pairs(True)
+    assert unmerged[1] > 0 and merged[0] > 0 and merged[1] == 0

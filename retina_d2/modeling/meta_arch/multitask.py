@@ -48,6 +48,7 @@ from ..grading import (
     grading_loss,
 )
 from ..localization import LandmarkHeatmapHead, to_original_frame
+from ..postprocess import merge_connected_lesions
 from .lesion_rcnn import LesionRCNN
 from .semantic_net import (
     ACTIVATIONS,
@@ -356,6 +357,14 @@ class MultiTaskLesionNet(nn.Module):
         """The per-image inference dicts (module docstring)."""
         if detections is not None:
             outputs = LesionRCNN._postprocess(detections, batched_inputs, images.image_sizes)
+            # MODEL.LESION_MERGE as the lesion-only LesionRCNN applies it, so a multi-task run
+            # scores the same lesions (its branch's own inference is not the path taken here).
+            branch = self.lesion_model
+            if branch.merge_score_threshold is not None:
+                for output in outputs:
+                    output["instances"] = merge_connected_lesions(
+                        output["instances"], branch.merge_score_threshold, branch.merge_connectivity
+                    )
         else:
             outputs = [{} for _ in batched_inputs]
         if logits is not None:
