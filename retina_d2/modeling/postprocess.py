@@ -39,51 +39,68 @@ def merge_connected_lesions(
     masks = instances.pred_masks
     if masks.dim() == 4:  # (N, 1, H, W) before paste
         masks = masks[:, 0]
-    masks_np = masks.cpu().numpy().astype(bool)
+    masks = masks.bool()
+    height, width = masks.shape[-2:]
+    # Each mask's exact row and column extent, in one pass over the stack: the per-mask work below
+    # then touches only that window. A full-frame pass per prediction made this the slowest step
+    # of inference (256 predictions at HEI-MED's 2196x1958: ~7 s on a CPU).
+    masks_np = masks.cpu().numpy()
+    rows_hit = masks_np.any(axis=2)  # numpy's: ~10x faster than torch's bool any on a CPU
+    cols_hit = masks_np.any(axis=1)
     # float(): under autocast (RETINA.INFERENCE.AMP) they arrive in half precision, which numpy
     # lacks for bfloat16.
     scores = instances.scores.float().cpu().numpy()
     classes = instances.pred_classes.cpu().numpy()
     boxes_np = instances.pred_boxes.tensor.float().cpu().numpy()
     confident = scores >= score_threshold
-    out_masks, out_scores, out_classes, out_boxes = [], [], [], []
+    # What each output instance is, filled into one preallocated stack at the end (in score
+    # order), so no full-frame mask is copied twice: ("component", labels, k, window) for a merged
+    # region, ("kept", i) for a prediction that stays as it was.
+    parts, out_scores, out_classes, out_boxes = [], [], [], []
     for cls in np.unique(classes[confident]):
         members = np.flatnonzero(confident & (classes == cls))
-        best = np.zeros(masks_np.shape[1:], np.float32)  # per pixel: the best score covering it
+        best = np.zeros((height, width), np.float32)  # per pixel: the best score covering it
+        empty = []
         for i in members:
-            np.maximum(best, np.where(masks_np[i], scores[i], 0), out=best)
+            rows, cols = np.flatnonzero(rows_hit[i]), np.flatnonzero(cols_hit[i])
+            if rows.size == 0:
+                empty.append(i)
+                continue
+            win = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            np.maximum(best[win], np.where(masks_np[i][win], scores[i], 0), out=best[win])
         labels, _ = ndimage.label(best > 0, structure=structure)
         for k, (rows, cols) in enumerate(ndimage.find_objects(labels), start=1):
-            component = np.zeros(masks_np.shape[1:], bool)
-            component[rows, cols] = labels[rows, cols] == k
-            out_masks.append(component)
+            parts.append(("component", labels, k, (rows, cols)))
             out_scores.append(float(best[rows, cols][labels[rows, cols] == k].max()))
             out_classes.append(int(cls))
             out_boxes.append([cols.start, rows.start, cols.stop, rows.stop])
-        for i in members:  # a confident prediction with an empty mask stays as it was
-            if not masks_np[i].any():
-                out_masks.append(masks_np[i])
-                out_scores.append(float(scores[i]))
-                out_classes.append(int(cls))
-                out_boxes.append(boxes_np[i].tolist())
+        for i in empty:  # a confident prediction with an empty mask stays as it was
+            parts.append(("kept", i))
+            out_scores.append(float(scores[i]))
+            out_classes.append(int(cls))
+            out_boxes.append(boxes_np[i].tolist())
+    rest = np.flatnonzero(~confident)  # below the threshold: kept as they are
+    parts += [("kept", i) for i in rest]
+    out_scores += scores[rest].tolist()
+    out_classes += classes[rest].tolist()
+    out_boxes += boxes_np[rest].tolist()
+
     device = instances.scores.device
+    score_tensor = torch.tensor(out_scores, dtype=instances.scores.dtype)
+    order = torch.argsort(score_tensor, descending=True)
+    stack = np.zeros((len(parts), height, width), bool)
+    for slot, index in enumerate(order.tolist()):
+        part = parts[index]
+        if part[0] == "component":
+            _, labels, k, (rows, cols) = part
+            stack[slot, rows, cols] = labels[rows, cols] == k
+        else:
+            stack[slot] = masks_np[part[1]]
     merged = Instances(instances.image_size)
-    merged.pred_masks = (
-        torch.from_numpy(np.stack(out_masks)) if out_masks else masks[:0].cpu()
-    ).to(device)
-    merged.scores = torch.tensor(out_scores, dtype=instances.scores.dtype, device=device)
-    merged.pred_classes = torch.tensor(out_classes, dtype=torch.int64, device=device)
+    merged.pred_masks = torch.from_numpy(stack).to(device)
+    merged.scores = score_tensor[order].to(device)
+    merged.pred_classes = torch.tensor(out_classes, dtype=torch.int64)[order].to(device)
     merged.pred_boxes = Boxes(
-        torch.tensor(out_boxes, dtype=torch.float32, device=device).reshape(-1, 4)
+        torch.tensor(out_boxes, dtype=torch.float32).reshape(-1, 4)[order].to(device)
     )
-    rest = torch.as_tensor(np.flatnonzero(~confident), device=device)
-    if len(rest):
-        low = Instances(
-            instances.image_size,
-            pred_masks=masks[rest],
-            scores=instances.scores[rest],
-            pred_classes=instances.pred_classes[rest],
-            pred_boxes=instances.pred_boxes[rest],
-        )
-        merged = Instances.cat([merged, low])
-    return merged[torch.argsort(merged.scores, descending=True)]
+    return merged

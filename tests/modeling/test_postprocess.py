@@ -73,3 +73,50 @@ def test_lesion_rcnn_merges_when_configured():
     assert len(got) == len(expected) <= len(raw)
     torch.testing.assert_close(got.scores, expected.scores)
     assert torch.equal(got.pred_masks, expected.pred_masks)
+
+
+def _reference_merge(instances, threshold, connectivity):
+    """The definition, pixel by pixel over the whole frame: per class, the connected components
+    of the union of the confident masks, each scored by the best prediction touching it; the
+    rest as they were. Returns a set of (class, score, box, mask bytes)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
+    masks = instances.pred_masks.numpy()
+    scores, classes = instances.scores.numpy(), instances.pred_classes.numpy()
+    out = set()
+    for cls in set(classes[scores >= threshold].tolist()):
+        members = [i for i in range(len(scores)) if classes[i] == cls and scores[i] >= threshold]
+        labels, count = ndimage.label(np.any(masks[members], axis=0), structure=structure)
+        for k in range(1, count + 1):
+            region = labels == k
+            score = max(float(scores[i]) for i in members if (masks[i] & region).any())
+            ys, xs = np.nonzero(region)
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            out.add((cls, round(score, 6), tuple(float(v) for v in box), region.tobytes()))
+    for i in np.flatnonzero(scores < threshold):
+        box = tuple(float(v) for v in instances.pred_boxes.tensor[i].tolist())
+        out.add((int(classes[i]), round(float(scores[i]), 6), box, masks[i].tobytes()))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_random_scenes_merge_as_the_pixelwise_definition_says(seed, connectivity):
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+    specs = []
+    for _ in range(int(rng.integers(1, 25))):
+        y0, x0 = int(rng.integers(0, size[0] - 2)), int(rng.integers(0, size[1] - 2))
+        y1, x1 = y0 + int(rng.integers(1, 9)), x0 + int(rng.integers(1, 9))
+        specs.append((int(rng.integers(0, 3)), float(rng.uniform()), (y0, y1, x0, x1)))
+    instances = _instances(specs, size)
+    merged = merge_connected_lesions(instances, 0.4, connectivity)
+    got = {
+        (int(c), round(float(s), 6), tuple(float(v) for v in b.tolist()), m.numpy().tobytes())
+        for c, s, b, m in zip(merged.pred_classes, merged.scores, merged.pred_boxes.tensor,
+                              merged.pred_masks)
+    }
+    assert got == _reference_merge(instances, 0.4, connectivity)
+    assert len(got) == len(merged)  # no instance twice
+    assert torch.all(merged.scores[:-1] >= merged.scores[1:])  # sorted by score
