@@ -82,7 +82,9 @@ def _gpu_peak(device: str) -> Dict[str, Any]:
 
 def train_speed(config: str, datasets: str, amp: bool, iterations: int, warmup: int,
                 device: str = "cuda") -> Dict[str, Any]:
-    """Images per second of ``iterations`` training steps after ``warmup`` untimed ones."""
+    """Images per second of ``iterations`` training steps after ``warmup`` (>= 1) untimed ones."""
+    if warmup < 1 or iterations < 1:
+        raise ValueError(f"need warmup >= 1 and iterations >= 1, got {warmup} and {iterations}")
     from detectron2.engine import HookBase
 
     from ..data.register import register_all
@@ -113,14 +115,12 @@ def train_speed(config: str, datasets: str, amp: bool, iterations: int, warmup: 
         # Detectron2's data_time: how long each step waited for its batch (the loader's share).
         data_wait = [v for v, it in trainer.storage.history("data_time").values() if it >= warmup]
         trainer_kind = type(trainer._trainer).__name__
-    timed = clock.ends[warmup:]
-    seconds = timed[-1] - clock.ends[warmup - 1] if warmup else timed[-1] - timed[0]
-    steps = len(timed) if warmup else len(timed) - 1
-    batch = cfg.SOLVER.IMS_PER_BATCH
-    steps_s = [b - a for a, b in zip(clock.ends[warmup - 1:-1], timed)] if warmup else []
+    # Each timed step runs from the previous step's end to its own: warmup >= 1 gives the first.
+    steps_s = [b - a for a, b in zip(clock.ends[warmup - 1:], clock.ends[warmup:])]
+    seconds, steps, batch = sum(steps_s), len(steps_s), cfg.SOLVER.IMS_PER_BATCH
     return {
         "images_per_second": batch * steps / seconds,
-        "seconds_per_iteration": statistics.median(steps_s) if steps_s else seconds / steps,
+        "seconds_per_iteration": statistics.median(steps_s),
         "data_wait_seconds": statistics.median(data_wait) if data_wait else None,
         "batch": batch, "iterations": steps, "trainer": trainer_kind,
         "last_total_loss": loss, "loss_finite": math.isfinite(loss), **_gpu_peak(device),
