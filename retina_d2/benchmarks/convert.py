@@ -244,7 +244,6 @@ def run(args) -> dict:
             row["x_floor"] = row["seconds"] / floor["seconds"]
     results["machine_after"] = machine_info()
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, results, indent=2)
     print(format_table(results["rows"], _COLUMNS))
     for row in results["rows"]:

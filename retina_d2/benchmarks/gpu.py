@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from . import REPO_ROOT, format_table, machine_info, measure_in_subprocess, run_tool
 
@@ -41,8 +41,9 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "gpu.json"
 CONFIGS = ("configs/maskrcnn_idrid.yaml", "configs/maskrcnn_heimed.yaml")
 
 
-def _cfg(config: str, device: str, amp: bool, datasets: str, output_dir: str):
+def _cfg(config: str, device: str, amp: bool, output_dir: str):
     from ..config import get_retina_cfg
+    from ..modeling.amp import autocast_dtype_name
 
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(REPO_ROOT / config))
@@ -53,14 +54,12 @@ def _cfg(config: str, device: str, amp: bool, datasets: str, output_dir: str):
     cfg.DATASETS.TEST = ()
     cfg.SOLVER.AMP.ENABLED = amp
     cfg.RETINA.INFERENCE.AMP = amp
-    # CPU autocast is built for bfloat16; CUDA's tensor cores take float16 with AMPTrainer's scaler.
-    cfg.RETINA.INFERENCE.AMP_DTYPE = "float16" if device.startswith("cuda") else "bfloat16"
+    cfg.RETINA.INFERENCE.AMP_DTYPE = autocast_dtype_name(device)
     cfg.TEST.EVAL_PERIOD = 0
     cfg.RETINA.EVAL.REPORT = False
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.DATALOADER.NUM_WORKERS = min(8, os.cpu_count() or 1)
     cfg.OUTPUT_DIR = output_dir
-    os.environ["RETINA_D2_DATASETS"] = datasets
     return cfg
 
 
@@ -99,8 +98,9 @@ def train_speed(config: str, datasets: str, amp: bool, iterations: int, warmup: 
             _sync(device)
             self.ends.append(time.perf_counter())
 
+    os.environ["RETINA_D2_DATASETS"] = datasets  # register_all finds the synthetic set there
     with tempfile.TemporaryDirectory(prefix="retina_d2_gpu_train_") as out:
-        cfg = _cfg(config, device, amp, datasets, out)
+        cfg = _cfg(config, device, amp, out)
         cfg.SOLVER.MAX_ITER = warmup + iterations
         cfg.SOLVER.STEPS = ()
         cfg.SOLVER.WARMUP_ITERS = 0
@@ -127,7 +127,7 @@ def train_speed(config: str, datasets: str, amp: bool, iterations: int, warmup: 
     }
 
 
-def infer_speed(config: str, datasets: str, amp: bool, images: List[str], passes: int = 20,
+def infer_speed(config: str, amp: bool, images: List[str], passes: int = 20,
                 device: str = "cuda") -> Dict[str, Any]:
     """Images per second of the evaluation model over ``passes`` images taken in turn from
     ``images`` (mapped before the clock)."""
@@ -137,7 +137,7 @@ def infer_speed(config: str, datasets: str, amp: bool, images: List[str], passes
     from ..data.mapper import LesionDatasetMapper
     from ..engine import LesionTrainer
 
-    cfg = _cfg(config, device, amp, datasets, output_dir="")
+    cfg = _cfg(config, device, amp, output_dir="")
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     runner = LesionTrainer.build_inference_model(cfg, model).eval()
@@ -182,12 +182,12 @@ def _measure(args, task: str, config: str, amp: bool, datasets: str, images: Lis
     if task == "train" and amp and not args.device.startswith("cuda"):
         return {"error": "not run: Detectron2's AMPTrainer needs CUDA"}
     if task == "train":
-        kwargs = {"iterations": args.iterations, "warmup": args.warmup}
+        kwargs = {"datasets": datasets, "iterations": args.iterations, "warmup": args.warmup}
     else:
         kwargs = {"images": images, "passes": args.passes}
     return measure_in_subprocess(
         f"{__name__}:{task}_speed",
-        {"config": config, "datasets": datasets, "amp": amp, "device": args.device, **kwargs},
+        {"config": config, "amp": amp, "device": args.device, **kwargs},
         timeout=args.timeout,
     )
 
@@ -244,10 +244,10 @@ def run(args) -> dict:
                            "source": f"synthetic {args.size} px"}
                     row.update(_measure(args, task, config, amp, str(datasets), images))
                     results["rows"].append(row)
-                _save(args.out, results, write_json_atomic)  # a later failure keeps these rows
+                write_json_atomic(args.out, results, indent=2)  # a later failure keeps these rows
         if args.tiling != "none":
             results["rows"] += _tiling_rows(args, Path(tmp))
-    _save(args.out, results, write_json_atomic)
+    write_json_atomic(args.out, results, indent=2)
     print(format_table(results["rows"], [
         ("task", "task", ""), ("config", "config", ""), ("source", "source", ""),
         ("variant", "variant", ""), ("AMP", "amp", ""), ("images/s", "images_per_second", ".2f"),
@@ -261,7 +261,3 @@ def run(args) -> dict:
     print(f"\nresults: {args.out}")
     return results
 
-
-def _save(path: Path, results: Dict[str, Any], write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(path, results, indent=2)

@@ -117,7 +117,6 @@ def run(args) -> dict:
         "rows": rows,
         "run_dir": str(run_dir),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, results, indent=2)
     columns = [("checkpoint", "name", "")] + [
         (f"{task} {m}", f"{task} {m}", ".1f")

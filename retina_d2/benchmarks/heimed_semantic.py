@@ -135,7 +135,6 @@ def run(args) -> dict:
         "machine": machine_info(),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, results, indent=2)
     columns = [
         ("head", "name", ""), ("iters", "iterations", "d"), ("train min", "train_minutes", ".1f"),

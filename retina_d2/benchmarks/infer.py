@@ -160,7 +160,6 @@ def run(args) -> dict:
     for row in results["rows"]:
         if row.get("infer_seconds") and stock.get("infer_seconds"):
             row["infer_x_stock"] = row["infer_seconds"] / stock["infer_seconds"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, results, indent=2)
     print(format_table(results["rows"], [
         ("model", "name", ""), ("forward s", "infer_seconds", ".2f"),

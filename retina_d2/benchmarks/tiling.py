@@ -119,6 +119,7 @@ def small_lesion_recall(labels: np.ndarray, pred_masks, iou_threshold: float,
 def _cfg(tiled: bool, tile: int, overlap: int, min_size: int, detections: Optional[int],
          device: str, weights: Optional[str], amp: bool = False):
     from ..config import get_retina_cfg
+    from ..modeling.amp import autocast_dtype_name
 
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(REPO_ROOT / CONFIG))
@@ -131,7 +132,7 @@ def _cfg(tiled: bool, tile: int, overlap: int, min_size: int, detections: Option
     cfg.RETINA.TILE.ENABLED = tiled
     cfg.RETINA.TILE.SIZE, cfg.RETINA.TILE.OVERLAP = tile, overlap
     cfg.RETINA.INFERENCE.AMP = amp
-    cfg.RETINA.INFERENCE.AMP_DTYPE = "float16" if device.startswith("cuda") else "bfloat16"
+    cfg.RETINA.INFERENCE.AMP_DTYPE = autocast_dtype_name(device)
     return cfg
 
 
@@ -278,7 +279,6 @@ def run(args) -> dict:
                     timeout=args.timeout,
                 ))
                 results["rows"].append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, results, indent=2)
     print(format_table(results["rows"], [
         ("images", "source", ""), ("variant", "variant", ""),

@@ -14,9 +14,15 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-__all__ = ["AutocastInference", "outputs_to_float32"]
+__all__ = ["AutocastInference", "autocast_dtype_name", "outputs_to_float32"]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype_name(device: str) -> str:
+    """The RETINA.INFERENCE.AMP_DTYPE that suits ``device``: CUDA's tensor cores take float16,
+    CPU autocast is built for bfloat16."""
+    return "float16" if device.startswith("cuda") else "bfloat16"
 
 
 def outputs_to_float32(value: Any) -> Any:
