@@ -33,6 +33,7 @@ __all__ = [
     "main",
     "measure_in_subprocess",
     "run_tool",
+    "train_or_score",
 ]
 
 # The checkout this package lives in: default places of data beside it and of results in it.
@@ -178,6 +179,18 @@ def run_tool(script: str, *args: str, env: Optional[Dict[str, str]] = None) -> f
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], check=True, env=env)
     return time.perf_counter() - start
+
+
+def train_or_score(config: Path, opts: Sequence[str], run_dir: Path, skip_train: bool,
+                   env: Dict[str, str]) -> Optional[float]:
+    """Train ``config`` with ``tools/train_net.py`` (``opts``: its overrides, OUTPUT_DIR among
+    them) and return the seconds it took; with ``skip_train``, evaluate the final weights already
+    in ``run_dir`` instead (``--eval-only``) and return None."""
+    if skip_train:
+        run_tool("train_net.py", "--config-file", str(config), "--eval-only",
+                 "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *opts, env=env)
+        return None
+    return run_tool("train_net.py", "--config-file", str(config), *opts, env=env)
 
 
 def convert_heimed_dev(root: Path, datasets: Path, semantic: bool = True) -> tuple:

@@ -27,7 +27,7 @@ from . import (
     convert_heimed_dev,
     format_table,
     machine_info,
-    run_tool,
+    train_or_score,
 )
 
 __all__ = [
@@ -134,6 +134,7 @@ def floor_rows(records: Sequence[dict], image_root: Path, radii: Sequence[float]
 def run(args) -> dict:
     from retina_d2.config import get_retina_cfg
     from retina_d2.data.converters.base import write_json_atomic
+    from retina_d2.data.register import read_manifest
     from retina_d2.evaluation.localization_eval import radius_name
 
     from .heimed_semantic import scaled_schedule
@@ -147,15 +148,9 @@ def run(args) -> dict:
     iterations = args.iterations or cfg.SOLVER.MAX_ITER
     radii = list(cfg.RETINA.EVAL.LANDMARK_RADII)
     opts = scaled_schedule(args.config_file, iterations) + ["OUTPUT_DIR", str(run_dir)]
-    train_s = None
-    if args.skip_train:
-        run_tool(
-            "train_net.py", "--config-file", str(args.config_file), "--eval-only",
-            "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *opts, env=env,
-        )
-    else:
+    if not args.skip_train:
         logger.info("training %s for %d iterations", args.config_file, iterations)
-        train_s = run_tool("train_net.py", "--config-file", str(args.config_file), *opts, env=env)
+    train_s = train_or_score(args.config_file, opts, run_dir, args.skip_train, env)
     eval_dir = run_dir / "inference" / VAL_DATASET
     metrics = json.loads((eval_dir / "localization_metrics.json").read_text())[LANDMARK]
     model_row = {
@@ -165,10 +160,7 @@ def run(args) -> dict:
         **metrics,
     }
     val = json.loads((datasets / "heimed" / "val.json").read_text())
-    manifest = json.loads((datasets / "heimed" / "retina_d2.json").read_text())
-    image_root = Path(manifest["image_root"])
-    if not image_root.is_absolute():
-        image_root = datasets / "heimed" / image_root
+    _, image_root = read_manifest(datasets / "heimed")
     rows = [model_row] + floor_rows(val["images"], image_root, radii)
     results = {
         "benchmark": "heimed-localization",

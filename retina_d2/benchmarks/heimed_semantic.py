@@ -24,7 +24,7 @@ from . import (
     format_table,
     machine_info,
     measure_in_subprocess,
-    run_tool,
+    train_or_score,
 )
 
 __all__ = ["add_arguments", "run", "HEADS", "scaled_schedule"]
@@ -97,15 +97,9 @@ def run(args) -> dict:
         iterations = args.iterations or default_iterations
         run_dir = work / config.split("/")[-1].replace(".yaml", "")
         opts = scaled_schedule(REPO_ROOT / config, iterations) + ["OUTPUT_DIR", str(run_dir)]
-        train_s = None
         if not args.skip_train:
             logger.info("training %s for %d iterations", name, iterations)
-            train_s = run_tool("train_net.py", "--config-file", str(REPO_ROOT / config), *opts, env=env)
-        else:
-            run_tool(
-                "train_net.py", "--config-file", str(REPO_ROOT / config), "--eval-only",
-                "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *opts, env=env,
-            )
+        train_s = train_or_score(REPO_ROOT / config, opts, run_dir, args.skip_train, env)
         metrics_file = run_dir / "inference" / "heimed_seg_val" / "semantic_metrics.json"
         metrics = json.loads(metrics_file.read_text())["sem_seg"]
         speed = measure_in_subprocess(

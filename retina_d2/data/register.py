@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -19,7 +19,7 @@ from detectron2.data.datasets import load_coco_json
 from .converters.base import MANIFEST_NAME
 from .lesions import lesion
 
-__all__ = ["datasets_root", "register_converted", "register_all", "load_lesion_json"]
+__all__ = ["datasets_root", "read_manifest", "register_converted", "register_all", "load_lesion_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,18 @@ def load_lesion_json(json_file: str, image_root: str, dataset_name: Optional[str
     return dicts
 
 
+def read_manifest(conversion_dir: Path) -> Tuple[dict, Path]:
+    """The manifest (``retina_d2.json``) of one converted dataset and its image root as an
+    absolute path (the manifest may store it relative to the conversion folder)."""
+    conversion_dir = Path(conversion_dir).resolve()
+    with open(conversion_dir / MANIFEST_NAME) as f:
+        manifest = json.load(f)
+    image_root = Path(manifest["image_root"])
+    if not image_root.is_absolute():
+        image_root = conversion_dir / image_root
+    return manifest, image_root
+
+
 def register_converted(conversion_dir: Path, replace: bool = False) -> List[str]:
     """Register every task and split of one converted dataset; return the registered names.
 
@@ -71,11 +83,7 @@ def register_converted(conversion_dir: Path, replace: bool = False) -> List[str]
         replace: re-register names that exist already (else they are left as they are).
     """
     conversion_dir = Path(conversion_dir).resolve()
-    with open(conversion_dir / MANIFEST_NAME) as f:
-        manifest = json.load(f)
-    image_root = Path(manifest["image_root"])
-    if not image_root.is_absolute():
-        image_root = conversion_dir / image_root
+    manifest, image_root = read_manifest(conversion_dir)
     dataset = manifest["dataset"]
     names = []
     for task, splits in manifest["tasks"].items():
