@@ -21,7 +21,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..postprocess import merge_connected_lesions
-from .semantic_net import ACTIVATIONS, batch_semantic_targets, semantic_outputs
+from .semantic_net import batch_semantic_targets, check_activation, semantic_outputs
 
 __all__ = ["LesionRCNN", "paste_into_frame"]
 
@@ -72,10 +72,7 @@ class LesionRCNN(GeneralizedRCNN):
             kwargs: :class:`GeneralizedRCNN`'s arguments.
         """
         super().__init__(**kwargs)
-        if sem_seg_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"sem_seg_activation must be one of {ACTIVATIONS}, got {sem_seg_activation!r}"
-            )
+        check_activation(sem_seg_activation, "sem_seg_activation")
         self.sem_seg_head = sem_seg_head
         self.sem_seg_loss_weight = sem_seg_loss_weight
         self.sem_seg_activation = sem_seg_activation

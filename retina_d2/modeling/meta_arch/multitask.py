@@ -51,9 +51,9 @@ from ..localization import LandmarkHeatmapHead, to_original_frame
 from ..postprocess import merge_connected_lesions
 from .lesion_rcnn import LesionRCNN
 from .semantic_net import (
-    ACTIVATIONS,
     SemanticLesionNet,
     batch_semantic_targets,
+    check_activation,
     semantic_outputs,
 )
 
@@ -139,10 +139,7 @@ class MultiTaskLesionNet(nn.Module):
             raise ValueError(
                 "give exactly one of lesion_model (its backbone is shared) or backbone"
             )
-        if sem_seg_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"sem_seg_activation must be one of {ACTIVATIONS}, got {sem_seg_activation!r}"
-            )
+        check_activation(sem_seg_activation, "sem_seg_activation")
         self.lesion_model = lesion_model
         self.backbone = backbone
         self.task_backbone = task_backbone

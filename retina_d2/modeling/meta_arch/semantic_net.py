@@ -20,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "ACTIVATIONS",
+    "check_activation",
     "SemanticLesionNet",
     "batch_semantic_targets",
     "semantic_outputs",
@@ -27,6 +28,12 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def check_activation(activation: str, name: str = "activation") -> None:
+    """Raise ValueError unless ``activation`` (the argument called ``name``) is in ACTIVATIONS."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {activation!r}")
 # Padding of the targets to the batch's size: ignored by every loss.
 _TARGET_PAD_VALUE = 255
 
@@ -55,8 +62,7 @@ def semantic_postprocess(
     Returns:
         (C, height, width) float probabilities.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     if fov_box is None:
         x0, y0, x1, y1 = 0, 0, width, height
     else:
@@ -141,8 +147,7 @@ class SemanticLesionNet(nn.Module):
             activation: "sigmoid" (C outputs) or "softmax" (C + 1 outputs, background first).
         """
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.activation = activation
