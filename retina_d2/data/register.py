@@ -80,7 +80,10 @@ def register_converted(conversion_dir: Path, replace: bool = False) -> List[str]
 
     Args:
         conversion_dir: a folder holding ``retina_d2.json``.
-        replace: re-register names that exist already (else they are left as they are).
+        replace: re-register names that exist already. Without it a name is left as it is, unless
+            this function registered it from another conversion folder before (the datasets root,
+            RETINA_D2_DATASETS, changed within the process): the name then follows the new root,
+            or a second run in one process would silently read the first run's images.
     """
     conversion_dir = Path(conversion_dir).resolve()
     manifest, image_root = read_manifest(conversion_dir)
@@ -89,13 +92,13 @@ def register_converted(conversion_dir: Path, replace: bool = False) -> List[str]
     for task, splits in manifest["tasks"].items():
         for split, rel in splits.items():
             name = f"{dataset}_{task}_{split}"
+            json_file = str(conversion_dir / rel)
             if name in DatasetCatalog.list():
-                if not replace:
+                if not (replace or _registered_from_elsewhere(name, json_file)):
                     names.append(name)
                     continue
                 DatasetCatalog.remove(name)
                 MetadataCatalog.remove(name)
-            json_file = str(conversion_dir / rel)
             DatasetCatalog.register(
                 name, lambda j=json_file, r=str(image_root), n=name: load_lesion_json(j, r, n)
             )
@@ -114,6 +117,12 @@ def register_converted(conversion_dir: Path, replace: bool = False) -> List[str]
             )
             names.append(name)
     return names
+
+
+def _registered_from_elsewhere(name: str, json_file: str) -> bool:
+    # Only this module's registrations carry "task"; a name someone registered by hand is theirs.
+    metadata = MetadataCatalog.get(name)
+    return metadata.get("task", None) is not None and metadata.get("json_file", None) != json_file
 
 
 def register_all(root: Optional[Path] = None, replace: bool = False) -> Dict[str, List[str]]:

@@ -93,3 +93,26 @@ def test_interrupted_run_leaves_no_partial_file(tmp_path, monkeypatch):
         synthetic.convert(None, tmp_path / "out", ConvertOptions(progress=False), count=2, size=128)
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.is_file()]
     assert leftovers == [], leftovers
+
+
+def test_a_changed_datasets_root_is_followed_and_hand_registrations_are_kept(tmp_path):
+    # Two runs in one process with different RETINA_D2_DATASETS: the second must read its own
+    # images, not the first root's.
+    roots = []
+    for k, count in enumerate((2, 3)):
+        root = tmp_path / f"root{k}"
+        synthetic.convert(None, root / "synthetic", ConvertOptions(progress=False), count=count,
+                          size=128)
+        roots.append(root)
+    for root in roots + roots[:1]:
+        register_all(root)
+        files = {d["file_name"] for d in DatasetCatalog.get("synthetic_seg_train")}
+        assert files and all(f.startswith(str(root.resolve())) for f in files), (root, files)
+    # A name registered by hand, not by register_all, stays the user's.
+    DatasetCatalog.remove("synthetic_seg_val")
+    MetadataCatalog.remove("synthetic_seg_val")
+    DatasetCatalog.register("synthetic_seg_val", lambda: [{"file_name": "mine.png"}])
+    register_all(roots[1])
+    assert DatasetCatalog.get("synthetic_seg_val") == [{"file_name": "mine.png"}]
+    register_all(roots[1], replace=True)
+    assert DatasetCatalog.get("synthetic_seg_val")[0]["file_name"] != "mine.png"
