@@ -11,16 +11,13 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import train_net  # noqa: E402
 
-from retina_d2.data.converters import ConvertOptions, synthetic  # noqa: E402
 
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    synthetic.convert(None, root / "synthetic", ConvertOptions(progress=False), count=6, size=192)
-    return root
+def datasets(synthetic_datasets):
+    return synthetic_datasets
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import train_net  # noqa: E402
 
-from retina_d2.data.converters import ConvertOptions, synthetic  # noqa: E402
 from retina_d2.data.register import load_lesion_json  # noqa: E402
 
 INSTANT = str(REPO / "configs/quick_schedules/multitask_synthetic_instant_test.yaml")
@@ -21,12 +20,8 @@ EVAL = Path("inference") / "synthetic_seg_val"
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    # The same generation as tests/engine/test_train_net.py: whichever module registers the
-    # synthetic names first, both see the same images.
-    root = tmp_path_factory.mktemp("datasets")
-    synthetic.convert(None, root / "synthetic", ConvertOptions(progress=False), count=6, size=192)
-    return root
+def datasets(synthetic_datasets):
+    return synthetic_datasets
 
 
 @pytest.fixture(scope="module")
