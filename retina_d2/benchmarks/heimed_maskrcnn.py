@@ -6,7 +6,8 @@ Converts the 40-image HEI-MED sample with the fixed dev split (``configs/splits/
 CPU budget, evaluates the best and the final checkpoint on the 10 val images, and writes the
 metrics (exudate AP at IoU 0.35 / 0.5 / 0.75, bbox and segm), the wall time, the checkpoints
 and overlay pictures. The training-free floor of DESIGN.md (green-channel background
-subtraction) scores segm AP35 / AP50 = 9.8 / 4.1 on the same 10 images.
+subtraction, optic disc suppressed, components as instances; :mod:`.exudate_floor`) is run on the
+same 10 images in the same run, and every checkpoint's row carries its ratio to it.
 """
 import json
 import logging
@@ -32,9 +33,9 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_maskrcnn.json"
 DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_maskrcnn"
 CONFIG = REPO_ROOT / "configs" / "maskrcnn_heimed.yaml"
 SPLIT = HEIMED_SPLIT
-# DESIGN.md's training-free floor on this split (segm).
-FLOOR = {"AP35": 9.8, "AP50": 4.1}
 EXUDATE = "hard exudate"
+# The metrics whose ratio to the training-free floor every row carries.
+RATIO_KEYS = ("segm AP35", "segm AP50")
 
 
 def add_arguments(parser) -> None:
@@ -69,6 +70,9 @@ def _exudate_row(name, metrics):
 
 def run(args) -> dict:
     from retina_d2.data.converters.base import write_json_atomic
+    from retina_d2.data.register import read_manifest
+
+    from .exudate_floor import add_floor_ratios, floor_row
 
     work = args.work.resolve()
     datasets, run_dir = work / "datasets", work / "run"
@@ -101,8 +105,9 @@ def run(args) -> dict:
         )
         metrics = json.loads((out / "inference" / "heimed_seg_val" / "instance_metrics.json").read_text())
         rows.append(_exudate_row(ckpt.name, metrics))
-    rows.append({"name": "training-free floor (DESIGN.md)", "segm AP35": FLOOR["AP35"],
-                 "segm AP50": FLOOR["AP50"]})
+    floor = floor_row(datasets / "heimed" / "val.json", read_manifest(datasets / "heimed")[1])
+    add_floor_ratios(rows, floor, RATIO_KEYS)
+    rows.append(floor)
     results = {
         "benchmark": "heimed-maskrcnn",
         "config": str(args.config_file.relative_to(REPO_ROOT) if args.config_file.is_absolute() else args.config_file),
@@ -121,7 +126,7 @@ def run(args) -> dict:
     columns = [("checkpoint", "name", "")] + [
         (f"{task} {m}", f"{task} {m}", ".1f")
         for task in ("segm", "bbox") for m in ("AP35", "AP50", "AP75", "AP")
-    ]
+    ] + [(f"{key} x floor", f"{key} x floor", ".2f") for key in RATIO_KEYS]
     took = f"train+eval {train_s / 60:.1f} min" if train_s else "re-evaluated existing checkpoints"
     print(f"\nHEI-MED exudates, 10 val images; {took} on {os.cpu_count()} CPUs")
     print(format_table(rows, columns))
