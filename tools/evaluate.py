@@ -22,7 +22,10 @@ table after the others, and ``"froc": {"FROC": .., "sens@1/8": .., "F1": .., "FR
 A results file without any ``segmentation`` (a box detector's) is scored for bbox only, with a
 warning, and --json then has no "segm". Exit code 2, with a message naming the file, for a missing
 or malformed JSON file, a results file whose image_ids are not in the GT (a results file for
-another GT), or one where only some detections carry a mask or a box.
+another GT), or one where only some detections carry a mask or a box. A detection with a NaN,
+infinite or non-numeric score, a bbox that is not 4 finite numbers (or has a negative size), an
+id that is neither an integer nor a string, or a mask whose size differs from its GT image's is
+refused the same way, the message naming the entry's index and image_id.
 """
 import argparse
 import logging

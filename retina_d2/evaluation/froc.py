@@ -322,7 +322,8 @@ def froc_curve(
     Raises:
         InstanceEvalError: missing or malformed files, results whose image ids are not in the GT,
             results where only some detections have a mask or a box, a GT without masks while
-            use_masks.
+            use_masks, and the bad detection values :func:`evaluate_coco_results` refuses (NaN
+            or non-numeric scores, malformed boxes or ids, masks of another size).
         ValueError: bad match, iou_threshold or fp_rates.
     """
     if match not in MATCHES:

@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -157,6 +158,9 @@ def _check_results(
                 f"results file {source}: entry {i} is not a COCO detection (needs image_id, "
                 f"category_id, score and bbox or segmentation): {str(r)[:200]}"
             )
+        problem = _detection_problem(r, coco_gt.imgs)
+        if problem:
+            raise InstanceEvalError(f"results file {source}: entry {i} {problem}")
     gt_images = set(coco_gt.getImgIds())
     foreign = sorted({r["image_id"] for r in results} - gt_images, key=str)
     if foreign:
@@ -199,6 +203,75 @@ def _check_results(
 
 def _is_rle(segmentation) -> bool:
     return isinstance(segmentation, dict) and "size" in segmentation and "counts" in segmentation
+
+
+def _is_number(value) -> bool:
+    # bool is an int to Python, but a score of `true` is a broken file, not a 1.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_id(value) -> bool:
+    """A COCO id: an integer (1.0 as JSON may write it) or a string; lists, null, booleans and
+    fractions are not (they would crash or silently match nothing)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Real):
+        return float(value).is_integer()
+    return isinstance(value, str)
+
+
+def _detection_problem(r: dict, gt_images: Mapping[object, dict]) -> Optional[str]:
+    """What is wrong with one detection's values (None: nothing), as the rest of the sentence
+    "entry <i> ...". COCOeval would otherwise crash on a string, or rank a NaN or infinite score
+    anywhere (all-NaN scores gave AP 100), or match a mask of another resolution against nothing.
+    """
+    image_id = r["image_id"]
+    if not _is_id(image_id):
+        return f"has image_id {image_id!r}: not an integer or string"
+    where = f"(image_id {image_id})"
+    if not _is_id(r["category_id"]):
+        return f"{where} has category_id {r['category_id']!r}: not an integer or string"
+    score = r["score"]
+    if not _is_number(score):
+        return f"{where} has score {score!r}: not a number"
+    if not math.isfinite(score):
+        return f"{where} has score {score}: scores must be finite numbers"
+    if "bbox" in r:
+        box = r["bbox"]
+        if (
+            not isinstance(box, (list, tuple))
+            or len(box) != 4
+            or not all(_is_number(v) and math.isfinite(v) for v in box)
+        ):
+            return f"{where} has bbox {str(box)[:100]}: not 4 finite numbers [x, y, width, height]"
+        if box[2] < 0 or box[3] < 0:
+            return f"{where} has bbox {box}: negative width or height"
+    if "segmentation" in r and _is_rle(r["segmentation"]):
+        return _mask_problem(r["segmentation"], gt_images.get(image_id), where)
+    return None
+
+
+def _mask_problem(rle: dict, image: Optional[dict], where: str) -> Optional[str]:
+    """A predicted RLE's problem: a malformed size or counts, or a size other than its GT
+    image's (pycocotools would score such a mask as overlapping nothing, silently)."""
+    size, counts = rle["size"], rle["counts"]
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(_is_id(v) and not isinstance(v, str) for v in size)
+    ):
+        return f"{where} has mask size {str(size)[:50]}: not [height, width]"
+    if not isinstance(counts, (str, bytes, list)):
+        return f"{where} has mask counts {str(counts)[:50]}: not an RLE string or list"
+    if image is None or "height" not in image or "width" not in image:
+        return None  # an image_id not in the GT: reported as such by the caller
+    if [int(v) for v in size] != [image["height"], image["width"]]:
+        return (
+            f"{where} has a {int(size[0])}x{int(size[1])} mask (height x width) but GT image "
+            f"{image['id']} ({image.get('file_name', 'no file_name')}) is "
+            f"{image['height']}x{image['width']}: predictions made at another resolution?"
+        )
+    return None
 
 
 def _annotated_types(
@@ -377,7 +450,9 @@ def evaluate_coco_results(
 
     Raises:
         InstanceEvalError: missing or malformed files, results whose image ids are not in the GT,
-            results where only some detections have a mask or a box.
+            results where only some detections have a mask or a box, a detection with a NaN,
+            infinite or non-numeric score, a malformed bbox or id, or a mask whose size is not its
+            GT image's (the message names the entry's index and image_id).
     """
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
