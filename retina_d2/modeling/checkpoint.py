@@ -1,15 +1,28 @@
 """Loading user-supplied weights from local files: Detectron2 ``.pkl`` / ``.pth`` checkpoints and
 torchvision ResNet ``.pth`` state dicts. Nothing is ever fetched: these machines have no model hub.
+
+Saving is crash-safe: every checkpoint (and ``last_checkpoint``) is written to a temporary file,
+fsynced and renamed into place, and ``--resume`` falls back past a damaged last checkpoint.
 """
+import contextlib
 import logging
 import os
 import re
+import secrets
+import zipfile
+from typing import BinaryIO, Callable, List, Optional
 from typing import Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["LesionCheckpointer", "torchvision_resnet_to_detectron2"]
+__all__ = [
+    "LesionCheckpointer",
+    "NoIntactCheckpointError",
+    "checkpoint_damage",
+    "remove_partial_saves",
+    "torchvision_resnet_to_detectron2",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +62,175 @@ def torchvision_resnet_to_detectron2(state: Dict[str, torch.Tensor], prefix: str
     return renamed
 
 
+# An unfinished save's temporary file: ".<final name>.<8 hex digits>.retina_d2-partial" beside the
+# final file. Only names of exactly this form are ever cleaned up: nothing the toolkit did not
+# write is deleted.
+_PARTIAL_SUFFIX = ".retina_d2-partial"
+_PARTIAL_NAME = re.compile(r"^\..+\.[0-9a-f]{8}" + re.escape(_PARTIAL_SUFFIX) + "$")
+# The checkpoints a trainer writes (model_0000999.pth, model_final.pth, model_best.pth): where a
+# damaged resume point falls back to.
+_SAVED_NAME = re.compile(r"^model_.*\.pth$")
+
+
+class NoIntactCheckpointError(RuntimeError):
+    """``--resume`` found ``last_checkpoint`` but no intact checkpoint to resume from."""
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename inside ``folder`` durable (a power cut after it cannot undo it)."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through a temporary file beside it, flushed and fsynced before it is renamed
+    over ``path``: a crash at any moment leaves the old file or the complete new one under that
+    name, never a partial one. The file is created 0666 less the umask, as ``open`` would."""
+    folder, name = os.path.split(path)
+    partial = os.path.join(folder, f".{name}.{secrets.token_hex(4)}{_PARTIAL_SUFFIX}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    _fsync_folder(folder)
+
+
+def remove_partial_saves(folder: str) -> List[str]:
+    """Delete the temporary files that interrupted saves (a kill during ``torch.save``) left in
+    ``folder``; only names of the toolkit's own temporary pattern are touched.
+
+    Returns:
+        the paths removed.
+    """
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if _PARTIAL_NAME.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    if removed:
+        logger.info("Removed %d unfinished checkpoint save(s): %s", len(removed), removed)
+    return removed
+
+
+def checkpoint_damage(path: str) -> Optional[str]:
+    """Why the checkpoint ``path`` cannot be resumed from, or None when it is a complete file.
+
+    ``torch.save`` writes a zip archive whose directory sits at its very end and whose members
+    carry CRC-32s: a truncated file (a kill during a save in place) has no directory, and a
+    corrupted one fails a CRC (``torch.load`` itself does not check them).
+    """
+    if not os.path.isfile(path):
+        return "no such file"
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    if not zipfile.is_zipfile(path):
+        return "not a complete torch.save archive (truncated?)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"unreadable archive ({e})"
+    return f"{corrupt} fails its CRC check" if corrupt else None
+
+
 class LesionCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` that also reads torchvision ResNet weights and names a
-    missing weights file clearly."""
+    missing weights file clearly; it saves atomically and resumes past a damaged last
+    checkpoint (see :meth:`save` and :meth:`resume_or_load`)."""
+
+    def save(self, name: str, **kwargs) -> None:
+        """Write the model, the checkpointables and ``kwargs`` to ``<save_dir>/<name>.pth``
+        atomically, then point ``last_checkpoint`` at it. Temporary files of earlier interrupted
+        saves are removed first."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        basename = f"{name}.pth"
+        if os.path.basename(basename) != basename or basename.startswith("."):
+            raise ValueError(f"checkpoint name {name!r} must be a plain file name")
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        os.makedirs(self.save_dir, exist_ok=True)
+        remove_partial_saves(self.save_dir)
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        _write_atomically(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``last_checkpoint`` at a complete file, atomically (called after its save)."""
+        _write_atomically(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename.encode("utf-8")),
+        )
+
+    def get_checkpoint_file(self) -> str:
+        """The file ``last_checkpoint`` names inside ``save_dir``; "" when it is missing or names
+        anything but a plain file name there (a path elsewhere is never followed)."""
+        try:
+            with open(os.path.join(self.save_dir, "last_checkpoint")) as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+        if not name or os.path.basename(name) != name or name in (".", ".."):
+            logger.warning(
+                "%s names %r, not a file in %s; ignored",
+                os.path.join(self.save_dir, "last_checkpoint"), name, self.save_dir,
+            )
+            return ""
+        return os.path.join(self.save_dir, name)
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """Detectron2's resume_or_load, resuming from the newest intact checkpoint: when the one
+        ``last_checkpoint`` names is damaged (truncated, corrupt, missing), a warning names it and
+        the most recently written other ``model_*.pth`` in ``save_dir`` that is intact is used.
+
+        Raises:
+            NoIntactCheckpointError: ``last_checkpoint`` exists but no checkpoint is intact.
+        """
+        if resume and self.has_checkpoint():
+            return self.load(self._resume_point())
+        return self.load(path, checkpointables=[])
+
+    def _resume_point(self) -> str:
+        named = self.get_checkpoint_file()
+        for candidate in ([named] if named else []) + self._earlier_checkpoints(named):
+            damage = checkpoint_damage(candidate)
+            if damage is None:
+                if candidate != named:
+                    logger.warning(
+                        "Resuming from %s instead of the damaged last checkpoint %s",
+                        candidate, named or os.path.join(self.save_dir, "last_checkpoint"),
+                    )
+                return candidate
+            logger.warning("Checkpoint %s is damaged (%s); not resuming from it", candidate, damage)
+        raise NoIntactCheckpointError(
+            f"{os.path.join(self.save_dir, 'last_checkpoint')}: no intact checkpoint to resume "
+            f"from in {self.save_dir} (see the warnings above); start without --resume or into "
+            "another OUTPUT_DIR"
+        )
+
+    def _earlier_checkpoints(self, named: str) -> List[str]:
+        """The trainer's other checkpoints in ``save_dir``, most recently written first."""
+        paths = [
+            os.path.join(self.save_dir, name)
+            for name in os.listdir(self.save_dir)
+            if _SAVED_NAME.match(name) and os.path.join(self.save_dir, name) != named
+        ]
+        files = [p for p in paths if os.path.isfile(p)]
+        return sorted(files, key=lambda p: os.stat(p).st_mtime_ns, reverse=True)
 
     def load(self, path, *args, **kwargs):
         if path and not os.path.isfile(path):
