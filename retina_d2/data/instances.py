@@ -77,9 +77,25 @@ def label_components(mask: np.ndarray, connectivity: int = 8, min_area: int = 1)
 def dilate_small_lesions(labels: np.ndarray, dilation: Dilation) -> np.ndarray:
     """Grow every labelled instance by ``dilation`` without ever fusing two of them.
 
-    Each pass gives a background pixel the label of an instance within the kernel's reach; where
-    two instances compete, the pixel goes to one of them, so instances may come to touch but each
-    keeps its own id and the instance count is unchanged. Every instance contains its source.
+    ``iterations`` passes of a ``kernel`` x ``kernel`` square reach every pixel within Chebyshev
+    distance ``R = iterations * (kernel - 1) / 2`` of an instance, so the growth runs as ``R``
+    one-pixel rings. A ring gives a background pixel to an instance only when
+
+    * that instance is strictly nearer to the pixel (Chebyshev distance, the square kernel's
+      metric) than every other instance: a pixel equally near two stays background and keeps
+      them apart;
+    * it is the only instance in the pixel's 3x3 neighbourhood;
+    * the pixel shares an edge with the instance, directly or through a pixel of the same ring.
+
+    Hence:
+
+    * every dilated instance is one piece, 4-connected where its source is and 8-connected where
+      its source is 8-connected, and contains its whole source;
+    * no pixel changes owner and the instance count is unchanged (instances may come to touch);
+    * an instance with no other within ``2 R`` grows exactly as ``cv2.dilate`` grows it alone.
+
+    Instances far enough apart not to compete are grown on their own, in windows around them, so
+    the cost follows the lesions rather than the image.
 
     Args:
         labels: int32 HxW label map (0 = background).
@@ -89,15 +105,90 @@ def dilate_small_lesions(labels: np.ndarray, dilation: Dilation) -> np.ndarray:
         a new int32 label map.
     """
     out = labels.astype(np.int32, copy=True)
-    if dilation.iterations == 0 or dilation.kernel == 1 or not out.any():
+    radius = dilation.iterations * (dilation.kernel - 1) // 2
+    if radius == 0 or not out.any():
         return out
-    kernel = np.ones((dilation.kernel, dilation.kernel), np.uint8)
-    # float32 holds label ids exactly up to 2**24, far above any lesion count.
-    for _ in range(dilation.iterations):
-        grown = cv2.dilate(out.astype(np.float32), kernel).astype(np.int32)
-        background = out == 0
-        out[background] = grown[background]
+    # Pixels within R of some lesion, split into groups that no pixel joins: lesions of different
+    # groups are more than 2 R apart, so no pixel is within reach of both.
+    reach = cv2.dilate((out > 0).astype(np.uint8), np.ones((2 * radius + 1,) * 2, np.uint8))
+    _, groups = cv2.connectedComponents(reach, connectivity=8, ltype=cv2.CV_32S)
+    for index, box in enumerate(ndimage.find_objects(groups), start=1):
+        if box is None:
+            continue
+        inside = groups[box] == index
+        window = np.where(inside, out[box], 0)
+        ids = np.unique(window[window > 0])
+        if len(ids) == 1:
+            # A lone lesion: its group is exactly its dilation.
+            out[box][inside] = ids[0]
+            continue
+        nearest = window.copy()
+        for _ in range(radius):
+            _nearest_ring(nearest)
+            if not _grow_one_ring(window, nearest):
+                break
+        out[box][inside] = window[inside]
     return out
+
+
+_SQUARE = np.ones((3, 3), np.uint8)
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+# Above every label id (float32 holds them exactly up to 2**24, far above any lesion count).
+_NO_LABEL = float(2**24)
+_EDGE_NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+# In the nearest-instance map: a pixel equally near two instances.
+_TIE = -1
+
+
+def _only_neighbour(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The highest positive label in each pixel's 3x3 neighbourhood (0: none), and whether it is
+    the only positive label there."""
+    ids = labels.astype(np.float32)
+    highest = cv2.dilate(np.maximum(ids, 0), _SQUARE)
+    lowest = cv2.erode(np.where(labels > 0, ids, _NO_LABEL), _SQUARE)
+    return highest, (highest > 0) & (highest == lowest)
+
+
+def _nearest_ring(nearest: np.ndarray) -> None:
+    """Extend the map of each pixel's strictly nearest instance by one Chebyshev ring, in place.
+
+    A pixel at distance t from the nearest instance has its distance-(t-1) neighbours in its 3x3
+    neighbourhood; it is strictly nearest to one instance when they all are, else a tie.
+    """
+    highest, only = _only_neighbour(nearest)
+    near_tie = cv2.dilate((nearest == _TIE).astype(np.uint8), _SQUARE) > 0
+    ring = (nearest == 0) & ((highest > 0) | near_tie)
+    owned = ring & only & ~near_tie
+    nearest[owned] = highest[owned]
+    nearest[ring & ~owned] = _TIE
+
+
+def _grow_one_ring(labels: np.ndarray, nearest: np.ndarray) -> bool:
+    """One ring of :func:`dilate_small_lesions`, in place; False when nothing grew.
+
+    ``nearest``: each pixel's strictly nearest instance (:func:`_nearest_ring`), up to this ring.
+    """
+    highest, only = _only_neighbour(labels)
+    ids = labels.astype(np.float32)
+    reached = (labels == 0) & only & (nearest == highest)
+    if not reached.any():
+        return False
+    # An edge neighbour that belongs to an instance belongs to the only one around.
+    edge_joined = reached & (cv2.dilate(ids, _CROSS) > 0)
+    labels[edge_joined] = highest[edge_joined]
+    # The rest touch their instance by a corner only: they join through an edge neighbour taken
+    # in this ring, or wait (a corner alone would split a 4-connected instance).
+    rows, cols = np.nonzero(reached & ~edge_joined)
+    if len(rows):
+        own = highest[rows, cols].astype(np.int32)
+        joined = np.zeros(len(rows), bool)
+        height, width = labels.shape
+        for dr, dc in _EDGE_NEIGHBOURS:
+            r, c = rows + dr, cols + dc
+            valid = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+            joined[valid] |= labels[r[valid], c[valid]] == own[valid]
+        labels[rows[joined], cols[joined]] = own[joined]
+    return True
 
 
 def instance_rles(labels: np.ndarray) -> Iterator[Tuple[int, dict]]:

@@ -1,4 +1,5 @@
 """Mask -> instances: components, dilation without fusion, RLE that keeps every pixel."""
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
@@ -105,6 +106,70 @@ def test_dilation_grows_without_fusing():
     assert max(areas) <= 81 and min(areas) > 1
     # The lone lesion grows by 4 px on each side: a 9x9 square.
     assert areas[2] == 81
+
+
+def _chebyshev_distance_to(source: np.ndarray) -> np.ndarray:
+    return ndimage.distance_transform_cdt(~source, metric="chessboard")
+
+
+def _dilation_scene(seed):
+    """A random 40x40 scene of small lesions (4- or 8-connected) and a random dilation."""
+    rng = np.random.default_rng(seed)
+    connectivity = (4, 8)[seed % 2]
+    mask = rng.random((40, 40)) < rng.uniform(0.02, 0.15)
+    dilation = Dilation(kernel=int(rng.choice([3, 5, 7])), iterations=int(rng.integers(1, 4)))
+    return label_components(mask, connectivity), connectivity, dilation
+
+
+@pytest.mark.parametrize("block", range(6))
+def test_dilated_lesions_stay_one_piece_nearest_to_their_source(block):
+    """300 random scenes: every dilated instance is one connected piece (in the components'
+    connectivity) holding its whole source, no source pixel changes owner, and every pixel it
+    gains is strictly nearer (Chebyshev) to its source than to any other lesion, within reach."""
+    for seed in range(block * 50, block * 50 + 50):
+        labels, connectivity, dilation = _dilation_scene(seed)
+        dilated = dilate_small_lesions(labels, dilation)
+        assert ((labels == 0) | (dilated == labels)).all(), "a source pixel changed owner"
+        count = labels.max()
+        assert dilated.max() == count
+        if not count:
+            continue
+        structure = EIGHT if connectivity == 8 else None
+        distances = np.stack([_chebyshev_distance_to(labels == k) for k in range(1, count + 1)])
+        reach = dilation.iterations * (dilation.kernel - 1) // 2
+        for k in range(1, count + 1):
+            grown = dilated == k
+            _, pieces = ndimage.label(grown, structure=structure)
+            assert pieces == 1, f"seed {seed}: lesion {k} in {pieces} pieces"
+            gained = grown & (labels == 0)
+            own = distances[k - 1][gained]
+            others = np.delete(distances, k - 1, axis=0)[:, gained]
+            assert (own <= reach).all()
+            assert (own[None] < others).all(), f"seed {seed}: lesion {k} took a pixel not nearest"
+
+
+@pytest.mark.parametrize("kernel,iterations", [(3, 1), (5, 2), (7, 1), (3, 4)])
+def test_a_lone_lesion_dilates_as_cv2_does(kernel, iterations):
+    rng = np.random.default_rng(kernel * 10 + iterations)
+    for _ in range(10):
+        mask = np.zeros((40, 40), np.uint8)
+        mask[rng.integers(0, 40, 3), rng.integers(0, 40, 3)] = 1
+        labels = np.where(mask > 0, 1, 0).astype(np.int32)  # one lesion, even in three pieces
+        expected = cv2.dilate(mask, np.ones((kernel, kernel), np.uint8), iterations=iterations)
+        got = dilate_small_lesions(labels, Dilation(kernel, iterations))
+        np.testing.assert_array_equal(got, expected.astype(np.int32))
+
+
+def test_pixels_equally_near_two_lesions_stay_background():
+    """Hand-worked: two 1-px lesions 4 columns apart, 5x5 once (reach 2). Column 7 is 2 away from
+    both, so it keeps them apart; each gets the 5x5 square around it minus that column."""
+    labels = np.zeros((12, 14), np.int32)
+    labels[5, 5], labels[5, 9] = 1, 2
+    dilated = dilate_small_lesions(labels, Dilation(kernel=5, iterations=1))
+    expected = np.zeros_like(labels)
+    expected[3:8, 3:7] = 1
+    expected[3:8, 8:12] = 2
+    np.testing.assert_array_equal(dilated, expected)
 
 
 def test_dilation_validation():
