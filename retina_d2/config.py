@@ -201,6 +201,10 @@ def add_retina_config(cfg):
     # Training augmentation; every geometric op is applied to masks identically.
     cfg.RETINA.AUG = CN()
     cfg.RETINA.AUG.HFLIP = True
+    # Camera-independent scale: resize every image (train, test, predict) so that its FOV is this
+    # many pixels across, measured on the FOV found by FOV_THRESHOLD; outputs are mapped back to
+    # the photograph's pixels. It takes the place of INPUT.MIN_SIZE_* (ignored when > 0). 0 = off.
+    cfg.RETINA.PREPROCESS.FOV_DIAMETER = 0
     cfg.RETINA.AUG.VFLIP = True
     # With INPUT.CROP: the share of crops centred on a random lesion (0 = Detectron2's uniform
     # RandomCrop). Native-resolution crops are mostly healthy retina otherwise.

@@ -8,7 +8,8 @@ photometric ones change only the image and leave masks and coordinates as they a
 :func:`build_preprocess` assembles the pipeline from ``cfg.RETINA.PREPROCESS``,
 ``cfg.RETINA.AUG`` and ``cfg.INPUT``::
 
-    FieldOfViewCrop -> FieldOfViewCircleMask -> ResizeShortestEdge -> GrahamNormalization
+    FieldOfViewCrop -> FieldOfViewCircleMask -> ResizeShortestEdge or FieldOfViewResize
+    -> GrahamNormalization
     -> ClaheOnLightness -> FrameMargin -> (train) RandomCrop or RandomLesionCrop -> RandomFlip x2 -> RandomRotation90 -> RandomTranslateScale
     -> RandomBrightness / RandomContrast / RandomSaturation
 """
@@ -29,6 +30,8 @@ __all__ = [
     "TranslateScaleTransform",
     "FieldOfViewCrop",
     "FieldOfViewCircleMask",
+    "FieldOfViewResize",
+    "field_of_view_diameter",
     "GrahamNormalization",
     "ClaheOnLightness",
     "RandomRotation90",
@@ -446,6 +449,52 @@ class FieldOfViewCircleMask(T.Augmentation):
         return CircleMaskTransform(h, w, (x0 + x1) / 2.0, (y0 + y1) / 2.0, radius)
 
 
+def field_of_view_diameter(
+    image: np.ndarray, threshold: float, min_area_fraction: float = 0.1
+) -> Optional[float]:
+    """The field of view's diameter in pixels: the longer side of its box
+    (:func:`field_of_view_box`; a FOV the camera truncated at the top and bottom still spans its
+    diameter across), or None when no FOV is found."""
+    box = field_of_view_box(image, threshold, min_area_fraction)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    return float(max(x1 - x0, y1 - y0))
+
+
+class FieldOfViewResize(T.Augmentation):
+    """Resize so that the field of view is ``diameter`` pixels across, whatever the camera.
+
+    Cameras differ in resolution and field of view (HEI-MED's FOV is ~1950 px across,
+    DIARETDB1's ~1420, IDRiD's ~3400), so a lesion of one physical size differs in pixels between
+    them; measured against the eye itself, it does not. Returns Detectron2's
+    :class:`~detectron2.data.transforms.ResizeTransform`, so annotations follow through
+    Detectron2's own machinery, and at inference the model's postprocessing
+    (``detector_postprocess`` / ``sem_seg_postprocess`` to the record's size) maps predictions
+    back to the photograph's pixels. Without a FOV, the image's longer side is taken for it.
+
+    Args:
+        diameter: the FOV's diameter after resizing, in pixels.
+        threshold: see :func:`field_of_view_box`.
+        min_area_fraction: see :func:`field_of_view_box`.
+    """
+
+    def __init__(self, diameter: int, threshold: float = 20, min_area_fraction: float = 0.1):
+        super().__init__()
+        if diameter <= 0:
+            raise ValueError(f"RETINA.PREPROCESS.FOV_DIAMETER must be > 0 here, got {diameter}")
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> Transform:
+        h, w = image.shape[:2]
+        measured = field_of_view_diameter(image, self.threshold, self.min_area_fraction)
+        scale = self.diameter / (measured or max(h, w))
+        new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        if (new_h, new_w) == (h, w):
+            return NoOpTransform()
+        return T.ResizeTransform(h, w, new_h, new_w)
+
+
 class GrahamNormalization(T.Augmentation):
     """Graham normalisation with a blur scaled to the image: ``sigma_at_1024 * width / 1024``.
 
@@ -598,7 +647,12 @@ def build_preprocess(cfg, is_train: bool) -> List[T.Augmentation]:
     augs: List[T.Augmentation] = []
     if pre.FOV_CROP:
         augs += [FieldOfViewCrop(pre.FOV_THRESHOLD), FieldOfViewCircleMask(pre.FOV_THRESHOLD)]
-    resize = _resize(cfg, is_train)
+    # A FOV diameter takes the place of INPUT's shortest-edge resize: one scale per image.
+    resize = (
+        FieldOfViewResize(pre.FOV_DIAMETER, pre.FOV_THRESHOLD)
+        if pre.FOV_DIAMETER > 0
+        else _resize(cfg, is_train)
+    )
     if resize is not None:
         augs.append(resize)
     # After the resize: Graham's sigma is relative to the width the network sees, and CLAHE's
