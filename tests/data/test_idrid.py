@@ -4,6 +4,8 @@ trailing spaces, trailing empty columns and rows, and a Thumbs.db among the imag
 import argparse
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +372,68 @@ def test_existing_output_is_refused_unless_overwrite(full_root, tmp_path):
     summary = idrid.convert(root, out, _options(overwrite=True))
     assert summary["tasks"]["seg"]["train"]["images"] == 2
     load_checked(out / "train.json", root)
+
+
+def test_validation_is_carved_from_training_never_from_test(full_root, tmp_path, caplog):
+    """Checkpoints are selected on ``val``: it must hold training images only, and none twice."""
+    root, _ = full_root
+    split_file = tmp_path / "val.json"
+    split_file.write_text('{"seg": ["IDRiD_02", "IDRiD_77"], "grading": ["IDRiD_003"]}')
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        idrid.convert(root, out, _options(), val_split=split_file)
+    # IDRiD_77 is not in this copy's training set: named, not silently dropped.
+    assert "IDRiD_77" in caplog.text
+    assert read_json(out / "retina_d2.json")["tasks"]["seg"] == {
+        "train": "train.json", "val": "val.json", "test": "test.json"
+    }
+    stems = {
+        split: sorted(Path(i["file_name"]).stem for i in read_json(out / f"{split}.json")["images"])
+        for split in ("train", "val", "test")
+    }
+    assert stems == {"train": ["IDRiD_01"], "val": ["IDRiD_02"], "test": ["IDRiD_55"]}
+    grading = {
+        split: sorted(Path(i["file_name"]).stem for i in read_json(out / "grading" / f"{split}.json")["images"])
+        for split in ("train", "val", "test")
+    }
+    assert grading == {"train": ["IDRiD_001", "IDRiD_002"], "val": ["IDRiD_003"], "test": ["IDRiD_001"]}
+    # The carved image keeps its training-set path and labels.
+    val_record = read_json(out / "grading" / "val.json")["images"][0]
+    assert val_record["file_name"].startswith(f"{GRADING}/{IMAGES}/{TRAIN}/")
+    assert val_record["dr_grade"] == GRADES["train"]["IDRiD_003"][0]
+
+
+def test_val_split_none_keeps_the_official_splits(full_root, tmp_path):
+    root, _ = full_root
+    out = tmp_path / "out"
+    idrid.convert(root, out, _options(), val_split=None)
+    assert set(read_json(out / "retina_d2.json")["tasks"]["seg"]) == {"train", "test"}
+
+
+def test_committed_val_split_is_training_images_only():
+    doc = idrid.read_val_split(idrid.DEFAULT_VAL_SPLIT)
+    # IDRiD's training sets: segmentation IDRiD_01..54, grading IDRiD_001..413.
+    assert doc["seg"] and all(1 <= int(n.split("_")[1]) <= 54 for n in doc["seg"])
+    assert doc["grading"] and all(1 <= int(n.split("_")[1]) <= 413 for n in doc["grading"])
+    assert len(set(doc["seg"])) == len(doc["seg"]) and len(set(doc["grading"])) == len(doc["grading"])
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"segmentation": []}', '{"seg": [5]}', "{oops"])
+def test_bad_val_split_names_the_file(full_root, tmp_path, text):
+    root, _ = full_root
+    split_file = tmp_path / "bad_val.json"
+    split_file.write_text(text)
+    with pytest.raises(ConversionError, match="bad_val.json"):
+        idrid.convert(root, tmp_path / "out", _options(), val_split=split_file)
+
+
+def test_convert_tool_takes_val_split_none(full_root, tmp_path):
+    root, _ = full_root
+    out = tmp_path / "out"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_dataset.py"
+    done = subprocess.run(
+        [sys.executable, str(tool), "idrid", "--root", str(root), "--out", str(out), "--val-split", "none"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(read_json(out / "retina_d2.json")["tasks"]["seg"]) == {"train", "test"}

@@ -16,20 +16,27 @@ The dataset is published in three parts; a root may hold any of them::
                                     2. Fovea Center Location/
                                         a. IDRiD_Fovea_Center_Training Set_Markups.csv, b. ...
 
-Part A becomes the "seg" task (``train.json``, ``test.json``). A lesion type absent from an image
+Part A becomes the "seg" task (``train.json``, ``val.json``, ``test.json``). A lesion type absent from an image
 has no mask file at all, so a missing file means the lesion is absent. Masks are TIFFs with the
 lesion in the red channel; :func:`~.base.read_mask` takes the channel maximum, so they read as
 255 and not as the 76 a grey conversion gives.
 
-Parts B and C become the "grading" task (``grading/train.json``, ``grading/test.json``): B's images
+Parts B and C become the "grading" task (``grading/{train,val,test}.json``): B's images
 (C's when only C is present), each with the fields its CSV rows give: ``dr_grade`` (0-4),
 ``dme_grade`` (0-2), ``optic_disc_center`` and ``fovea_center`` ([x, y] in pixels). An image
 without a row for a field lacks that field; it is never filled with 0.
+
+IDRiD publishes only a training and a test set. So that no checkpoint is ever selected on the
+test set, ``val`` is carved from the training set by the committed split file
+``retina_d2/data/splits/idrid_val.json`` (``--val-split`` names another; ``--val-split none``
+keeps the official two splits). Validation names missing from a partial copy of IDRiD are named in
+a warning; a task left without any validation image gets no ``val`` file.
 
 Small-lesion dilation is off unless ``options.dilation`` asks for it: IDRiD's masks are drawn at
 full resolution, and the e-ophtha paper's microaneurysm dilation is no part of this dataset.
 """
 import csv
+import json
 import logging
 import math
 import re
@@ -48,7 +55,17 @@ from .base import (
     require_dir,
 )
 
-__all__ = ["DATASET", "CATEGORIES", "add_arguments", "convert", "read_grades", "read_landmarks"]
+__all__ = [
+    "DATASET",
+    "CATEGORIES",
+    "DEFAULT_VAL_SPLIT",
+    "add_arguments",
+    "carve_validation",
+    "convert",
+    "read_grades",
+    "read_landmarks",
+    "read_val_split",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +130,82 @@ LANDMARK_X_COLUMN = "X- Coordinate"
 LANDMARK_Y_COLUMN = "Y - Coordinate"
 
 
+# The validation images carved from the training sets (see the module docstring).
+DEFAULT_VAL_SPLIT = Path(__file__).resolve().parents[1] / "splits" / "idrid_val.json"
+
+
+def _val_split_arg(text: str) -> Optional[Path]:
+    return None if text.lower() == "none" else Path(text)
+
+
 def add_arguments(parser) -> None:
-    """IDRiD has no flags of its own: every part found under the root is converted."""
+    """IDRiD's own flag: ``--val-split`` (every part found under the root is converted)."""
+    parser.add_argument(
+        "--val-split",
+        type=_val_split_arg,
+        default=DEFAULT_VAL_SPLIT,
+        metavar="FILE|none",
+        help='JSON {"seg": [NAME, ...], "grading": [...]} of training images that form the '
+        "validation split (default: the committed retina_d2/data/splits/idrid_val.json); "
+        "'none' keeps only the official train/test",
+    )
 
 
-def convert(root, out_dir, options: Optional[ConvertOptions] = None) -> dict:
+def read_val_split(path: Path) -> Dict[str, List[str]]:
+    """Read a validation split file: task ("seg", "grading") -> image stems.
+
+    Raises:
+        ConversionError: unreadable JSON, an unknown task, or a value that is not a list of names.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: cannot read the IDRiD validation split: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConversionError(f"{path}: expected a JSON object task -> list of image names")
+    for task, names in doc.items():
+        if task not in ("seg", "grading"):
+            raise ConversionError(f"{path}: unknown task {task!r} (expected 'seg' or 'grading')")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConversionError(f"{path}: {task!r} must be a list of image names")
+    return doc
+
+
+def carve_validation(
+    splits: Dict[str, List[Sample]], val_names: Sequence[str], task: str, source: Path
+) -> Dict[str, List[Sample]]:
+    """Move the training images named in ``val_names`` into a ``val`` split.
+
+    Names absent from the training set are named in a warning (a partial copy of IDRiD); with no
+    name present, the splits are returned unchanged and a warning says so.
+    """
+    wanted = set(val_names)
+    train = [s for s in splits["train"] if s.image.stem not in wanted]
+    val = [s for s in splits["train"] if s.image.stem in wanted]
+    absent = sorted(wanted - {s.image.stem for s in val})
+    if absent:
+        logger.warning(
+            "%s: %d %s validation image(s) are not in this copy's training set: %s%s",
+            source, len(absent), task, ", ".join(absent[:10]), " ..." if len(absent) > 10 else "",
+        )
+    if not val:
+        logger.warning("IDRiD %s: no validation image present: no val split written", task)
+        return splits
+    return {"train": train, "val": val, **{k: v for k, v in splits.items() if k != "train"}}
+
+
+def convert(
+    root, out_dir, options: Optional[ConvertOptions] = None, val_split: Optional[Path] = DEFAULT_VAL_SPLIT
+) -> dict:
     """Convert every IDRiD part found under ``root``.
 
     Args:
         root: the folder holding "A. Segmentation", "B. Disease Grading" and/or "C. Localization".
         out_dir: output folder (see :mod:`.base` for its layout).
         options: common converter options; defaults to ``ConvertOptions()``.
+        val_split: the validation split file (see :func:`read_val_split`); None keeps the
+            official train/test only.
 
     Returns:
         the conversion summary (also written to ``summary.json``).
@@ -131,6 +213,7 @@ def convert(root, out_dir, options: Optional[ConvertOptions] = None) -> dict:
     options = options if options is not None else ConvertOptions()
     root = Path(root)
     parts = find_parts(root)
+    val_names = read_val_split(Path(val_split)) if val_split is not None else {}
     tasks = {}
     if SEGMENTATION_PART in parts:
         tasks["seg"] = {
@@ -138,6 +221,9 @@ def convert(root, out_dir, options: Optional[ConvertOptions] = None) -> dict:
         }
     if GRADING_PART in parts or LOCALIZATION_PART in parts:
         tasks["grading"] = {split: grading_samples(root, parts, split) for split in SPLIT_FOLDERS}
+    for task in tasks:
+        if task in val_names:
+            tasks[task] = carve_validation(tasks[task], val_names[task], task, Path(val_split))
     return convert_samples(DATASET, tasks, root, out_dir, CATEGORIES, options)
 
 
