@@ -201,10 +201,13 @@ def setup_cfg(config_file: str, opts=(), args=None):
 def _check_datasets(cfg, config_file):
     """Every dataset the config names is registered and has MODEL.ROI_HEADS.NUM_CLASSES classes
     (a detector's) and MODEL.SEM_SEG_HEAD.NUM_CLASSES lesions (a semantic head's)."""
-    from ..data.register import datasets_root
+    from ..data.register import datasets_root, explain_unregistered
 
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
+            why = explain_unregistered(name)  # two conversions provide it, or a corrupt manifest
+            if why:
+                raise ConfigError(f"{config_file}: dataset {name!r} is not registered: {why}")
             known = sorted(n for n in DatasetCatalog.list() if "_seg_" in n)
             raise ConfigError(
                 f"{config_file}: dataset {name!r} is not registered. Convert it with "

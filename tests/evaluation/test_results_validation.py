@@ -149,7 +149,8 @@ def test_all_nan_scores_are_refused_not_scored(tmp_path):
     for d in dets:
         d["score"] = float("nan")
     for evaluate in (evaluate_coco_results, froc_curve, precision_recall_curves):
-        with pytest.raises(InstanceEvalError, match=r"nan.json: entry 0 \(image_id 1\) has score nan"):
+        expected = r"nan.json: entry 0 \(image_id 1\) has score nan"
+        with pytest.raises(InstanceEvalError, match=expected):
             evaluate(gt, write(tmp_path, "nan.json", dets))
 
 
