@@ -1,4 +1,9 @@
-"""``add_retina_config``: every config key retina_d2 adds to Detectron2's, with its default."""
+"""``add_retina_config``: every config key retina_d2 adds to Detectron2's, with its default;
+``read_config_yaml`` / ``merge_config``: config files read with YAML's safe loader only."""
+import os
+import re
+
+import yaml
 from detectron2.config import CfgNode as CN
 
 __all__ = [
@@ -10,6 +15,8 @@ __all__ = [
     "has_localization",
     "has_semantic_head",
     "lesion_architecture",
+    "merge_config",
+    "read_config_yaml",
     "trains_lesions",
 ]
 
@@ -23,6 +30,16 @@ class ConfigError(ValueError):
 
 def add_retina_config(cfg):
     """Add retina_d2's keys to a Detectron2 config (in place). Call before ``merge_from_file``."""
+    # Weights files (MODEL.WEIGHTS, MODEL.MULTITASK.LESION_WEIGHTS, --resume's last checkpoint)
+    # are read as tensors, NumPy arrays and containers only (retina_d2/safe_load.py): unpickling
+    # in full runs whatever code the file carries. True reads an old full pickle anyway, with a
+    # warning naming it; only for files you made or trust (tools: --trust-checkpoint).
+    cfg.MODEL.TRUST_CHECKPOINT = False
+    # Evaluation and prediction refuse a checkpoint that sets fewer than all of the model's
+    # parameters (another class count, another model): the rest would predict from random
+    # initial values. True accepts it (training from a pretrained start always does, warning).
+    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
+
     # Detectron2 0.6 has only SGD; the e-ophtha Mask R-CNN paper trains with Adam.
     cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" or "ADAM"
 
@@ -184,6 +201,10 @@ def add_retina_config(cfg):
     cfg.RETINA.PREPROCESS.FOV_CROP = True
     # Pixels darker than this (max over channels, 0-255) count as the black border.
     cfg.RETINA.PREPROCESS.FOV_THRESHOLD = 20
+    # Camera-independent scale: resize every image (train, test, predict) so that its FOV is this
+    # many pixels across, measured on the FOV found by FOV_THRESHOLD; outputs are mapped back to
+    # the photograph's pixels. It takes the place of INPUT.MIN_SIZE_* (ignored when > 0). 0 = off.
+    cfg.RETINA.PREPROCESS.FOV_DIAMETER = 0
     # Graham normalisation: 4*img - 4*GaussianBlur(img, sigma) + 128, the e-ophtha paper's.
     cfg.RETINA.PREPROCESS.GRAHAM = False
     # sigma at a FOV 1024 px wide; scaled with the FOV's width so any resolution looks the same.
@@ -201,10 +222,6 @@ def add_retina_config(cfg):
     # Training augmentation; every geometric op is applied to masks identically.
     cfg.RETINA.AUG = CN()
     cfg.RETINA.AUG.HFLIP = True
-    # Camera-independent scale: resize every image (train, test, predict) so that its FOV is this
-    # many pixels across, measured on the FOV found by FOV_THRESHOLD; outputs are mapped back to
-    # the photograph's pixels. It takes the place of INPUT.MIN_SIZE_* (ignored when > 0). 0 = off.
-    cfg.RETINA.PREPROCESS.FOV_DIAMETER = 0
     cfg.RETINA.AUG.VFLIP = True
     # With INPUT.CROP: the share of crops centred on a random lesion (0 = Detectron2's uniform
     # RandomCrop). Native-resolution crops are mostly healthy retina otherwise.
@@ -235,6 +252,20 @@ def add_retina_config(cfg):
     cfg.RETINA.TILE.MERGE_IOU = 0.5
     cfg.RETINA.TILE.BATCH_SIZE = 1  # tiles per forward pass
     # The merged instances are capped at TEST.DETECTIONS_PER_IMAGE, as the untiled model's are.
+
+    # Lesions of a semantic model's probability maps (retina_d2/modeling/components.py): one
+    # lesion per connected component, scored by its peak probability (used by
+    # tools/benchmark.py heimed-exudate-cv).
+    cfg.RETINA.COMPONENTS = CN()
+    # Average the maps over the image and its horizontal mirror (flip test-time augmentation).
+    cfg.RETINA.COMPONENTS.FLIP_TTA = False
+    # Pixels at or above this probability form the lesions' masks.
+    cfg.RETINA.COMPONENTS.MASK_THRESHOLD = 0.3
+    # Components of fewer pixels (in the photograph's pixels) are dropped as noise.
+    cfg.RETINA.COMPONENTS.MIN_AREA = 4
+    # The operating point: lesions scoring at least this are reported as found (lesion F1, false
+    # alarms per healthy eye); lower-scoring ones still rank in AP and FROC.
+    cfg.RETINA.COMPONENTS.SCORE_THRESHOLD = 0.5
 
     # Evaluation (retina_d2/evaluation/instance_eval.py).
     cfg.RETINA.EVAL = CN()
@@ -269,6 +300,29 @@ def add_retina_config(cfg):
     # images with hits, misses and false alarms outlined (0: no gallery).
     cfg.RETINA.EVAL.REPORT = True
     cfg.RETINA.EVAL.REPORT_GALLERY = 4
+    # Each paper's own evaluation protocol, added beside the evaluators above
+    # (retina_d2/evaluation/protocols): "per_image_map" (e-ophtha Mask R-CNN: Matterport's
+    # per-image mask AP at IOU_THRESHOLDS; a detector's), "argmax_dice" (ResUNet: argmax Dice /
+    # IoU / pixel accuracy), "pr_operating_point" (Red-Seg: pixel precision / recall beside
+    # AUC-PR), "component_ap" (CBAM-DeepLab: AP@[.50:.95] of connected components, pixel AUC-PR
+    # and IoU); the last three a semantic head's. Each writes <protocol>_metrics.json.
+    cfg.RETINA.EVAL.PROTOCOLS = []
+    # argmax_dice: the side (px) both maps are resized to (the ResUNet report's 256; 0 = native),
+    # and "pooled" (over the split's pixels) or "per_batch" (the report's: per batch of
+    # ARGMAX_BATCH_SIZE images, then averaged).
+    cfg.RETINA.EVAL.ARGMAX_SIZE = 256
+    cfg.RETINA.EVAL.ARGMAX_REDUCTION = "pooled"
+    cfg.RETINA.EVAL.ARGMAX_BATCH_SIZE = 4
+    # pr_operating_point: the score threshold of precision / recall, chosen on validation data;
+    # < 0 = the PR curve's break-even point (Red-Seg's tables read that way).
+    cfg.RETINA.EVAL.OPERATING_POINT = -1.0
+    # component_ap: the side both maps are resized to (CBAM-DeepLab's 512; 0 = native) and the
+    # probability at which a pixel is lesion (components, IoU).
+    cfg.RETINA.EVAL.COMPONENT_AP_SIZE = 512
+    cfg.RETINA.EVAL.COMPONENT_AP_THRESHOLD = 0.5
+    # A system of retina_d2/evaluation/published_figures.yaml (e.g. "eophtha-maskrcnn"): the
+    # report then shows its paper's figures beside ours. "" = none.
+    cfg.RETINA.EVAL.PUBLISHED_SYSTEM = ""
 
     # Mixed-precision inference (retina_d2/modeling/amp.py), the test-time side of Detectron2's
     # SOLVER.AMP.ENABLED: evaluation and tools/predict.py run the model under torch.autocast in
@@ -277,6 +331,119 @@ def add_retina_config(cfg):
     cfg.RETINA.INFERENCE = CN()
     cfg.RETINA.INFERENCE.AMP = False
     cfg.RETINA.INFERENCE.AMP_DTYPE = "float16"
+
+
+_BASE_KEY = "_BASE_"
+
+
+def read_config_yaml(filename: str, _chain=()) -> dict:
+    """The mapping a config YAML file holds, with its ``_BASE_`` file(s) (paths relative to it)
+    read the same way and merged below it.
+
+    Only YAML's safe loader reads it: Detectron2 0.6's ``load_yaml_with_base`` falls back to
+    ``yaml.unsafe_load``, with which a ``!!python/...`` tag runs code; retina_d2.compat puts
+    this function in its place.
+
+    Raises:
+        ConfigError: naming the file: unreadable, not YAML, a tag that builds Python objects,
+            not a mapping, a missing or circular ``_BASE_``.
+    """
+    if filename in _chain:
+        raise ConfigError(f"{filename}: _BASE_ chain loops back to itself: {' -> '.join(_chain)}")
+    loaded = _safe_yaml(filename)
+    base = loaded.pop(_BASE_KEY, None)
+    if base is None:
+        return loaded
+    merged = {}
+    for base_file in base if isinstance(base, list) else [base]:
+        path = os.path.expanduser(str(base_file))
+        if not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(filename), path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{filename}: _BASE_ {base_file!r}: no such file ({path})")
+        _merge_below(read_config_yaml(path, _chain + (filename,)), merged, filename)
+    _merge_below(loaded, merged, filename)
+    return merged
+
+
+def _safe_yaml(filename: str) -> dict:
+    try:
+        with open(filename, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError as e:
+        tag = re.search(r"tag '([^']*)'", str(e.problem))
+        tag = tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "a tag"
+        raise ConfigError(
+            f"{filename}{_yaml_line(e)}: YAML tag {tag} refused: config files are read with "
+            "YAML's safe loader, which builds no Python objects"
+        ) from None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{filename}{_yaml_line(e)}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{filename}: not a text (UTF-8) file") from None
+    except OSError as e:
+        raise ConfigError(f"{filename}: cannot read it: {e.strerror or e}") from None
+    if loaded is None:
+        return {}  # an empty file changes nothing
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{filename}: holds a YAML {type(loaded).__name__}, not a mapping of config keys"
+        )
+    return loaded
+
+
+def _yaml_line(error) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f": line {mark.line + 1}" if mark is not None else ""
+
+
+def _merge_below(top: dict, merged: dict, filename: str) -> None:
+    """Merge ``top`` into ``merged`` in place, ``top``'s values winning, sections recursively."""
+    for key, value in top.items():
+        if isinstance(value, dict) and key in merged:
+            if not isinstance(merged[key], dict):
+                raise ConfigError(f"{filename}: {key} is a section here but a value in _BASE_")
+            _merge_below(value, merged[key], filename)
+        else:
+            merged[key] = value
+
+
+_TYPE_MISMATCH = re.compile(
+    r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+    r"for config key: (\S+)"
+)
+
+
+def _merge_error(where: str, error: Exception) -> "ConfigError":
+    """A ConfigError for what yacs raised while merging ``where`` (a file or "command line")."""
+    text = " ".join(str(error.args[0] if error.args else error).split())
+    mismatch = _TYPE_MISMATCH.search(text)
+    if mismatch:
+        want, got, default, value, key = mismatch.groups()
+        return ConfigError(f"{where}: {key} {value!r}: expected {want} (like {default}), got {got}")
+    if isinstance(error, KeyError) or text.startswith("Non-existent key"):
+        return ConfigError(f"{where}: {text} (not a Detectron2 or retina_d2 key)")
+    return ConfigError(f"{where}: {text}")
+
+
+def merge_config(cfg, config_file: str, opts=()) -> None:
+    """Merge ``config_file`` and then the command line's ``opts`` (KEY VALUE ...) into ``cfg``.
+
+    Raises:
+        ConfigError: naming the file or "command line": unsafe or malformed YAML, an unknown
+            key, a value of the wrong type, an odd number of overrides.
+    """
+    try:
+        cfg.merge_from_file(config_file)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, AssertionError) as e:  # yacs asserts as well as raising
+        raise _merge_error(config_file, e) from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise _merge_error("command line", e) from None
 
 
 def get_retina_cfg():

@@ -39,6 +39,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 from tabulate import tabulate
 
+from detectron2.config import configurable
+
 from ..instance_eval import (
     GroundTruth,
     InstanceEvalError,
@@ -240,6 +242,7 @@ class PerImageMAPEvaluator(LesionPredictionCollector):
     writes ``per_image_map_metrics.json`` there (the report shows it).
     """
 
+    @configurable
     def __init__(
         self,
         dataset_name: str,
@@ -266,13 +269,13 @@ class PerImageMAPEvaluator(LesionPredictionCollector):
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
         """With ``RETINA.EVAL.IOU_THRESHOLDS``, ``MAX_DETS`` and ``ANNOTATED_ONLY``."""
-        return cls(
-            dataset_name,
-            output_dir,
-            iou_thresholds=tuple(cfg.RETINA.EVAL.IOU_THRESHOLDS),
-            max_dets=cfg.RETINA.EVAL.MAX_DETS,
-            annotated_only=cfg.RETINA.EVAL.ANNOTATED_ONLY,
-        )
+        return {
+            "dataset_name": dataset_name,
+            "output_dir": output_dir,
+            "iou_thresholds": tuple(cfg.RETINA.EVAL.IOU_THRESHOLDS),
+            "max_dets": cfg.RETINA.EVAL.MAX_DETS,
+            "annotated_only": cfg.RETINA.EVAL.ANNOTATED_ONLY,
+        }
 
     def evaluate(self):
         gathered = self._gather_results()
