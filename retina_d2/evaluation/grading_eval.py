@@ -19,10 +19,12 @@ import copy
 import logging
 import math
 import os
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from sklearn import metrics as sklearn_metrics
 from tabulate import tabulate
 
 import detectron2.utils.comm as comm
@@ -55,36 +57,36 @@ _TITLES = {"dr_grade": "DR grade", "dme_grade": "macular-oedema risk"}
 def confusion_matrix(
     truth: Sequence[int], predicted: Sequence[int], num_grades: int
 ) -> np.ndarray:
-    """(num_grades, num_grades) counts: row = true grade, column = predicted grade."""
-    matrix = np.zeros((num_grades, num_grades), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(truth, int), np.asarray(predicted, int)), 1)
-    return matrix
+    """(num_grades, num_grades) counts: row = true grade, column = predicted grade (every grade of
+    the scale has its row and column, given or not)."""
+    return sklearn_metrics.confusion_matrix(
+        np.asarray(truth, int), np.asarray(predicted, int), labels=list(range(num_grades))
+    ).astype(np.int64)
 
 
 def quadratic_weighted_kappa(
     truth: Sequence[int], predicted: Sequence[int], num_grades: int
 ) -> float:
-    """Cohen's kappa with quadratic weights over the grades 0 .. num_grades - 1.
+    """Cohen's kappa with quadratic weights over the grades 0 .. num_grades - 1 (scikit-learn's
+    ``cohen_kappa_score``).
 
-    1 - sum(W * O) / sum(W * E), with O the confusion matrix, E the outer product of its row and
-    column sums over the image count (agreement by chance) and W[i, j] = (i - j)^2. The grade
-    scale is fixed, so a grade nobody gave still counts in the distances (scikit-learn's
-    ``cohen_kappa_score(..., weights="quadratic", labels=range(num_grades))``).
+    The grade scale is fixed (``labels=range(num_grades)``), so a grade nobody gave still counts
+    in the distances.
 
     Returns:
-        kappa, NaN without images or when chance agreement is already perfect (one grade only).
+        kappa, NaN without images or when chance agreement is already perfect (one grade only),
+        where scikit-learn would divide by zero.
     """
-    observed = confusion_matrix(truth, predicted, num_grades).astype(np.float64)
-    total = observed.sum()
-    if total == 0:
+    truth, predicted = np.asarray(truth, int), np.asarray(predicted, int)
+    if truth.size == 0 or (np.unique(truth).size == 1 and np.array_equal(truth, predicted)):
         return math.nan
-    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / total
-    grades = np.arange(num_grades)
-    weights = (grades[:, None] - grades[None, :]) ** 2
-    chance = (weights * expected).sum()
-    if chance == 0:
-        return math.nan
-    return float(1.0 - (weights * observed).sum() / chance)
+    with warnings.catch_warnings():
+        # One grade on one side only: expected disagreement is still defined, no warning needed.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        kappa = sklearn_metrics.cohen_kappa_score(
+            truth, predicted, labels=list(range(num_grades)), weights="quadratic"
+        )
+    return float(kappa)
 
 
 def lesion_presence_metrics(

@@ -34,6 +34,15 @@ def test_kappa_matches_scikit_learn(seed):
     )
 
 
+def test_kappa_and_confusion_on_a_hand_worked_case():
+    # truth 0 1 2, predicted 0 2 2: O = [[1,0,0],[0,0,1],[0,0,1]], row sums 1 1 1, column sums
+    # 1 0 2, E = outer / 3; W = (i-j)^2. sum W*O = 1, sum W*E = 8/3 + 1 + 4/3 = 5: kappa 0.8.
+    assert quadratic_weighted_kappa([0, 1, 2], [0, 2, 2], 3) == pytest.approx(0.8, abs=1e-12)
+    assert confusion_matrix([0, 1, 2], [0, 2, 2], 3).tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+    # A grade of the scale nobody gave still has its row and column.
+    assert confusion_matrix([0, 0], [1, 0], 3).tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
+
+
 def test_kappa_keeps_the_distance_of_grades_nobody_gave():
     # No grade 2 or 3 anywhere: the 0 -> 4 confusion is still 4 steps away, not 2, and 1 -> 4
     # still 3, not 1 (scoring the grades present only would make it so).
