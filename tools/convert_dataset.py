@@ -75,7 +75,9 @@ def build_parser():
         p.add_argument(
             "--polygons",
             action="store_true",
-            help="store polygons instead of RLE (holes and 1-2 px lesions keep RLE)",
+            help="store each lesion as polygons along its pixel corners where they rasterise back "
+            "to exactly its pixels (1-px lesions and lines too); a lesion with a hole keeps its "
+            "RLE, so no pixel is lost or added",
         )
         p.add_argument("--no-semantic", action="store_true", help="skip the semantic target PNGs")
         module.add_arguments(p)

@@ -339,19 +339,50 @@ def decode_segmentation_region(
 
 
 def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
-    """Outer contours as COCO polygons ([x0, y0, x1, y1, ...]).
+    """The outer outlines of a mask's pieces as COCO polygons ([x0, y0, x1, y1, ...]).
 
-    Contours with fewer than 3 points (1-2 pixel lesions) cannot form a polygon and are left out,
-    and holes are lost: that is why RLE is the default format and polygons only an option.
+    Each outline runs along the pixels' corners (pixel ``(row i, col j)`` covers
+    ``[j, j + 1] x [i, i + 1]``), not through the boundary pixels' centres, so pycocotools
+    rasterises it back to exactly the pixels it encloses: a 1-pixel microaneurysm is the unit
+    square, a 1-pixel-wide line a thin rectangle. Holes have no outline here (COCO polygons are
+    merged by union), so a mask with a hole does not round-trip; :func:`coco_annotation` checks.
     """
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    # At twice the size every pixel is a 2x2 block whose boundary sub-pixels lie on the block's
+    # outer side, so (u + 1) // 2 maps each traced sub-pixel to the pixel corner it touches.
+    doubled = np.repeat(np.repeat(mask.astype(np.uint8), 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(doubled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     polygons = []
     for contour in contours:
-        if len(contour) < 3:
-            continue
-        # findContours gives pixel centres; +0.5 moves to COCO's continuous pixel coordinates.
-        polygons.append((contour.reshape(-1, 2).astype(np.float64) + 0.5).ravel().tolist())
+        corners = (contour.reshape(-1, 2) + 1) // 2
+        # Sub-pixels of one corner map to the same point: keep one of each run.
+        corners = corners[np.any(corners != np.roll(corners, 1, axis=0), axis=1)]
+        if len(corners) >= 3:
+            polygons.append(corners.astype(np.float64).ravel().tolist())
     return polygons
+
+
+def _exact_polygons(rle: dict) -> Optional[Tuple[List[List[float]], dict]]:
+    """The polygons of an instance and their rasterised RLE, or None when pycocotools'
+    rasterisation of them differs from the instance by any pixel (a hole, for one)."""
+    height, width = rle["size"]
+    region = decode_segmentation_region(rle, height, width)
+    if region is None:
+        return None
+    rows, cols, patch = region
+    # Traced in the instance's box (not a full-size mask per microaneurysm), then moved back.
+    shift = np.array([cols.start, rows.start], np.float64)
+    polygons = [
+        (np.reshape(polygon, (-1, 2)) + shift).ravel().tolist() for polygon in mask_to_polygons(patch)
+    ]
+    if not polygons:
+        return None
+    drawn = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+    stored = dict(rle, counts=rle["counts"].encode("ascii")) if isinstance(rle["counts"], str) else rle
+    area = mask_util.area(stored)
+    both = mask_util.area(mask_util.merge([drawn, stored], intersect=True))
+    if mask_util.area(drawn) != area or both != area:
+        return None
+    return polygons, drawn
 
 
 def coco_annotation(
@@ -366,27 +397,30 @@ def coco_annotation(
     """One COCO instance annotation for an instance's RLE.
 
     ``bbox`` is ``[x, y, w, h]`` of the instance's tight pixel box and ``area`` its pixel count, as
-    pycocotools computes them from the RLE.
+    pycocotools computes them from the stored segmentation.
 
     Args:
         rle: compressed RLE of the instance (from :func:`instance_rles` or :func:`encode_rle`).
         annotation_id, image_id, category_id, iscrowd: the COCO fields.
-        segmentation_format: "rle" (default; exact, holes kept) or "polygon" (contours, holes
-            lost; an instance too small for any polygon keeps its RLE so that no lesion is lost).
+        segmentation_format: "rle" (default) or "polygon": pixel-corner outlines
+            (:func:`mask_to_polygons`), kept only when pycocotools rasterises them back to exactly
+            the instance's pixels; an instance with a hole (or any shape polygons would alter)
+            keeps its RLE, so no pixel is ever lost or added.
 
     Returns:
         the annotation dict.
     """
     if segmentation_format not in ("rle", "polygon"):
         raise ValueError(f"segmentation_format must be 'rle' or 'polygon', got {segmentation_format!r}")
-    area = int(mask_util.area(rle))
+    segmentation, stored = rle, rle
+    if segmentation_format == "polygon":
+        exact = _exact_polygons(rle)
+        if exact is not None:
+            segmentation, stored = exact
+    # Of what is stored: a polygon's area is what pycocotools rasterises it to.
+    area = int(mask_util.area(stored))
     if area == 0:
         raise ValueError(f"annotation {annotation_id} on image {image_id} has an empty mask")
-    segmentation = rle
-    if segmentation_format == "polygon":
-        polygons = mask_to_polygons(decode_rle(rle))
-        if polygons:
-            segmentation = polygons
     return {
         "id": int(annotation_id),
         "image_id": int(image_id),

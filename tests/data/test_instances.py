@@ -66,9 +66,10 @@ def test_one_pixel_lesion_survives_as_rle():
     (rle,) = instance_rles_from_mask(mask)
     ann = coco_annotation(rle, annotation_id=1, image_id=1, category_id=1)
     assert ann["area"] == 1 and ann["bbox"] == [11.0, 7.0, 1.0, 1.0]
-    # Polygon output cannot represent it, so the RLE is kept rather than losing the lesion.
+    # As a polygon it is the pixel's unit square, which rasterises back to the pixel.
     ann = coco_annotation(rle, annotation_id=1, image_id=1, category_id=1, segmentation_format="polygon")
-    assert isinstance(ann["segmentation"], dict)
+    assert ann["segmentation"] == [[11.0, 7.0, 11.0, 8.0, 12.0, 8.0, 12.0, 7.0]]
+    assert np.array_equal(decode_segmentation(ann["segmentation"], 20, 30), mask)
 
 
 def test_holes_survive_in_rle():
@@ -80,32 +81,75 @@ def test_holes_survive_in_rle():
     assert coco_annotation(rle, annotation_id=1, image_id=1, category_id=3)["area"] == 60
 
 
-def test_polygon_format_decodes_to_the_shape():
-    mask = np.zeros((20, 20), bool)
-    mask[4:12, 6:15] = True
+def _polygon_annotation(mask):
     (rle,) = instance_rles_from_mask(mask)
-    ann = coco_annotation(rle, annotation_id=1, image_id=1, category_id=3, segmentation_format="polygon")
+    return coco_annotation(rle, annotation_id=1, image_id=1, category_id=3, segmentation_format="polygon")
+
+
+def _assert_stores_exactly(ann, mask):
+    """The stored segmentation decodes (pycocotools) to the mask, and ``area`` is its area."""
+    decoded = decode_segmentation(ann["segmentation"], *mask.shape)
+    np.testing.assert_array_equal(decoded, mask)
+    stored = ann["segmentation"]
+    if isinstance(stored, list):
+        stored = mask_util.merge(mask_util.frPyObjects(stored, *mask.shape))
+    assert ann["area"] == mask_util.area(stored) == mask.sum()
+
+
+def test_polygon_format_keeps_a_blob_as_its_exact_outline():
+    mask = np.zeros((20, 20), np.uint8)
+    cv2.ellipse(mask, (10, 9), (6, 4), 30.0, 0, 360, 1, -1)
+    mask = mask.astype(bool)
+    ann = _polygon_annotation(mask)
+    assert isinstance(ann["segmentation"], list) and len(ann["segmentation"]) == 1
+    _assert_stores_exactly(ann, mask)
+    box = np.zeros((9, 11), bool)
+    box[2:6, 3:8] = True
+    # A box is its four pixel corners, the polygon of test_decode_segmentation_reads_every_coco_form.
+    assert _polygon_annotation(box)["segmentation"] == [[3.0, 2.0, 3.0, 6.0, 8.0, 6.0, 8.0, 2.0]]
+
+
+@pytest.mark.parametrize("shape_name", ["1x5 line", "5x1 line", "3-px diagonal", "L"])
+def test_polygon_format_keeps_one_pixel_wide_lesions(shape_name):
+    mask = np.zeros((12, 12), bool)
+    if shape_name == "1x5 line":
+        mask[4, 3:8] = True
+    elif shape_name == "5x1 line":
+        mask[3:8, 4] = True
+    elif shape_name == "3-px diagonal":
+        mask[[3, 4, 5], [6, 7, 8]] = True
+    else:
+        mask[2:7, 3] = True
+        mask[6, 3:9] = True
+    ann = _polygon_annotation(mask)
     assert isinstance(ann["segmentation"], list)
-    poly = mask_util.decode(mask_util.merge(mask_util.frPyObjects(ann["segmentation"], 20, 20)))
-    # Polygons trace pixel centres, so they lose at most the outer half-pixel ring.
-    assert (poly.astype(bool) & ~mask).sum() == 0 and poly.sum() >= (mask.sum() * 0.6)
+    _assert_stores_exactly(ann, mask)
 
 
-def test_dilation_grows_without_fusing():
-    mask = np.zeros((30, 30), bool)
-    mask[10, 10] = True
-    mask[10, 13] = True  # 2 px gap: 5x5 x2 dilation makes them touch
-    mask[25, 25] = True
+def test_polygon_format_keeps_rle_for_a_ring_with_a_hole():
+    mask = np.zeros((12, 12), bool)
+    mask[2:10, 2:10] = True
+    mask[5:7, 5:7] = False
+    ann = _polygon_annotation(mask)
+    assert isinstance(ann["segmentation"], dict), "a polygon would fill the hole"
+    _assert_stores_exactly(ann, mask)
+    assert ann["area"] == 60
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_polygon_format_stores_every_random_lesion_exactly(seed):
+    """Random lesions (holes, pinches, single pixels): whatever is stored is the lesion, pixel for
+    pixel, and its ``area``; most are polygons."""
+    mask = _random_mask(seed, shape=(30, 40), density=0.45)
     labels = label_components(mask)
-    dilated = dilate_small_lesions(labels, EOPHTHA_MA_DILATION)
-    assert dilated.max() == labels.max() == 3
-    assert ((labels == 0) | (dilated == labels)).all(), "every instance contains its source"
-    rles = [rle for _, rle in instance_rles(dilated)]
-    assert len(rles) == 3
-    areas = [mask_util.area(r) for r in rles]
-    assert max(areas) <= 81 and min(areas) > 1
-    # The lone lesion grows by 4 px on each side: a 9x9 square.
-    assert areas[2] == 81
+    polygons = 0
+    for label_id, rle in instance_rles(labels):
+        ann = coco_annotation(
+            rle, annotation_id=1, image_id=1, category_id=1, segmentation_format="polygon"
+        )
+        _assert_stores_exactly(ann, labels == label_id)
+        polygons += isinstance(ann["segmentation"], list)
+    assert polygons > labels.max() / 2
 
 
 def _chebyshev_distance_to(source: np.ndarray) -> np.ndarray:
