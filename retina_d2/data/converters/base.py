@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import re
-import tempfile
+import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,11 +28,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..image_io import mask_to_8bit
 from ..instances import Dilation, coco_annotation, dilate_small_lesions, instance_rles, label_components
 from ..lesions import coco_categories, lesion
 
 __all__ = [
     "ConversionError",
+    "OutputError",
     "ConvertOptions",
     "Sample",
     "IMAGE_EXTENSIONS",
@@ -65,6 +68,11 @@ class ConversionError(RuntimeError):
     """Bad raw data or layout; the message names the file and what is wrong."""
 
 
+class OutputError(ConversionError):
+    """The output folder cannot be written (read-only, a file in the way, disk full): it stops
+    the run even with ``on_error="skip"``, since every later image would fail alike."""
+
+
 @dataclass
 class ConvertOptions:
     """Options common to every converter (command-line flags of tools/convert_dataset.py)."""
@@ -88,8 +96,11 @@ class ConvertOptions:
             lesion(name)  # raises on an unknown lesion name
 
 
-# A label map with one id per annotated blob, and the lesion name of each blob id.
-LabelMapLoader = Callable[[], Tuple[np.ndarray, Dict[int, str]]]
+# A label map with one id per annotated blob, and the lesion name of each blob id (None: an
+# ignore region).
+LabelMapLoader = Callable[[], Tuple[np.ndarray, Dict[int, Optional[str]]]]
+# Lesion name -> (bool lesion mask, bool ignore mask or None), drawn in memory.
+MaskArraysLoader = Callable[[], Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]]
 
 
 @dataclass
@@ -102,7 +113,11 @@ class Sample:
             value marks ignore regions), or None when the dataset says the lesion is absent.
         label_map: for datasets that give instance identities (HEI-MED): a callable returning an
             int label map (one id per blob) and each id's lesion name. Each blob becomes exactly
-            one instance.
+            one instance; a blob whose name is None is an ignore region of every annotated lesion
+            (a label that names no lesion, e.g. HEI-MED's ``Artifact``).
+        mask_arrays: for datasets whose masks are drawn from vector markings (DIARETDB1): a
+            callable returning, per lesion name, a bool mask of the image's size and a bool
+            ignore mask or None. Instances are the mask's components, as for mask files.
         fields: extra image-record fields (dr_grade, dme_grade, optic_disc_center, ...).
         annotated: the lesion names annotated on this image (default: the dataset's categories);
             e-ophtha images are annotated for one lesion type only.
@@ -113,6 +128,7 @@ class Sample:
     image: Path
     masks: Dict[str, Optional[Path]] = field(default_factory=dict)
     label_map: Optional[LabelMapLoader] = None
+    mask_arrays: Optional[MaskArraysLoader] = None
     fields: Dict[str, Any] = field(default_factory=dict)
     annotated: Optional[Sequence[str]] = None
     error: Optional[str] = None
@@ -175,12 +191,10 @@ def read_mask(path: Path, expected_hw: Tuple[int, int], image_path: Path) -> np.
         raise ConversionError(f"{path}: unreadable or truncated mask ({e})") from e
     if arr.ndim == 3:
         arr = arr.max(axis=2)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    if arr.dtype != np.uint8:
-        if arr.min() < 0 or arr.max() > 255:
-            raise ConversionError(f"{path}: mask values outside 0-255 ({arr.min()}..{arr.max()})")
-        arr = arr.astype(np.uint8)
+    try:
+        arr = mask_to_8bit(arr)  # a 16-bit mask: nonzero = lesion, not a scaled intensity
+    except ValueError as e:
+        raise ConversionError(f"{path}: {e}") from e
     if arr.shape != tuple(expected_hw):
         raise ConversionError(
             f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} (WxH) but its image {image_path} is "
@@ -205,13 +219,34 @@ def split_mask_values(arr: np.ndarray, path: Path, ignore_value: Optional[int]) 
     return positive, ignore
 
 
+# Temp files of atomic_write: ".<target name>.<8 random characters>.tmp" beside the target (the
+# 8 characters were mkstemp's before, so orphans of older runs match too).
+_TEMP_RE = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _create_temp(path: Path) -> Tuple[int, str]:
+    """An exclusive new file beside ``path`` named by ``_TEMP_RE``, opened for writing.
+
+    Created with mode 0o666 like ``open()`` does, so the process umask gives the final file its
+    permissions (``tempfile.mkstemp`` would make every output 0600).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a name another writer drew: draw again
+            continue
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "w"):
     """Write to a temporary file beside ``path`` and rename it into place only on success, so an
-    interrupted run never leaves a half-written output."""
+    interrupted run never leaves a half-written output. The file gets the permissions a plain
+    ``open(path, "w")`` would give it under the process umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -341,9 +376,19 @@ def split_samples(
 
 
 def _write_png_atomic(path: Path, arr: np.ndarray) -> None:
-    with atomic_write(path, "wb") as f:
-        # Level 1 halves the encode time of a full-size target; the files stay small (mostly 0).
-        Image.fromarray(arr).save(f, format="PNG", compress_level=1)
+    try:
+        with atomic_write(path, "wb") as f:
+            # Level 1 halves the encode time of a full-size target; the files stay small.
+            Image.fromarray(arr).save(f, format="PNG", compress_level=1)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _write_output_json(path: Path, obj: Any, indent: Optional[int] = None) -> None:
+    try:
+        write_json_atomic(path, obj, indent=indent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def check_outputs_free(out_dir: Path, overwrite: bool) -> None:
@@ -468,8 +513,28 @@ def _image_root_for_manifest(root: Path, out_dir: Path) -> str:
         return str(root)
 
 
-def _relative(path: Path, root: Path) -> str:
-    return Path(path).resolve().relative_to(root).as_posix()
+class _ImageRoot:
+    """The raw dataset root, and each image's ``file_name`` below it.
+
+    ``file_name`` is taken from the path as the converter built it (root / folder / file), so
+    a folder of the dataset that is a symlink to another disk keeps working; only where that
+    fails (a converter that resolved its paths) is the resolved path tried. Either way the
+    name has no ``..`` and so never leads out of the root.
+    """
+
+    def __init__(self, root: Path):
+        self.given = Path(root)
+        self.resolved = Path(root).resolve()
+
+    def file_name(self, path: Path) -> str:
+        for candidate, root in ((Path(path), self.given), (Path(path).resolve(), self.resolved)):
+            try:
+                relative = candidate.relative_to(root)
+            except ValueError:
+                continue
+            if relative.parts and ".." not in relative.parts:
+                return relative.as_posix()
+        raise ConversionError(f"image {path} is not inside the dataset root {self.given}")
 
 
 def _stem(path: Path) -> str:
@@ -479,7 +544,7 @@ def _stem(path: Path) -> str:
 def _convert_sample(
     sample: Sample,
     builder: _CocoBuilder,
-    root: Path,
+    root: "_ImageRoot",
     out_dir: Path,
     split: str,
     categories: Sequence[str],
@@ -498,17 +563,30 @@ def _convert_sample(
                 f"label map of {sample.image} is {labels.shape[1]}x{labels.shape[0]} (WxH) but "
                 f"the image is {width}x{height}"
             )
-        ids_by_lesion: Dict[str, List[int]] = {}
+        ids_by_lesion: Dict[Optional[str], List[int]] = {}
         for blob_id, name in blob_lesions.items():
             ids_by_lesion.setdefault(name, []).append(blob_id)
+        # Blobs of no lesion are neither positive nor negative for any lesion type.
+        ignore = np.isin(labels, ids_by_lesion[None]) if None in ids_by_lesion else None
         for name in annotated:
             ids = ids_by_lesion.get(name)
             if not ids:
-                per_lesion[name] = (np.zeros((height, width), np.int32), None)
+                per_lesion[name] = (np.zeros((height, width), np.int32), ignore)
                 continue
             # Blob ids stay as drawn: each annotated blob is exactly one instance.
             lesion_labels = np.where(np.isin(labels, ids), labels, 0).astype(np.int32)
-            per_lesion[name] = (lesion_labels, None)
+            per_lesion[name] = (lesion_labels, ignore)
+    elif sample.mask_arrays is not None:
+        arrays = sample.mask_arrays()
+        for name in annotated:
+            positive, ignore = arrays.get(name, (np.zeros((height, width), bool), None))
+            if positive.shape != (height, width):
+                raise ConversionError(
+                    f"{name} mask of {sample.image} is {positive.shape[1]}x{positive.shape[0]} "
+                    f"(WxH) but the image is {width}x{height}"
+                )
+            lesion_labels = label_components(positive, options.connectivity, options.min_area)
+            per_lesion[name] = (lesion_labels, ignore)
     else:
         for name in annotated:
             path = sample.masks.get(name)
@@ -521,7 +599,7 @@ def _convert_sample(
             per_lesion[name] = (lesion_labels, ignore)
 
     record = {
-        "file_name": _relative(sample.image, root),
+        "file_name": root.file_name(sample.image),
         "height": height,
         "width": width,
         "annotated_category_ids": sorted(lesion(n).id for n in annotated),
@@ -555,6 +633,137 @@ def _convert_sample(
             builder.add_instances(image_id, name, ignore_rles, 1, "rle")
 
 
+# Written inside the output folder while a conversion runs, and named so that only the toolkit's
+# own leftovers are ever cleaned: the staging folder of an interrupted run, and the manifest of a
+# conversion being replaced (its files are removed before the new ones move in).
+_STAGING_RE = re.compile(r"\.retina_d2-staging\.[0-9a-f]{8}")
+REPLACED_MANIFEST_NAME = ".retina_d2.json.replaced"
+SUMMARY_NAME = "summary.json"
+
+
+def _check_output_names(tasks: Dict[str, Dict[str, List[Sample]]]) -> None:
+    """Task and split names become output paths (``<split>.json``, ``semantic/<split>/``): only
+    plain names, so none leads out of the output folder."""
+    for task, splits in tasks.items():
+        for kind, name in [("task", task)] + [("split", split) for split in splits]:
+            if not isinstance(name, str) or not _SPLIT_NAME_RE.fullmatch(name):
+                raise ConversionError(
+                    f"{kind} name {name!r} is not a plain name (letters, digits, _ and -); it "
+                    "becomes an output file name"
+                )
+
+
+def _owned_path(out_dir: Path, rel: Any, top: str, suffix: str) -> Optional[Path]:
+    """``out_dir / rel`` when ``rel`` is a relative path below ``top`` ('' for anywhere) ending
+    in ``suffix``, else None: a manifest naming anything else is not trusted to own it."""
+    if not isinstance(rel, str) or not rel.endswith(suffix) or "\\" in rel:
+        return None
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or not parts or ".." in parts or (top and parts[0] != top):
+        return None
+    return out_dir / rel
+
+
+def _owned_files(out_dir: Path, manifest_path: Path) -> List[Path]:
+    """The files an earlier conversion's manifest names as its own: its COCO files, the semantic
+    targets their images list, and summary.json."""
+    owned = [out_dir / SUMMARY_NAME]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        tasks = manifest["tasks"]
+        coco_files = [rel for splits in tasks.values() for rel in splits.values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        logger.warning("%s is damaged (%s): only summary.json is removed as its", manifest_path, e)
+        return owned
+    for rel in coco_files:
+        coco_path = _owned_path(out_dir, rel, "", ".json")
+        if coco_path is None:
+            logger.warning("%s names %r as a COCO file: not removed", manifest_path, rel)
+            continue
+        owned.append(coco_path)
+        if not coco_path.is_file():
+            continue
+        try:
+            images = json.loads(coco_path.read_text(encoding="utf-8")).get("images", [])
+            targets = [t for image in images for t in (image.get("sem_seg_files") or {}).values()]
+        except (OSError, ValueError, AttributeError) as e:
+            logger.warning("%s is unreadable (%s): its semantic targets stay", coco_path, e)
+            continue
+        owned += [p for p in (_owned_path(out_dir, t, "semantic", ".png") for t in targets) if p]
+    return owned
+
+
+def _remove_conversion(out_dir: Path, manifest_path: Path) -> None:
+    """Delete the files ``manifest_path`` owns, the folders that leaves empty, then the manifest."""
+    emptied = set()
+    for path in _owned_files(out_dir, manifest_path):
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            emptied.update(p for p in path.parents if out_dir in p.parents)
+    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: something else lives there
+            folder.rmdir()
+    manifest_path.unlink()
+
+
+def _clean_leftovers(out_dir: Path, task_folders: Sequence[str]) -> None:
+    """Remove what interrupted runs of the toolkit left: staging folders, and atomic_write's
+    temp files of JSON and PNG outputs (never anything of another name)."""
+    for child in out_dir.iterdir():
+        if _STAGING_RE.fullmatch(child.name) and child.is_dir() and not child.is_symlink():
+            logger.info("removing %s, left by an interrupted conversion", child)
+            shutil.rmtree(child)
+    folders = [out_dir] + [out_dir / t for t in task_folders if (out_dir / t).is_dir()]
+    semantic = out_dir / "semantic"
+    if semantic.is_dir() and not semantic.is_symlink():
+        folders += [Path(d) for d, _, _ in os.walk(semantic)]
+    for folder in folders:
+        for child in folder.iterdir():
+            match = _TEMP_RE.fullmatch(child.name)
+            if (match and match["target"].endswith((".json", ".png")) and child.is_file()
+                    and not child.is_symlink()):
+                logger.info("removing %s, left by an interrupted write", child)
+                child.unlink()
+
+
+def _make_staging(out_dir: Path) -> Path:
+    while True:
+        staging = out_dir / f".retina_d2-staging.{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()  # mode 0o777 less the umask, like any folder the run makes
+            return staging
+        except FileExistsError:
+            continue
+
+
+def _commit(out_dir: Path, staging: Path, manifest: dict) -> None:
+    """Replace the earlier conversion in ``out_dir`` (if any) by the one staged.
+
+    The old manifest is renamed away first, so from then on the folder is no conversion until
+    the new manifest is written last; an interrupted commit leaves the renamed manifest, and
+    the next run removes the files it names before its own move in. Files the old conversion
+    did not own (a split the new layout lacks is owned; the raw images are not) stay.
+    """
+    replaced = out_dir / REPLACED_MANIFEST_NAME
+    current = out_dir / MANIFEST_NAME
+    try:
+        if replaced.is_file():
+            _remove_conversion(out_dir, replaced)
+        if current.is_file():
+            os.replace(current, replaced)
+            _remove_conversion(out_dir, replaced)
+        for folder, _, files in os.walk(staging):
+            for name in files:
+                source = Path(folder) / name
+                target = out_dir / source.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+    except OSError as e:
+        raise OutputError(f"cannot replace the conversion in {out_dir}: {e}") from e
+    # The manifest goes last: its presence marks a complete conversion.
+    _write_output_json(current, manifest, indent=2)
+
+
 def convert_samples(
     dataset: str,
     tasks: Dict[str, Dict[str, List[Sample]]],
@@ -566,10 +775,16 @@ def convert_samples(
 ) -> dict:
     """Convert the samples of every task and split and write the outputs of one dataset.
 
+    Everything is written into a staging folder inside ``out_dir`` and moved into place only
+    when every image converted: a failed or interrupted run leaves an earlier conversion as it
+    was. With ``options.overwrite`` the earlier conversion's own files (those its manifest
+    lists) are removed before the new ones move in, so no split of an old layout stays behind.
+
     Args:
         dataset: dataset name, used in registered names (``<dataset>_<task>_<split>``).
         tasks: task ("seg", "grading", ...) -> split -> samples. Only the "seg" task carries
             instances and semantic targets; other tasks are image lists with their fields.
+            Task and split names must be plain names (letters, digits, _ and -).
         root: raw dataset root; ``file_name`` is stored relative to it.
         out_dir: output folder.
         categories: lesion names this dataset annotates.
@@ -578,21 +793,31 @@ def convert_samples(
 
     Returns:
         the summary dict (also written to ``summary.json``).
+
+    Raises:
+        ConversionError: bad raw data, a task or split name that is not a plain name, or an
+            image outside ``root``; :class:`OutputError` when ``out_dir`` cannot be written.
     """
     from tqdm import tqdm
 
-    root = Path(root).resolve()
+    image_root = _ImageRoot(root)
     out_dir = Path(out_dir)
     check_outputs_free(out_dir, options.overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_output_names(tasks)
     if not any(samples for splits in tasks.values() for samples in splits.values()):
-        raise ConversionError(f"no images found under {root} for {dataset}")
+        raise ConversionError(f"no images found under {image_root.given} for {dataset}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out_dir, [t for t in tasks if t != "seg"])
+        staging = _make_staging(out_dir)
+    except OSError as e:
+        raise OutputError(f"cannot write to the output folder {out_dir}: {e}") from e
 
     manifest = {
         "dataset": dataset,
         "format_version": 1,
         # Relative when the raw data sits inside the output (synthetic), so the folder can move.
-        "image_root": _image_root_for_manifest(root, out_dir),
+        "image_root": _image_root_for_manifest(image_root.resolved, out_dir),
         "categories": coco_categories(categories),
         "tasks": {},
         "options": {
@@ -603,43 +828,52 @@ def convert_samples(
         },
     }
     summary = {"dataset": dataset, "tasks": {}, "skipped": []}
-    outputs: Dict[str, dict] = {}
-    for task, splits in tasks.items():
-        manifest["tasks"][task] = {}
-        summary["tasks"][task] = {}
-        for split, samples in splits.items():
-            task_categories = categories if task == "seg" else []
-            builder = _CocoBuilder(dataset, task, split, task_categories)
-            for sample in tqdm(samples, desc=f"{dataset} {task}/{split}", disable=not options.progress):
-                try:
-                    if sample.error is not None:
-                        raise ConversionError(sample.error)
-                    if task == "seg":
-                        _convert_sample(
-                            sample, builder, root, out_dir, split, categories, options,
-                            ignore_value, options.semantic,
-                        )
-                    else:
-                        height, width = read_image_size(sample.image)
-                        record = {"file_name": _relative(sample.image, root), "height": height,
-                                  "width": width}
-                        record.update(sample.fields)
-                        builder.add_image(record)
-                except ConversionError as e:
-                    if options.on_error == "stop":
-                        raise
-                    logger.warning("skipping %s: %s", sample.image, e)
-                    summary["skipped"].append({"file": str(sample.image), "reason": str(e)})
-            coco = builder.to_dict()
-            rel = f"{split}.json" if task == "seg" else f"{task}/{split}.json"
-            outputs[rel] = coco
-            manifest["tasks"][task][split] = rel
-            summary["tasks"][task][split] = summarize(coco)
-    # Nothing is written before every split converted, so a stopped run leaves no JSON behind
-    # that would block (or be mistaken for) a complete conversion.
-    for rel, coco in outputs.items():
-        write_json_atomic(out_dir / rel, coco)
-    write_json_atomic(out_dir / "summary.json", summary, indent=2)
-    # The manifest goes last: its presence marks a complete conversion.
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest, indent=2)
+    try:
+        for task, splits in tasks.items():
+            manifest["tasks"][task] = {}
+            summary["tasks"][task] = {}
+            for split, samples in splits.items():
+                coco = _convert_split(
+                    dataset, task, split, samples, image_root, staging, categories, options,
+                    ignore_value, summary["skipped"], tqdm,
+                )
+                rel = f"{split}.json" if task == "seg" else f"{task}/{split}.json"
+                _write_output_json(staging / rel, coco)
+                manifest["tasks"][task][split] = rel
+                summary["tasks"][task][split] = summarize(coco)
+        _write_output_json(staging / SUMMARY_NAME, summary, indent=2)
+        _commit(out_dir, staging, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def _convert_split(
+    dataset, task, split, samples, image_root, staging, categories, options, ignore_value,
+    skipped, tqdm,
+) -> dict:
+    """The COCO dict of one task's split; its semantic targets are written below ``staging``."""
+    builder = _CocoBuilder(dataset, task, split, categories if task == "seg" else [])
+    for sample in tqdm(samples, desc=f"{dataset} {task}/{split}", disable=not options.progress):
+        try:
+            if sample.error is not None:
+                raise ConversionError(sample.error)
+            if task == "seg":
+                _convert_sample(
+                    sample, builder, image_root, staging, split, categories, options,
+                    ignore_value, options.semantic,
+                )
+            else:
+                height, width = read_image_size(sample.image)
+                record = {"file_name": image_root.file_name(sample.image), "height": height,
+                          "width": width}
+                record.update(sample.fields)
+                builder.add_image(record)
+        except OutputError:
+            raise  # every later image would fail alike: skipping would only hide it
+        except ConversionError as e:
+            if options.on_error == "stop":
+                raise
+            logger.warning("skipping %s: %s", sample.image, e)
+            skipped.append({"file": str(sample.image), "reason": str(e)})
+    return builder.to_dict()

@@ -8,18 +8,22 @@ Raw layout (see retina_d2/data/synthetic.py)::
     grades.csv, landmarks.csv, counts.csv, splits.json
 """
 import csv
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
 from ..lesions import lesion_by_abbrev
 from ..synthetic import LESION_ABBREVS, generate_dataset
 from .base import (
+    MANIFEST_NAME,
+    REPLACED_MANIFEST_NAME,
     ConversionError,
     ConvertOptions,
+    OutputError,
     Sample,
     check_outputs_free,
     convert_samples,
-    read_json,
+    read_split_file,
     require_dir,
 )
 
@@ -60,7 +64,14 @@ def convert(
     if root is None:
         check_outputs_free(out_dir, options.overwrite)
         root = out_dir / "raw"
-        generate_dataset(root, count=count, size=size, seed=seed, val_fraction=val_fraction)
+        try:
+            if (out_dir / MANIFEST_NAME).is_file():
+                # The images are regenerated in place: from here on the old conversion no
+                # longer matches them, so its manifest goes (the run removes its files).
+                os.replace(out_dir / MANIFEST_NAME, out_dir / REPLACED_MANIFEST_NAME)
+            generate_dataset(root, count=count, size=size, seed=seed, val_fraction=val_fraction)
+        except OSError as e:
+            raise OutputError(f"cannot generate the synthetic images into {root}: {e}") from e
     root = require_dir(Path(root), "a synthetic dataset (images/, masks/, splits.json)")
     images = require_dir(root / "images", "the synthetic images folder")
     splits_file = root / "splits.json"
@@ -69,9 +80,14 @@ def convert(
     grades = _read_rows(root / "grades.csv")
     landmarks = _read_rows(root / "landmarks.csv")
     tasks = {"seg": {}}
-    for split, stems in read_json(splits_file).items():
+    for split, stems in read_split_file(splits_file).items():
         samples = []
         for stem in stems:
+            if Path(stem).name != stem or stem in ("", ".", "..") or "\\" in stem:
+                raise ConversionError(
+                    f"{splits_file}: image name {stem!r} in split {split!r} is not a file name "
+                    "in images/"
+                )
             fields = {}
             if stem in grades:
                 fields["dr_grade"] = int(grades[stem]["dr_grade"])
