@@ -30,6 +30,7 @@ from ..data.register import register_all
 from ..evaluation import LesionFROCEvaluator, LesionInstanceEvaluator, OverlayEvaluator
 from ..evaluation.grading_eval import LesionGradingEvaluator
 from ..evaluation.localization_eval import LandmarkLocalizationEvaluator
+from ..evaluation.protocols import build_protocol_evaluators
 from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
 from ..modeling.amp import AutocastInference
@@ -87,6 +88,8 @@ class LesionTrainer(DefaultTrainer):
                 evaluators.append(OverlayEvaluator.from_config(cfg, dataset_name, output_folder))
         if has_semantic_head(cfg) and lesion_truth:
             evaluators.append(LesionSemanticEvaluator.from_config(cfg, dataset_name, output_folder))
+        if lesion_truth:  # each paper's own protocol (RETINA.EVAL.PROTOCOLS), beside ours
+            evaluators += build_protocol_evaluators(cfg, dataset_name, output_folder)
         evaluators += _task_evaluators(cfg, dataset_name, output_folder, lesion_truth)
         return DatasetEvaluators(evaluators)
 

@@ -1,8 +1,9 @@
 """Evaluators: instance AP / AR at the lesion papers' IoU thresholds (``instance_eval``),
 lesion-level FROC and F1 (``froc``), pixel AUC-PR / F1 / Dice / IoU of semantic heads
 (``semantic_eval``), overlay pictures of predictions beside ground truth (``overlays``), DR /
-macular-oedema grading and lesion classification (``grading_eval``) and optic disc / fovea
-localization (``localization_eval``)."""
+macular-oedema grading and lesion classification (``grading_eval``), optic disc / fovea
+localization (``localization_eval``), each paper's own protocol (``protocols``) and the papers'
+published figures beside ours (``published``)."""
 from .froc import (
     FP_RATES,
     MATCHES,
@@ -30,6 +31,14 @@ from .instance_eval import (
 )
 from .localization_eval import LandmarkLocalizationEvaluator
 from .overlays import OverlayEvaluator
+from .protocols import PROTOCOLS, build_protocol_evaluators, per_image_map
+from .published import (
+    PublishedFiguresError,
+    format_paper_vs_ours,
+    load_published_figures,
+    paper_vs_ours,
+    published_system,
+)
 from .semantic_eval import LesionSemanticEvaluator
 
 __all__ = [
@@ -44,6 +53,14 @@ __all__ = [
     "LesionInstanceEvaluator",
     "LesionSemanticEvaluator",
     "OverlayEvaluator",
+    "PROTOCOLS",
+    "PublishedFiguresError",
+    "build_protocol_evaluators",
+    "format_paper_vs_ours",
+    "load_published_figures",
+    "paper_vs_ours",
+    "per_image_map",
+    "published_system",
     "evaluate_coco_results",
     "format_froc",
     "format_instance_metrics",

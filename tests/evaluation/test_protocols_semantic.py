@@ -374,3 +374,17 @@ def test_protocols_the_model_cannot_feed_are_refused(tiny, protocols, arch, mess
     cfg.MODEL.META_ARCHITECTURE = arch
     with pytest.raises(ValueError, match=f"RETINA.EVAL.PROTOCOLS: .*{message}"):
         build_protocol_evaluators(cfg, TINY)
+
+
+def test_trainer_adds_the_configured_protocols(tiny, tmp_path):
+    from retina_d2.engine.trainer import LesionTrainer
+    from retina_d2.evaluation import LesionSemanticEvaluator
+
+    cfg = semantic_cfg(["argmax_dice", "component_ap"])
+    cfg.OUTPUT_DIR = str(tmp_path)
+    built = LesionTrainer.build_evaluator(cfg, TINY)._evaluators
+    assert [type(e) for e in built] == [LesionSemanticEvaluator, ArgmaxDiceEvaluator,
+                                        ComponentAPEvaluator]
+    cfg.RETINA.EVAL.PROTOCOLS = []
+    assert [type(e) for e in LesionTrainer.build_evaluator(cfg, TINY)._evaluators] == [
+        LesionSemanticEvaluator]
