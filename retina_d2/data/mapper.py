@@ -39,6 +39,7 @@ from ..config import (
     lesion_architecture,
     trains_lesions,
 )
+from .image_io import read_image
 from .instances import decode_segmentation_region
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
 
@@ -161,7 +162,9 @@ class LesionDatasetMapper:
             A new dict; ``dataset_dict`` is not modified.
         """
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        # Ours, not Detectron2's: 16-bit greyscale is scaled (not clipped to 0/255), and a
+        # truncated or unreadable file is named in the error.
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         boxes = self._annotation_boxes(dataset_dict) if self.is_train else None
