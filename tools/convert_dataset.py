@@ -13,6 +13,7 @@ valid.json, or all.json), semantic target PNGs, summary.json, and the retina_d2.
 ``retina_d2.data.register`` reads. ``file_name`` is relative to --root (the manifest's image_root).
 """
 import argparse
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -58,8 +59,10 @@ def build_parser():
         p.add_argument(
             "--on-error",
             choices=("stop", "skip"),
-            default="stop",
-            help="a bad image or mask stops the run (default) or is skipped with a warning",
+            default=None,
+            help="a bad image or mask stops the run (default) or is skipped with a warning; "
+            "a HEI-MED blob label that is not known becomes an ignore region with a "
+            "warning, unless 'stop' is given",
         )
         p.add_argument("--connectivity", type=int, choices=(4, 8), default=8)
         p.add_argument("--min-area", type=int, default=1, help="drop components smaller than this")
@@ -92,7 +95,7 @@ def main(argv=None):
         connectivity=args.connectivity,
         min_area=args.min_area,
         dilation=dict(args.dilate),
-        on_error=args.on_error,
+        on_error=args.on_error or "stop",
         overwrite=args.overwrite,
         segmentation_format="polygon" if args.polygons else "rle",
         semantic=not args.no_semantic,
@@ -100,6 +103,9 @@ def main(argv=None):
     common = {"dataset", "root", "out", "overwrite", "on_error", "connectivity", "min_area",
               "dilate", "polygons", "no_semantic"}
     flags = {k: v for k, v in vars(args).items() if k not in common}
+    if "unknown_labels" in inspect.signature(module.convert).parameters:
+        # Unknown labels are a warning by default; only an explicit --on-error stop stops.
+        flags["unknown_labels"] = "stop" if args.on_error == "stop" else "ignore"
     if args.root is None and args.dataset != "synthetic":
         print(f"error: {args.dataset} needs --root (the raw dataset folder)", file=sys.stderr)
         return 2
@@ -109,6 +115,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))
+    for key, value in summary.get("notes", {}).items():
+        print(f"{key.replace('_', ' ')}: {value}")
     print(f"\nwrote {args.out} (summary: {Path(args.out) / 'summary.json'})")
     return 0
 

@@ -31,6 +31,9 @@ LESIONS: Tuple[Lesion, ...] = (
     Lesion(8, "preretinal haemorrhage", "PHE", (200, 0, 120), False),
     Lesion(9, "neovascularization", "NV", (0, 120, 255), False),
     Lesion(10, "fibrous proliferation", "FP", (180, 180, 180), True),
+    # DIARETDB1's "IRMA": shunt vessels within the retina, a sign of severe NPDR; no other
+    # vocabulary entry describes it.
+    Lesion(11, "intraretinal microvascular abnormality", "IRMA", (255, 0, 255), False),
 )
 
 _BY_NAME: Dict[str, Lesion] = {les.name: les for les in LESIONS}

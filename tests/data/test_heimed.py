@@ -20,6 +20,7 @@ from dataset_checks import (
     read_json,
     write_image,
 )
+from PIL import Image
 from pycocotools import mask as mask_util
 from scipy import ndimage
 
@@ -205,7 +206,7 @@ def _two_piece_and_touching_map() -> np.ndarray:
 
 
 _FOUR_LABELS = ["Exudate 1", "Exudate 1", "Other Bright Lesion 1", "MicroAneurysm 0"]
-_UNKNOWN_LABELS = ["Exudate 1", "Drusen 1", "Exudate 1", "Exudate 1"]
+_UNKNOWN_LABELS = ["Exudate 1", "Hemangioma 0", "Exudate 1", "Exudate 1"]
 
 
 @pytest.fixture
@@ -222,8 +223,9 @@ def fixture_root(tmp_path):
 
 def _convert(root: Path, out: Path, **kwargs) -> dict:
     split_file = kwargs.pop("split_file", None)
+    unknown_labels = kwargs.pop("unknown_labels", "ignore")
     options = ConvertOptions(progress=False, **kwargs)
-    return heimed.convert(root, out, options, split_file=split_file)
+    return heimed.convert(root, out, options, split_file=split_file, unknown_labels=unknown_labels)
 
 
 def test_blobs_are_neither_split_nor_merged(fixture_root, tmp_path):
@@ -282,16 +284,18 @@ def test_only_one_annotation_file_missing(fixture_root, tmp_path, missing):
     assert f"0907440_(625).dcm{missing}: missing" in str(info.value)
 
 
-def test_unknown_label_stops(fixture_root, tmp_path):
+def test_unknown_label_stops_when_asked(fixture_root, tmp_path):
     _write_gnd(fixture_root / "0907440_(625).dcm.GND", _UNKNOWN_LABELS)
     with pytest.raises(ConversionError) as info:
-        _convert(fixture_root, tmp_path / "out")
-    assert "0907440_(625).dcm.GND" in str(info.value) and "Drusen 1" in str(info.value)
+        _convert(fixture_root, tmp_path / "out", unknown_labels="stop")
+    message = str(info.value)
+    assert "0907440_(625).dcm.GND" in message and "blob 2" in message
+    assert "'Hemangioma 0'" in message
 
 
-def test_unknown_label_skips_only_that_image(fixture_root, tmp_path):
+def test_unknown_label_stopping_skips_only_that_image(fixture_root, tmp_path):
     _write_gnd(fixture_root / "0907440_(625).dcm.GND", _UNKNOWN_LABELS)
-    summary = _convert(fixture_root, tmp_path / "out", on_error="skip")
+    summary = _convert(fixture_root, tmp_path / "out", on_error="skip", unknown_labels="stop")
     coco = load_checked(tmp_path / "out" / "all.json", fixture_root)
     assert [i["file_name"] for i in coco.dataset["images"]] == ["(00000197).jpg"]
     (skipped,) = summary["skipped"]
@@ -380,3 +384,142 @@ def test_missing_root(tmp_path):
     with pytest.raises(ConversionError, match="HEI-MED folder") as info:
         _convert(tmp_path / "nowhere", tmp_path / "out")
     assert "nowhere" in str(info.value)
+
+
+# ---------------------------------------------------------------- every label of the full dataset
+
+# Each blob label the full 169-image dataset uses and what its blob must become (None: an ignore
+# region, neither lesion nor background).
+_DATASET_LABELS = {
+    "Exudate 1": "hard exudate",
+    "Other Bright Lesion 1": "other bright lesion",
+    "MicroAneurysm 0": "microaneurysm",
+    "Cotton Wool Spot 1": "soft exudate",
+    "Flame Hemmorhage 0": "haemorrhage",
+    "Intraretinal Hemmorhage 0": "haemorrhage",
+    "Bright Scar 1": "other bright lesion",
+    "Soft Drusen 1": "other bright lesion",
+    "Basal Laminar Drusen 1": "other bright lesion",
+    "Artifact 1": None,
+    "Fluid without CSME 0": None,
+    "Macular Hole 0": None,  # a label HEI-MED does not use: unknown, so ignored with a warning
+}
+
+
+def _one_blob_per_label(count: int) -> np.ndarray:
+    """Blob k is a 3x4 rectangle of its own, in rows of five."""
+    labels = np.zeros((HEIGHT, WIDTH), np.int32)
+    for k in range(1, count + 1):
+        y, x = 2 + 8 * ((k - 1) // 5), 2 + 11 * ((k - 1) % 5)
+        labels[y : y + 3, x : x + 4] = k
+    return labels
+
+
+def test_every_dataset_label_has_its_category_or_is_ignored(tmp_path, caplog):
+    root = tmp_path / "heimed"
+    labels_text = list(_DATASET_LABELS)
+    label_map = _one_blob_per_label(len(labels_text))
+    _write_sample(root, "(00000061)", label_map, labels_text)
+    with caplog.at_level(logging.WARNING):
+        summary = _convert(root, tmp_path / "out")
+    assert summary["skipped"] == []
+    # Only the label HEI-MED does not use is warned about, naming the file, the blob and it.
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1
+    assert "(00000061).GND" in warned[0] and "blob 12" in warned[0]
+    assert "'Macular Hole 0'" in warned[0]
+
+    coco = load_checked(tmp_path / "out" / "all.json", root)
+    image_id = image_id_by_name(coco, "(00000061).jpg")
+    blob_categories = dict(enumerate(_DATASET_LABELS.values(), start=1))
+    ignored = np.isin(label_map, [k for k, c in blob_categories.items() if c is None])
+    for category in heimed.CATEGORIES:
+        category_id = lesion(category).id
+        expected = [label_map == k for k, c in blob_categories.items() if c == category]
+        found = decoded_instances(coco, image_id, category_id)
+        assert sorted(m.sum() for m in found) == [12] * len(expected), category
+        for mask in expected:
+            assert any(np.array_equal(mask, m) for m in found), category
+        # The ignored blobs are crowd regions of every category: no prediction there counts.
+        crowd = decoded_instances(coco, image_id, category_id, iscrowd=1)
+        assert np.array_equal(np.logical_or.reduce(crowd), ignored), category
+        target = tmp_path / "out" / "semantic" / "all" / "(00000061)"
+        semantic = np.asarray(Image.open(target / f"{lesion(category).abbrev}.png"))
+        assert np.array_equal(semantic == 255, ignored), category
+        assert np.array_equal(semantic == 1, np.logical_or.reduce(expected)), category
+    assert summary["tasks"]["seg"]["all"]["categories"]["hard exudate"]["ignore_regions"] == 3
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _exudate_results(masks_scores) -> list:
+    return [
+        {"image_id": 1, "category_id": lesion("hard exudate").id, "segmentation": _rle(m),
+         "score": score}
+        for m, score in masks_scores
+    ]
+
+
+def _segm_ap50_ar50(root: Path, out: Path, results) -> tuple:
+    from retina_d2.evaluation import evaluate_coco_results
+
+    _convert(root, out)
+    metrics = evaluate_coco_results(out / "all.json", results, tasks=("segm",))["segm"]
+    return metrics["AP50"], metrics["AR50"]
+
+
+def test_unknown_label_is_neither_positive_nor_negative_in_evaluation(tmp_path):
+    """A prediction on an unknown label's blob is no false positive, and missing that blob is
+    no miss; the same blob labelled Exudate, or left undrawn, changes both (the test's control)."""
+    labels = np.zeros((HEIGHT, WIDTH), np.int32)
+    labels[5:11, 5:11] = 1
+    labels[20:26, 30:36] = 2
+    exudate, other = labels == 1, labels == 2
+    on_both = _exudate_results([(other, 0.9), (exudate, 0.8)])  # the blob-2 guess ranks first
+    on_exudate = _exudate_results([(exudate, 0.8)])
+
+    def run(name, label_map, blob_labels, results):
+        root = tmp_path / name / "raw"
+        _write_sample(root, "(00000001)", label_map, blob_labels)
+        return _segm_ap50_ar50(root, tmp_path / name / "out", results)
+
+    unknown = ["Exudate 1", "Macular Hole 0"]
+    perfect = (pytest.approx(100), pytest.approx(100))
+    assert run("unknown_hit", labels, unknown, on_both) == perfect
+    assert run("unknown_missed", labels, unknown, on_exudate) == perfect
+    # Controls: as background blob 2 makes the first-ranked prediction a false positive (AP
+    # falls), and as an exudate missing it halves recall.
+    background = np.where(labels == 2, 0, labels)
+    ap, _ = run("background", background, ["Exudate 1"], on_both)
+    assert ap < 60
+    _, ar = run("exudate", labels, ["Exudate 1", "Exudate 1"], on_exudate)
+    assert ar == pytest.approx(50)
+
+
+def test_command_line_stops_at_unknown_label_only_with_on_error_stop(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "heimed"
+    _write_sample(root, "(00000061)", _one_blob_per_label(2), ["Exudate 1", "Soft Drusen 2"])
+    tool = [sys.executable, str(REPO / "tools" / "convert_dataset.py"), "heimed"]
+    tool += ["--root", str(root)]
+    done = subprocess.run(tool + ["--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "(00000061).GND: blob 2: unknown HEI-MED blob label 'Soft Drusen 2'" in done.stderr
+    coco = read_json(tmp_path / "a" / "all.json")
+    assert sum(a["iscrowd"] for a in coco["annotations"]) == len(heimed.CATEGORIES)
+
+    done = subprocess.run(
+        tool + ["--out", str(tmp_path / "b"), "--on-error", "stop"],
+        capture_output=True,
+        text=True,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr
+    assert "(00000061).GND: blob 2: unknown HEI-MED blob label 'Soft Drusen 2'" in errors[0]
+    assert not (tmp_path / "b" / "retina_d2.json").exists()

@@ -3,7 +3,10 @@ Tests for retina_d2.data.converters.heimed_io: the real 40-image HEI-MED sample 
 written into tmp_path that exercise each documented error.
 """
 import gzip
+import logging
 import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 from typing import List
 
@@ -171,6 +174,40 @@ def test_map_truncated_gzip(tmp_path):
     assert path.name in str(info.value)
 
 
+def test_map_header_above_the_pixel_limit_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "(00000007).map.gz"
+    # 60000 x 60000 int32 would be 14.4 GB; only the header is stored.
+    path.write_bytes(gzip.compress(struct.pack("<3i", -43, 60000, 60000)))
+    with pytest.raises(HeimedFormatError, match="60000x60000") as info:
+        read_label_map(path)
+    assert path.name in str(info.value) and "more than the 40000000" in str(info.value)
+    _write_map(path, np.zeros((3, 4), np.int32))
+    with pytest.raises(HeimedFormatError, match="more than the 11 a label map may have"):
+        read_label_map(path, max_pixels=11)
+    assert read_label_map(path, max_pixels=12).shape == (3, 4)
+
+
+def test_map_that_inflates_far_beyond_its_header_stops_early(tmp_path):
+    """A small file holding a valid 100x80 map followed by 128 MB of zeros (a gzip bomb): an
+    error naming the file, and memory stays near the map's size instead of the 128 MB."""
+    path = tmp_path / "(00000013).map.gz"
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+    parts = [compressor.compress(struct.pack("<3i", -43, 100, 80) + bytes(4 * 100 * 80))]
+    zeros = bytes(1 << 20)
+    parts += [compressor.compress(zeros) for _ in range(128)]
+    path.write_bytes(b"".join(parts) + compressor.flush())
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(HeimedFormatError, match="has trailing bytes") as info:
+            read_label_map(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path.name in str(info.value)
+    assert peak < 20_000_000, f"peak {peak / 1e6:.0f} MB while reading a 128 MB bomb"
+
+
 def test_map_values_above_blob_count(tmp_path):
     path = tmp_path / "over.map.gz"
     _write_map(path, np.array([[0, 1], [2, 5]], dtype=np.int32))
@@ -270,12 +307,24 @@ def test_gnd_empty_label_line(tmp_path):
 
 def test_gnd_unknown_label(tmp_path):
     path = tmp_path / "(00000099).GND"
-    path.write_bytes(b"2\r\nExudate 1\r\nDrusen 1\r\n")
-    assert read_blob_labels(path) == ["Exudate 1", "Drusen 1"]
-    with pytest.raises(HeimedFormatError, match="Drusen 1") as info:
+    path.write_bytes(b"2\r\nExudate 1\r\nHemangioma 0\r\n")
+    assert read_blob_labels(path) == ["Exudate 1", "Hemangioma 0"]
+    with pytest.raises(HeimedFormatError, match="Hemangioma 0") as info:
         read_blob_categories(path)
     assert path.name in str(info.value)
     assert "blob 2" in str(info.value)
+
+
+def test_gnd_unknown_label_ignored_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "(00000061).GND"
+    path.write_bytes(b"3\r\nSoft Drusen 1\r\nHemangioma 0\r\nArtifact 1\r\n")
+    with caplog.at_level(logging.WARNING):
+        categories = read_blob_categories(path, unknown="ignore")
+    assert categories == ["other bright lesion", None, None]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert path.name in warning and "blob 2" in warning and "'Hemangioma 0'" in warning
+    with pytest.raises(ValueError, match="unknown must be one of"):
+        read_blob_categories(path, unknown="skip")
 
 
 # ---------------------------------------------------------------- labels -> categories
@@ -297,13 +346,23 @@ def test_gnd_unknown_label(tmp_path):
         ("Preretinal hemorrhage 0", "haemorrhage"),
         ("Cotton Wool Spot 1", "soft exudate"),
         ("cotton wool spot", "soft exudate"),
+        # The labels of the full 169-image dataset beyond the sample's two.
+        ("Flame Hemmorhage 0", "haemorrhage"),
+        ("Bright Scar 1", "other bright lesion"),
+        ("Soft Drusen 1", "other bright lesion"),
+        ("Basal Laminar Drusen 1", "other bright lesion"),
+        ("Drusen 1", "other bright lesion"),
+        ("Artifact 1", None),
+        ("Artifact", None),
+        ("Fluid without CSME 0", None),
+        ("fluid WITHOUT csme", None),
     ],
 )
 def test_blob_category(label, category):
     assert blob_category(label) == category
 
 
-@pytest.mark.parametrize("label", ["Drusen 1", "", "Exudate 2", "Hemangioma 0"])
+@pytest.mark.parametrize("label", ["", "Exudate 2", "Hemangioma 0", "Soft Drusen 2", "Fluid"])
 def test_blob_category_unknown(label):
     with pytest.raises(HeimedFormatError) as info:
         blob_category(label)

@@ -772,6 +772,7 @@ def convert_samples(
     categories: Sequence[str],
     options: ConvertOptions,
     ignore_value: Optional[int] = None,
+    notes: Optional[Callable[[], Dict[str, Any]]] = None,
 ) -> dict:
     """Convert the samples of every task and split and write the outputs of one dataset.
 
@@ -790,6 +791,8 @@ def convert_samples(
         categories: lesion names this dataset annotates.
         options: common converter options.
         ignore_value: mask value marking ignore regions, if the dataset has them.
+        notes: called once every sample is converted; what it returns (dataset-specific counts,
+            e.g. DIARETDB1's repaired polygons) goes into the summary as ``"notes"``.
 
     Returns:
         the summary dict (also written to ``summary.json``).
@@ -841,6 +844,8 @@ def convert_samples(
                 _write_output_json(staging / rel, coco)
                 manifest["tasks"][task][split] = rel
                 summary["tasks"][task][split] = summarize(coco)
+        if notes is not None:
+            summary["notes"] = notes()
         _write_output_json(staging / SUMMARY_NAME, summary, indent=2)
         _commit(out_dir, staging, manifest)
     finally:

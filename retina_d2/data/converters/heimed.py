@@ -18,7 +18,12 @@ Rules taken from the dataset:
 * a map value above the ``.GND`` blob count (a blob without a label, so without a category) is an
   error: in skip mode the image is skipped rather than guessed at;
 * a ``.GND`` blob id that the map does not draw gives no instance, with a warning;
-* an unknown ``.GND`` label is an error naming the file, the blob and the label.
+* every label the full dataset uses has a category (:func:`.heimed_io.blob_category`), except
+  ``Artifact`` and ``Fluid without CSME``, which name no lesion: their blobs are ignore regions
+  (``iscrowd=1`` in every category, 255 in the semantic targets), neither lesion nor background;
+* an unknown ``.GND`` label is warned about (naming the file, the blob and the label) and its
+  blob becomes an ignore region too; with ``unknown_labels="stop"`` (``--on-error stop`` on the
+  command line) it is an error instead.
 
 The dataset has no splits: the converter writes ``all.json``, or with ``--split-file`` one file
 per split named in a JSON file ``{"train": [NAME, ...], "val": [NAME, ...]}``. The project's dev
@@ -43,6 +48,7 @@ from .base import (
 )
 from .heimed_io import (
     HEIMED_CATEGORIES,
+    UNKNOWN_LABEL_POLICIES,
     HeimedFormatError,
     optic_nerve_center,
     read_blob_categories,
@@ -154,22 +160,26 @@ def _jpeg_size(image: Path) -> Tuple[int, int]:
         raise ConversionError(f"{image}: unreadable image ({e})") from e
 
 
-def load_blobs(image: Path) -> Tuple[np.ndarray, Dict[int, str]]:
+def load_blobs(
+    image: Path, unknown_labels: str = "ignore"
+) -> Tuple[np.ndarray, Dict[int, Optional[str]]]:
     """
     Read the blob label map of one image and the lesion name of each blob.
 
     Args:
         image: the ``NAME.jpg`` path; ``NAME.map.gz`` and ``NAME.GND`` are looked up beside it.
+        unknown_labels: "ignore" (an unknown label warns and its blob is an ignore region) or
+            "stop" (it is an error).
 
     Returns:
         tuple: (int32 label map of the image's size, 0 = background, k = blob k;
-            {blob id: lesion name of :data:`CATEGORIES`}). Both files missing gives an all-zero
-            map and no blobs.
+            {blob id: lesion name of :data:`CATEGORIES`, or None for an ignore region}). Both
+            files missing gives an all-zero map and no blobs.
 
     Raises:
         ConversionError: one of the two files missing, any format error of
-            :mod:`.heimed_io` (unknown label, map value without a label, ...), or a map whose
-            size differs from the image's; the message names the file.
+            :mod:`.heimed_io` (an unknown label with "stop", a map value without a label, ...),
+            or a map whose size differs from the image's; the message names the file.
     """
     folder, name = image.parent, image_name(image)
     map_path, gnd_path = folder / f"{name}.map.gz", folder / f"{name}.GND"
@@ -185,7 +195,7 @@ def load_blobs(image: Path) -> Tuple[np.ndarray, Dict[int, str]]:
             "(or neither, for no annotated blobs)"
         )
     try:
-        categories = read_blob_categories(gnd_path)
+        categories = read_blob_categories(gnd_path, unknown=unknown_labels)
         labels = read_label_map(map_path, num_blobs=len(categories))
     except HeimedFormatError as e:
         raise ConversionError(str(e)) from e
@@ -238,13 +248,16 @@ def _image_fields(image: Path, options: ConvertOptions) -> Dict[str, object]:
     return fields
 
 
-def build_samples(root: Path, options: ConvertOptions) -> Dict[str, Sample]:
+def build_samples(
+    root: Path, options: ConvertOptions, unknown_labels: str = "ignore"
+) -> Dict[str, Sample]:
     """
     One :class:`Sample` per ``NAME.jpg`` of the HEI-MED folder.
 
     Args:
         root: the HEI-MED folder.
         options: common converter options (``on_error`` decides about malformed ``.meta``).
+        unknown_labels: see :func:`load_blobs`.
 
     Returns:
         dict[str, Sample]: by image name, sorted. Label maps are read lazily, at conversion.
@@ -252,7 +265,7 @@ def build_samples(root: Path, options: ConvertOptions) -> Dict[str, Sample]:
     return {
         image_name(image): Sample(
             image=image,
-            label_map=functools.partial(load_blobs, image),
+            label_map=functools.partial(load_blobs, image, unknown_labels=unknown_labels),
             fields=_image_fields(image, options),
         )
         for image in list_heimed_images(root)
@@ -275,6 +288,7 @@ def convert(
     out_dir: Path,
     options: Optional[ConvertOptions] = None,
     split_file: Optional[Path] = None,
+    unknown_labels: str = "ignore",
 ) -> dict:
     """
     Convert a HEI-MED folder.
@@ -285,6 +299,9 @@ def convert(
         options: common converter options; default :class:`ConvertOptions`.
         split_file: optional split file of image names (see :func:`.base.read_split_file`);
             without it every image goes to ``all.json``.
+        unknown_labels: a ``.GND`` label :func:`.heimed_io.blob_category` does not know warns
+            and becomes an ignore region ("ignore", the default), or stops the run ("stop";
+            skips the image with ``options.on_error="skip"``).
 
     Returns:
         dict: the summary written to ``summary.json``.
@@ -294,8 +311,12 @@ def convert(
             (with ``on_error="stop"``) the first bad image or annotation file.
     """
     options = options if options is not None else ConvertOptions()
+    if unknown_labels not in UNKNOWN_LABEL_POLICIES:
+        raise ValueError(
+            f"unknown_labels must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown_labels!r}"
+        )
     root = require_dir(Path(root), "the HEI-MED folder (NAME.jpg, NAME.map.gz, NAME.GND, ...)")
-    samples = build_samples(root, options)
+    samples = build_samples(root, options, unknown_labels)
     if split_file is None:
         splits = {"all": list(samples.values())}
     else:

@@ -18,6 +18,10 @@ Per image ``NAME`` (names may contain parentheses and dots, e.g. ``0907440_(625)
   cup-to-disc ratio; and, with GNDVERSION2.0, one line of free-text notes. In the 40-image sample
   39 files carry the empty form (``0``, ``0``, ``0`` then ``NA`` lines) and one carries a filled
   38-manifestation diabetic-retinopathy grading form.
+  Across all 169 images the labels are ``Exudate``, ``Other Bright Lesion``, ``MicroAneurysm``,
+  ``Cotton Wool Spot``, ``Flame Hemmorhage``, ``Intraretinal Hemmorhage`` (sic), ``Bright Scar``,
+  ``Soft Drusen``, ``Basal Laminar Drusen``, ``Artifact`` and ``Fluid without CSME``; see
+  :func:`blob_category` for what each becomes.
 * ``NAME.meta``: ``~Key~Value`` lines (``ImageName:``, ``PatientGender``, ``PatientRace``,
   ``PatientDOB``, ``QualityValue``, ``DiabetesType``, ``ONrow``, ``ONcol``).
 
@@ -26,17 +30,20 @@ not a format error: the ``OSError`` from opening it propagates, so that a conver
 dataset's rule that a missing ``.map.gz`` / ``.GND`` means zero blobs.
 """
 import gzip
+import logging
 import math
 import os
 import re
 import zlib
-from typing import Dict, List, Optional, Tuple, Union
+from typing import BinaryIO, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 __all__ = [
     "HEIMED_CATEGORIES",
     "HeimedFormatError",
+    "MAX_MAP_PIXELS",
+    "UNKNOWN_LABEL_POLICIES",
     "blob_category",
     "optic_nerve_center",
     "read_blob_categories",
@@ -46,6 +53,8 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+logger = logging.getLogger(__name__)
 
 # The project's lesion vocabulary names for the HEI-MED blob labels, in a fixed order that
 # converters may use for contiguous category ids.
@@ -58,6 +67,11 @@ HEIMED_CATEGORIES: Tuple[str, ...] = (
 )
 
 _MAP_HEADER_BYTES = 12
+# HEI-MED's maps are image-sized (2196 x 1958 = 4.3 million pixels, 17 MB inflated). A header
+# that claims more than this, about 9 times that, is corrupt or hostile: it is refused before
+# anything is inflated, so a small .map.gz never inflates into gigabytes of memory.
+MAX_MAP_PIXELS = 40_000_000
+_INFLATE_CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -76,7 +90,19 @@ _LABEL_TO_CATEGORY: Dict[str, str] = {
     "cottonwoolspots": "soft exudate",
     "softexudate": "soft exudate",
     "softexudates": "soft exudate",
+    # Drusen and laser scars are bright findings that are not exudates: exactly what the
+    # dataset's own "Other Bright Lesion" gathers.
+    "drusen": "other bright lesion",
+    "softdrusen": "other bright lesion",
+    "basallaminardrusen": "other bright lesion",
+    "brightscar": "other bright lesion",
 }
+# Labels that name no lesion: their blobs become ignore regions, neither lesion nor background.
+# An artifact (dust, reflex) is not a lesion. Fluid (retinal thickening) is judged in stereo or
+# OCT, not seen as a lesion in one colour photograph, and no vocabulary entry describes it.
+_IGNORED_LABELS = frozenset({"artifact", "artifacts", "artefact", "artefacts", "fluidwithoutcsme"})
+# What read_blob_categories does with a label it does not know.
+UNKNOWN_LABEL_POLICIES = ("ignore", "stop")
 # The dataset itself writes "Intraretinal Hemmorhage"; accept every doubling of m / r and both
 # the US and the British spelling: hemorrhage, haemorrhage, hemmorhage, hemorhage, hemorrage.
 _HAEMORRHAGE_RE = re.compile(r"ha?em+or+h?ages?")
@@ -93,7 +119,9 @@ class HeimedFormatError(ValueError):
     """
 
 
-def read_label_map(path: PathLike, num_blobs: Optional[int] = None) -> np.ndarray:
+def read_label_map(
+    path: PathLike, num_blobs: Optional[int] = None, max_pixels: int = MAX_MAP_PIXELS
+) -> np.ndarray:
     """
     Read a HEI-MED blob label map (``NAME.map.gz``).
 
@@ -105,6 +133,8 @@ def read_label_map(path: PathLike, num_blobs: Optional[int] = None) -> np.ndarra
         path: the ``.map.gz`` file (or an uncompressed ``.map``).
         num_blobs: if given, the number of blobs in the matching ``.GND``; values above it are
             reported as an error, since they would point at a blob without a label.
+        max_pixels: the largest width * height accepted. The data is inflated in chunks and
+            never beyond what the header announces, so memory stays within 4 * max_pixels.
 
     Returns:
         np.ndarray: int32 array of shape (height, width); 0 is background, k >= 1 is blob k.
@@ -112,44 +142,49 @@ def read_label_map(path: PathLike, num_blobs: Optional[int] = None) -> np.ndarra
 
     Raises:
         HeimedFormatError: corrupt or truncated gzip, short header, non-positive width/height,
-            byte count that does not match width*height, negative values, or values above
-            ``num_blobs``.
+            width * height above ``max_pixels``, byte count that does not match width*height,
+            negative values, or values above ``num_blobs``.
     """
     path_str = os.fspath(path)
     with open(path_str, "rb") as f:
-        raw = f.read()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(raw)
-        except EOFError as e:
+        compressed = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        stream: BinaryIO = gzip.GzipFile(fileobj=f, mode="rb") if compressed else f
+        header = _read_map_bytes(stream, _MAP_HEADER_BYTES, path_str)
+        if len(header) < _MAP_HEADER_BYTES:
             raise HeimedFormatError(
-                f"{path_str}: truncated gzip stream ({len(raw)} compressed bytes): {e}"
-            ) from e
-        except (gzip.BadGzipFile, zlib.error) as e:
-            raise HeimedFormatError(f"{path_str}: corrupt gzip data: {e}") from e
-    else:
-        data = raw
-
-    if len(data) < _MAP_HEADER_BYTES:
-        raise HeimedFormatError(
-            f"{path_str}: label map header truncated: {len(data)} bytes, "
-            f"need {_MAP_HEADER_BYTES} (tag, width, height as little-endian int32)"
+                f"{path_str}: label map header truncated: {len(header)} bytes, "
+                f"need {_MAP_HEADER_BYTES} (tag, width, height as little-endian int32)"
+            )
+        tag, width, height = (int(v) for v in np.frombuffer(header, dtype="<i4", count=3))
+        if width <= 0 or height <= 0:
+            raise HeimedFormatError(
+                f"{path_str}: bad label map header: width={width}, height={height} (tag={tag}); "
+                "both must be positive"
+            )
+        # Python ints: width * height must not overflow for a corrupt but positive header.
+        if width * height > max_pixels:
+            raise HeimedFormatError(
+                f"{path_str}: label map header says {width}x{height} (width x height), "
+                f"{width * height} pixels, more than the {max_pixels} a label map may have "
+                "(HEI-MED's maps have their image's size); refusing to inflate it"
+            )
+        expected = 4 * width * height
+        # One byte more than announced tells trailing data apart, without inflating all of it.
+        payload = _read_map_bytes(stream, expected + 1, path_str)
+    if len(payload) != expected:
+        what = "truncated" if len(payload) < expected else "has trailing bytes"
+        held = (
+            f"holds {_MAP_HEADER_BYTES + len(payload)} bytes"
+            if len(payload) < expected
+            else "holds more (not inflated further)"
         )
-    tag, width, height = (int(v) for v in np.frombuffer(data, dtype="<i4", count=3))
-    if width <= 0 or height <= 0:
-        raise HeimedFormatError(
-            f"{path_str}: bad label map header: width={width}, height={height} (tag={tag}); "
-            "both must be positive"
-        )
-    # Python ints: width * height * 4 must not overflow for a corrupt but positive header.
-    expected = _MAP_HEADER_BYTES + 4 * width * height
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "has trailing bytes"
         raise HeimedFormatError(
             f"{path_str}: label map {what}: header says {width}x{height} "
-            f"(width x height), i.e. {expected} bytes with the 12-byte header, "
-            f"but the data holds {len(data)} bytes"
+            f"(width x height), i.e. {_MAP_HEADER_BYTES + expected} bytes with the 12-byte "
+            f"header, but the data {held}"
         )
+    data = header + payload
 
     # frombuffer is zero-copy; astype gives a writable native-int32 array in one copy.
     label_map = (
@@ -169,6 +204,29 @@ def read_label_map(path: PathLike, num_blobs: Optional[int] = None) -> np.ndarra
             f"above the blob count {num_blobs} of its .GND file"
         )
     return label_map
+
+
+def _read_map_bytes(stream: BinaryIO, size: int, path_str: str) -> bytes:
+    """
+    Up to ``size`` bytes of a (possibly gzip) stream, read in chunks so that a stream longer
+    than announced costs no more memory than ``size``.
+
+    Raises:
+        HeimedFormatError: truncated or corrupt gzip data, naming the file.
+    """
+    chunks, remaining = [], size
+    try:
+        while remaining > 0:
+            chunk = stream.read(min(remaining, _INFLATE_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except EOFError as e:
+        raise HeimedFormatError(f"{path_str}: truncated gzip stream: {e}") from e
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise HeimedFormatError(f"{path_str}: corrupt gzip data: {e}") from e
+    return b"".join(chunks)
 
 
 def _read_text_lines(path_str: str) -> List[str]:
@@ -301,58 +359,76 @@ def optic_nerve_center(meta: Dict[str, str]) -> Optional[Tuple[float, float]]:
     return x, y
 
 
-def blob_category(label: str) -> str:
+def blob_category(label: str) -> Optional[str]:
     """
     Map a ``.GND`` blob label to the project's lesion vocabulary.
 
     Matching is case-insensitive and ignores whitespace; the trailing bright (1) / dark (0)
-    digit is dropped. ``Exudate`` -> 'hard exudate', ``Other Bright Lesion`` -> 'other bright
-    lesion', ``MicroAneurysm`` -> 'microaneurysm', any label spelling haemorrhage (including the
-    dataset's ``Intraretinal Hemmorhage``) -> 'haemorrhage', ``Cotton Wool Spot`` -> 'soft
-    exudate'.
+    digit is dropped. ``Exudate`` -> 'hard exudate'; ``Other Bright Lesion``, ``Soft Drusen``,
+    ``Basal Laminar Drusen``, ``Drusen`` and ``Bright Scar`` -> 'other bright lesion' (bright
+    findings that are not exudates); ``MicroAneurysm`` -> 'microaneurysm'; any label spelling
+    haemorrhage (the dataset's ``Intraretinal Hemmorhage`` and ``Flame Hemmorhage`` included) ->
+    'haemorrhage'; ``Cotton Wool Spot`` -> 'soft exudate'. ``Artifact`` and ``Fluid without
+    CSME`` name no lesion: None, an ignore region.
 
     Args:
         label: a label as returned by :func:`read_blob_labels`, e.g. ``'Exudate 1'``.
 
     Returns:
-        str: one of :data:`HEIMED_CATEGORIES`.
+        str or None: one of :data:`HEIMED_CATEGORIES`, or None for a blob that is neither
+            lesion nor background.
 
     Raises:
         HeimedFormatError: the label is not known; the message names it. The caller decides
-            whether to stop or to skip the blob.
+            whether to stop or to make the blob an ignore region.
     """
     name = _BRIGHTNESS_DIGIT_RE.sub("", label.strip())
     key = re.sub(r"\s+", "", name.lower())
     category = _LABEL_TO_CATEGORY.get(key)
     if category is not None:
         return category
+    if key in _IGNORED_LABELS:
+        return None
     if _HAEMORRHAGE_RE.search(key):
         return "haemorrhage"
     raise HeimedFormatError(
         f"unknown HEI-MED blob label {label!r}; known: Exudate, Other Bright Lesion, "
-        "MicroAneurysm, any haemorrhage spelling, Cotton Wool Spot"
+        "MicroAneurysm, any haemorrhage spelling, Cotton Wool Spot, Soft Drusen, Basal Laminar "
+        "Drusen, Bright Scar, Artifact, Fluid without CSME"
     )
 
 
-def read_blob_categories(path: PathLike) -> List[str]:
+def read_blob_categories(path: PathLike, unknown: str = "stop") -> List[Optional[str]]:
     """
     Read a ``.GND`` file and map each blob label with :func:`blob_category`.
 
     Args:
         path: the ``.GND`` file.
+        unknown: what a label :func:`blob_category` does not know does: "stop" raises;
+            "ignore" logs a warning naming the file, the blob and the label, and makes the blob
+            an ignore region (None), as a label that names no lesion is.
 
     Returns:
-        list[str]: one name of :data:`HEIMED_CATEGORIES` per blob, the i-th for blob id i + 1.
+        list[str or None]: one name of :data:`HEIMED_CATEGORIES`, or None for an ignore region,
+            per blob; the i-th for blob id i + 1.
 
     Raises:
-        HeimedFormatError: as :func:`read_blob_labels`, or an unknown label; the message then
-            names the file, the blob id and the label.
+        HeimedFormatError: as :func:`read_blob_labels`, or an unknown label with
+            ``unknown="stop"``; the message then names the file, the blob id and the label.
     """
+    if unknown not in UNKNOWN_LABEL_POLICIES:
+        raise ValueError(f"unknown must be one of {UNKNOWN_LABEL_POLICIES}, got {unknown!r}")
     path_str = os.fspath(path)
-    categories = []
-    for blob_index, label in enumerate(read_blob_labels(path_str)):
+    categories: List[Optional[str]] = []
+    for blob_id, label in enumerate(read_blob_labels(path_str), start=1):
         try:
             categories.append(blob_category(label))
         except HeimedFormatError as e:
-            raise HeimedFormatError(f"{path_str}: blob {blob_index + 1}: {e}") from e
+            if unknown == "stop":
+                raise HeimedFormatError(f"{path_str}: blob {blob_id}: {e}") from e
+            logger.warning(
+                "%s: blob %d: unknown HEI-MED blob label %r: made an ignore region (neither "
+                "lesion nor background)", path_str, blob_id, label,
+            )
+            categories.append(None)
     return categories
