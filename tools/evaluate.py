@@ -26,6 +26,14 @@ another GT), or one where only some detections carry a mask or a box. A detectio
 infinite or non-numeric score, a bbox that is not 4 finite numbers (or has a negative size), an
 id that is neither an integer nor a string, or a mask whose size differs from its GT image's is
 refused the same way, the message naming the entry's index and image_id.
+
+``--protocol per_image_map`` adds the e-ophtha paper's mAP (Matterport's per-image mask AP at
+each --iou, averaged over the images with lesions; images without lesions apart, as false alarms
+per healthy image; ``retina_d2.evaluation.protocols.per_image_map``): a table after the others,
+and ``"per_image_map": {"mAP35": .., "mAP35-<category>": .., "images": .., "healthy_images": ..,
+"false_alarms_per_healthy_image": ..}`` in --json. The semantic protocols (argmax_dice,
+pr_operating_point, component_ap) score probability maps: run them with
+``RETINA.EVAL.PROTOCOLS`` (tools/train_net.py --eval-only).
 """
 import argparse
 import logging
@@ -46,6 +54,11 @@ from retina_d2.evaluation import (  # noqa: E402
     froc_curve,
     froc_metrics,
     write_metrics_json,
+)
+from retina_d2.evaluation.protocols import (  # noqa: E402
+    INSTANCE_PROTOCOLS,
+    format_per_image_map,
+    per_image_map,
 )
 
 
@@ -103,6 +116,14 @@ def build_parser():
     )
     parser.add_argument("--froc-iou", type=iou_threshold, default=0.2, help="FROC hit IoU")
     parser.add_argument(
+        "--protocol",
+        action="append",
+        choices=sorted(INSTANCE_PROTOCOLS),
+        default=[],
+        help="add a paper's own protocol (repeatable): per_image_map = the e-ophtha paper's "
+        "per-image mAP at each --iou",
+    )
+    parser.add_argument(
         "--froc-score-threshold",
         type=score,
         default=0.35,
@@ -124,6 +145,13 @@ def main(argv=None):
             tasks=args.tasks,
             backend=args.backend,
         )
+        protocols = {
+            name: per_image_map(
+                args.gt, args.predictions, args.iou, max_dets=args.max_dets,
+                annotated_only=args.annotated_only,
+            )
+            for name in dict.fromkeys(args.protocol)
+        }
         froc = None
         if args.froc:
             froc = froc_curve(
@@ -142,6 +170,9 @@ def main(argv=None):
     if froc is not None:
         print("\n" + format_froc(froc))
         metrics["froc"] = froc_metrics(froc)
+    for name, values in protocols.items():
+        print(f"\n{name} (Matterport's per-image mask AP, %):\n" + format_per_image_map(values))
+        metrics[name] = values
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_metrics_json(metrics, args.json)

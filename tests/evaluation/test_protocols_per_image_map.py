@@ -287,5 +287,50 @@ def test_evaluator_from_config(registered):
     cfg = get_retina_cfg()
     cfg.RETINA.EVAL.IOU_THRESHOLDS = [0.5]
     cfg.RETINA.EVAL.ANNOTATED_ONLY = True
-    evaluator = PerImageMAPEvaluator.from_config(cfg, name)
+    evaluator = PerImageMAPEvaluator(cfg, name)  # @configurable: built from the config
     assert evaluator._iou_thresholds == (0.5,) and evaluator._annotated_only
+    assert PerImageMAPEvaluator(name, iou_thresholds=(0.35,))._iou_thresholds == (0.35,)
+
+
+def load_evaluate_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_tool_protocols", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tools_evaluate_protocol_per_image_map(tmp_path, capsys):
+    s = hand_scene()
+    gt, dt, out = tmp_path / "gt.json", tmp_path / "dt.json", tmp_path / "metrics.json"
+    gt.write_text(json.dumps(s.gt))
+    dt.write_text(json.dumps(s.results))
+    tool = load_evaluate_tool()
+    code = tool.main(["--gt", str(gt), "--predictions", str(dt), "--protocol", "per_image_map",
+                      "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "per_image_map" in printed and "hard exudate" in printed
+    written = json.loads(out.read_text())
+    expected = per_image_map(s.gt, s.results)
+    for key, value in expected.items():
+        assert written["per_image_map"][key] == pytest.approx(value), key
+    assert "segm" in written  # the standard metrics are still there, beside the protocol
+
+
+def test_tools_evaluate_protocol_refuses_box_only_results(tmp_path, capsys):
+    s = hand_scene()
+    boxes = [dict(image_id=r["image_id"], category_id=r["category_id"], score=r["score"],
+                  bbox=[float(v) for v in mask_util.toBbox(r["segmentation"])])
+             for r in s.results]
+    gt, dt = tmp_path / "gt.json", tmp_path / "dt.json"
+    gt.write_text(json.dumps(s.gt))
+    dt.write_text(json.dumps(boxes))
+    code = load_evaluate_tool().main(["--gt", str(gt), "--predictions", str(dt), "--protocol",
+                                      "per_image_map"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and str(dt) in err and "per_image_map scores masks" in err

@@ -221,9 +221,15 @@ def per_image_map(
     return metrics
 
 
-def format_per_image_map(metrics: Mapping[str, float], names: Sequence[str]) -> str:
-    """The mAP columns as a pipe table, one row for all lesions and one per category."""
+def format_per_image_map(
+    metrics: Mapping[str, float], names: Optional[Sequence[str]] = None
+) -> str:
+    """The mAP columns as a pipe table, one row for all lesions and one per category (default:
+    the categories the metrics name)."""
     columns = [k for k in metrics if k.startswith("mAP") and "-" not in k]
+    if names is None:
+        prefix = f"{columns[0]}-"
+        names = [k[len(prefix) :] for k in metrics if k.startswith(prefix)]
     rows = [["all"] + [metrics[k] for k in columns]]
     rows += [[n] + [metrics.get(f"{k}-{n}") for k in columns] for n in names]
     note = (
@@ -290,10 +296,9 @@ class PerImageMAPEvaluator(LesionPredictionCollector):
             annotated_only=self._annotated_only,
             annotated_category_ids=annotated,
         )
-        names = [self._coco_gt.cats[c]["name"] for c in sorted(self._coco_gt.getCatIds())]
         self._logger.info(
             f"Per-image mAP (Matterport) of {self._dataset_name}, %:\n"
-            + format_per_image_map(metrics, names)
+            + format_per_image_map(metrics)
         )
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
