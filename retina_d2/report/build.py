@@ -25,6 +25,7 @@ from ..evaluation.instance_eval import (
 from .curves import save_instance_pr_curves
 from .gallery import COLOURS, draw_outcome, pick_worst_and_best, score_images
 from .page import render_page
+from .paper_vs_ours import paper_vs_ours_section
 from .tables import froc_tables, metric_tables
 
 __all__ = ["ReportError", "build_report", "EVAL_INFO", "REPORT_DIR"]
@@ -238,6 +239,10 @@ def _assemble(
         )
         sections.append((stem.replace("_", " ").capitalize(),
                          metric_tables(name, content, lesions), figures))
+    # The paper's figures beside ours, when the run names its system (PUBLISHED_SYSTEM).
+    published = paper_vs_ours_section(eval_dir, loaded, _find_upwards(eval_dir, "config.yaml"))
+    if published is not None:
+        sections.insert(0, published)
 
     worst, best, note = [], [], ""
     if coco_gt is None or results is None:
