@@ -74,7 +74,9 @@ class OperatingPointMetrics:
         """
         unknown = sorted(set(scored_lesions) - set(lesions))
         if unknown:
-            raise ValueError(f"scored lesions {unknown} are not among the dataset's {list(lesions)}")
+            raise ValueError(
+                f"scored lesions {unknown} are not among the dataset's {list(lesions)}"
+            )
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must lie in [0, 1] (or None), got {threshold}")
         self.threshold = threshold

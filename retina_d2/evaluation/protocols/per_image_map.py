@@ -33,7 +33,7 @@ annotated for are dropped first. Numbers are in percent.
 import logging
 import os
 from collections import OrderedDict, defaultdict
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
