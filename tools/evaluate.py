@@ -25,7 +25,9 @@ or malformed JSON file, a results file whose image_ids are not in the GT (a resu
 another GT), or one where only some detections carry a mask or a box. A detection with a NaN,
 infinite or non-numeric score, a bbox that is not 4 finite numbers (or has a negative size), an
 id that is neither an integer nor a string, or a mask whose size differs from its GT image's is
-refused the same way, the message naming the entry's index and image_id.
+refused the same way, the message naming the entry's index and image_id; so is a GT file with a
+value of the wrong type (an image size that is not a positive integer, a bbox or area that is not
+finite numbers, iscrowd not 0/1) or an annotation of an image or category it does not list.
 
 ``--protocol per_image_map`` adds the e-ophtha paper's mAP (Matterport's per-image mask AP at
 each --iou, averaged over the images with lesions; images without lesions apart, as false alarms

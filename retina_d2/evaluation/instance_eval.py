@@ -98,7 +98,10 @@ def load_coco_gt(gt: GroundTruth) -> Tuple[COCO, str]:
     """A COCO GT file, dict or ``pycocotools.coco.COCO`` -> (COCO, its name for messages).
 
     Raises:
-        InstanceEvalError: a missing or malformed file, or one without COCO's three lists.
+        InstanceEvalError: a missing or malformed file, one without COCO's three lists, or a
+            record with a value of the wrong type (a non-positive or string image size, a bbox
+            or area that is not finite numbers, iscrowd not 0/1) or an annotation of an image or
+            category the file does not list; the message names the record.
     """
     if isinstance(gt, COCO):
         return gt, "<COCO object>"
@@ -115,11 +118,75 @@ def load_coco_gt(gt: GroundTruth) -> Tuple[COCO, str]:
         raise InstanceEvalError(
             f"GT file {source} is not a COCO instances file (missing {', '.join(missing)})"
         )
+    problem = _gt_problem(dataset)
+    if problem:
+        raise InstanceEvalError(f"GT file {source}: {problem}")
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
         coco.createIndex()
     return coco, source
+
+
+def _gt_problem(dataset: dict) -> Optional[str]:
+    """The first value of a COCO GT that pycocotools would crash on or silently misread (an
+    annotation of an image or category the file does not list is dropped from the scores), as
+    "<where> has <what>"; None when there is none."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset[key], list) or not all(isinstance(x, dict) for x in dataset[key]):
+            return f"{key} is not a list of objects"
+    for i, category in enumerate(dataset["categories"]):
+        if not _is_id(category.get("id")) or not isinstance(category.get("name"), str):
+            return f"category {i} has no integer id and name: {str(category)[:100]}"
+    for i, image in enumerate(dataset["images"]):
+        if not _is_id(image.get("id")):
+            return f"image {i} has id {image.get('id')!r}: not an integer or string"
+        for side in ("height", "width"):
+            value = image.get(side)
+            if not (_is_id(value) and not isinstance(value, str) and value > 0):
+                return f"image {i} (id {image['id']}) has {side} {value!r}: not a positive integer"
+    images = {image["id"] for image in dataset["images"]}
+    categories = {category["id"] for category in dataset["categories"]}
+    for i, ann in enumerate(dataset["annotations"]):
+        problem = _annotation_problem(ann, images, categories)
+        if problem:
+            return f"annotation {i} (id {ann.get('id')!r}) {problem}"
+    return None
+
+
+def _annotation_problem(ann: dict, images: set, categories: set) -> Optional[str]:
+    if not _is_id(ann.get("id")):
+        return "has no integer id"
+    for key, listed, known in (
+        ("image_id", "images", images),
+        ("category_id", "categories", categories),
+    ):
+        value = ann.get(key)
+        if not _is_id(value) or value not in known:
+            return f"has {key} {value!r}, which the file's {listed} do not list"
+    box = ann.get("bbox", [0, 0, 0, 0])
+    if not _is_box(box):
+        return f"has bbox {str(box)[:100]}: not 4 finite numbers, width and height >= 0"
+    area = ann.get("area", 0)
+    if not (_is_number(area) and math.isfinite(area) and area >= 0):
+        return f"has area {area!r}: not a finite number >= 0"
+    if ann.get("iscrowd", 0) not in (0, 1):  # True / False compare equal to 1 / 0: accepted
+        return f"has iscrowd {ann['iscrowd']!r}: not 0 or 1"
+    segmentation = ann.get("segmentation", [])
+    if not (isinstance(segmentation, list) or _is_rle(segmentation)):
+        return f"has segmentation {str(segmentation)[:100]}: not polygons or RLE"
+    return None
+
+
+def _is_box(box) -> bool:
+    """4 finite numbers [x, y, width, height] with width, height >= 0."""
+    return (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(_is_number(v) and math.isfinite(v) for v in box)
+        and box[2] >= 0
+        and box[3] >= 0
+    )
 
 
 def load_coco_results(results: Results) -> Tuple[List[dict], str]:

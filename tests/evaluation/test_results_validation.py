@@ -231,3 +231,41 @@ def test_the_bad_entry_reported_is_the_first(tmp_path):
     message = str(info.value)
     assert "entry 1 " in message and "'high'" in message and "nan" not in message
     assert not math.isnan(dets[0]["score"])  # the caller's list is left as it was
+
+
+def _set(path, value):
+    """A mutation of the GT dict: path = keys / indices, the last one set to value."""
+
+    def mutate(gt):
+        target = gt
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, shown",
+    [
+        (_set(("images", 1, "height"), "40"), "image 1 (id 2) has height '40': not a positive"),
+        (_set(("images", 0, "width"), 0), "image 0 (id 1) has width 0: not a positive integer"),
+        (_set(("annotations", 0, "area"), "big"), "annotation 0 (id 1) has area 'big'"),
+        (_set(("annotations", 1, "area"), float("nan")), "annotation 1 (id 2) has area nan"),
+        (_set(("annotations", 0, "bbox"), [1, 2, "3", 4]), "annotation 0 (id 1) has bbox"),
+        (_set(("annotations", 0, "iscrowd"), "no"), "has iscrowd 'no': not 0 or 1"),
+        # Lesions pycocotools would silently leave out of the scores:
+        (_set(("annotations", 1, "image_id"), 7), "has image_id 7, which the file's images"),
+        (_set(("annotations", 1, "category_id"), 9), "category_id 9, which the file's categories"),
+        (_set(("annotations", 0, "segmentation"), "x"), "has segmentation x: not polygons or RLE"),
+        (_set(("images",), {"id": 1}), "images is not a list of objects"),
+        (_set(("categories", 0), {"id": "one"}), "category 0 has no integer id and name"),
+    ],
+)
+def test_garbage_in_the_gt_exits_2_naming_the_file_and_record(tmp_path, capsys, mutate, shown):
+    gt, dets = make_case()
+    mutate(gt)
+    gt_path = write(tmp_path, "gt.json", gt)
+    code, _, err = run_tool(capsys, gt_path, write(tmp_path, "dt.json", dets), "--froc")
+    assert code == 2
+    assert_one_error_line(err, f"GT file {gt_path}: ", shown)
