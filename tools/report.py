@@ -13,8 +13,11 @@ FROC, AUC-PR and F1, and any other ``*_metrics.json``), PR and FROC curves per l
 and best images with hits, misses and false alarms outlined, and the config and environment
 found beside the folder. It opens from disk in a browser; no server.
 
-Exit code 2, with a message naming the file, for a missing folder, a folder without metrics, an
-unreadable file, or predictions made for another ground truth.
+``--out`` must be a new or empty folder or an earlier report (it holds a ``.retina_d2_report``
+file), which is replaced whole; nothing else is deleted. Exit code 2, with a message naming the
+file, for a missing folder, a folder without metrics, an unreadable file or one that is not a JSON
+object, predictions made for another ground truth, or an --out that is not empty and no earlier
+report (the evaluation folder itself, say) or cannot be written.
 """
 import argparse
 import logging
@@ -32,7 +35,10 @@ def build_parser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--eval-dir", type=Path, required=True, help="an evaluation folder")
-    parser.add_argument("--out", type=Path, help="report folder (default: <eval-dir>/report)")
+    parser.add_argument(
+        "--out", type=Path,
+        help="report folder: new, empty or an earlier report (default: <eval-dir>/report)",
+    )
     parser.add_argument("--gt", type=Path, help="COCO GT file, if eval_info.json is absent")
     parser.add_argument("--image-root", type=Path, help="folder the GT's file names are under")
     parser.add_argument("--gallery", type=int, default=4, help="worst and best images shown (each)")

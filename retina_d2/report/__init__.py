@@ -1,6 +1,6 @@
 """A visual evaluation report a clinician can read: one HTML page with the metric tables of every
 evaluator that ran, PR and FROC curves per lesion, and the worst and best images with hits,
 misses and false alarms outlined (``tools/report.py``, ``retina-d2 report``)."""
-from .build import EVAL_INFO, REPORT_DIR, ReportError, build_report
+from .build import EVAL_INFO, REPORT_DIR, REPORT_MARKER, ReportError, build_report
 
-__all__ = ["EVAL_INFO", "REPORT_DIR", "ReportError", "build_report"]
+__all__ = ["EVAL_INFO", "REPORT_DIR", "REPORT_MARKER", "ReportError", "build_report"]

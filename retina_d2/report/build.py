@@ -8,10 +8,11 @@ and the ground truth (``eval_info.json``, or ``gt=``) also instance PR curves an
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 from detectron2.data.detection_utils import read_image
 
@@ -28,12 +29,14 @@ from .page import render_page
 from .paper_vs_ours import paper_vs_ours_section
 from .tables import froc_tables, metric_tables
 
-__all__ = ["ReportError", "build_report", "EVAL_INFO", "REPORT_DIR"]
+__all__ = ["ReportError", "build_report", "EVAL_INFO", "REPORT_DIR", "REPORT_MARKER"]
 
 logger = logging.getLogger(__name__)
 
 EVAL_INFO = "eval_info.json"  # written by the instance evaluators: GT file, image root, dataset
 REPORT_DIR = "report"
+# Written into every report folder: only a folder holding it is ever replaced by a new report.
+REPORT_MARKER = ".retina_d2_report"
 RESULTS = "coco_instances_results.json"
 _KNOWN = ("instance_metrics.json", "froc.json", "semantic_metrics.json")
 
@@ -42,12 +45,19 @@ class ReportError(ValueError):
     """An evaluation folder the report cannot be made from; the message names the file."""
 
 
-def _read_json(path: Path, what: str):
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; anything else (unreadable, not JSON, a list) names the file."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ReportError(f"{what} {path} cannot be read as JSON: {e}") from e
+    if not isinstance(content, dict):
+        raise ReportError(
+            f"{what} {path} holds a JSON {type(content).__name__}, not an object of "
+            "name -> value"
+        )
+    return content
 
 
 def _find_upwards(eval_dir: Path, name: str, levels: int = 2) -> Optional[Path]:
@@ -108,16 +118,19 @@ def build_report(
 
     Args:
         eval_dir: the folder an evaluation wrote (``OUTPUT_DIR/inference/<dataset>``).
-        out_dir: where the report goes (default ``<eval_dir>/report``; its old content is
-            replaced: a report is derived from the folder and written again after each run).
+        out_dir: where the report goes (default ``<eval_dir>/report``): a new or empty folder,
+            or an earlier report (recognised by its ``.retina_d2_report`` file), which is
+            replaced whole; any other folder is refused, so nothing else is ever deleted.
         gt, image_root: the COCO GT file and its images' folder, when ``eval_info.json`` does
             not give them (an evaluation by ``tools/evaluate.py``, say).
         gallery_size: images shown among the worst and among the best (0: no gallery).
         score_threshold: predictions kept for the gallery (default: the FROC table's).
 
     Raises:
-        ReportError: a missing folder, no metrics in it, an unreadable file, or predictions
-            for another ground truth.
+        ReportError: a missing folder, no metrics in it, an unreadable file or one that is not
+            a JSON object, predictions for another ground truth, an ``out_dir`` that is neither
+            new, empty nor an earlier report (or is, or holds, ``eval_dir``), or one that cannot
+            be written.
     """
     eval_dir = Path(eval_dir)
     if not eval_dir.is_dir():
@@ -159,24 +172,100 @@ def build_report(
             raise ReportError(f"{results_path} does not fit the ground truth {gt}: {e}") from e
 
     out_dir = Path(out_dir) if out_dir is not None else eval_dir / REPORT_DIR
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the old report and swapped in whole: a failed run leaves the old one intact.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _check_out_dir(out_dir, eval_dir)
+    title = title or f"Evaluation report: {info.get('dataset', eval_dir.name)}"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside the old report and swapped in whole: a failed run leaves the old one.
+        staging = _new_folder(out_dir.parent, f".{out_dir.name}.")
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out_dir}: {e}") from e
     try:
         page = _assemble(
             eval_dir, staging, loaded, lesions, coco_gt, results, image_root, gallery_size,
-            score_threshold, title or f"Evaluation report: {info.get('dataset', eval_dir.name)}",
+            score_threshold, title,
         )
         (staging / "index.html").write_text(page, encoding="utf-8")
-        if out_dir.exists():
-            logger.info("replacing the report in %s", out_dir)
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        (staging / REPORT_MARKER).write_text(
+            json.dumps({"eval_dir": str(eval_dir)}) + "\n", encoding="utf-8"
+        )
+        _swap_in(staging, out_dir)
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out_dir}: {e}") from e
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     logger.info("report: %s", out_dir / "index.html")
     return out_dir / "index.html"
+
+
+def _check_out_dir(out_dir: Path, eval_dir: Path) -> None:
+    """A report replaces only an earlier report (a folder holding ``REPORT_MARKER``) or an empty
+    folder: anything else would be deleted with it."""
+    resolved = out_dir.resolve()
+    if resolved == eval_dir or resolved in eval_dir.parents:
+        raise ReportError(
+            f"--out {out_dir} is the evaluation folder {eval_dir} or holds it; the report needs "
+            f"a folder of its own (default: {eval_dir / REPORT_DIR})"
+        )
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ReportError(f"--out {out_dir} exists and is not a folder")
+    if (out_dir / REPORT_MARKER).is_file():
+        return
+    try:
+        empty = next(out_dir.iterdir(), None) is None
+    except OSError as e:
+        raise ReportError(f"--out {out_dir} cannot be read: {e}") from e
+    if not empty:
+        raise ReportError(
+            f"--out {out_dir} is not empty and holds no earlier report ({REPORT_MARKER}); "
+            "choose a new or empty folder, nothing in it is deleted"
+        )
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder ``<prefix><random>`` in ``parent``, with the permissions ``mkdir`` gives
+    under the umask (``tempfile.mkdtemp`` would make the report 0700)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Put the staged report at ``out_dir``; an earlier report there is moved aside first and
+    deleted only once the new one is in place."""
+    if out_dir.exists() and next(out_dir.iterdir(), None) is not None:
+        logger.info("replacing the report in %s", out_dir)
+        old = _new_folder(out_dir.parent, f".{out_dir.name}.old.")
+        os.replace(out_dir, old)  # onto the empty folder just made
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)  # rename(2) replaces an empty folder
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def gallery_file_name(image_id, used: Set[str]) -> str:
+    """``<image id>.png`` for a plain id; other ids (``../../x``, ``a/b``, very long) become a
+    plain name (other characters as ``_``), numbered when two would share one. ``used`` holds
+    the names taken (compared ignoring case, as some disks do); the new one is added."""
+    text = str(image_id)
+    stem = text if _PLAIN_NAME.fullmatch(text) else re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+    stem = stem.lstrip(".-")[:64] or "image"
+    name, number = f"{stem}.png", 1
+    while name.lower() in used:
+        number += 1
+        name = f"{stem}-{number}.png"
+    used.add(name.lower())
+    return name
 
 
 def _lesion_names(loaded) -> List[str]:
@@ -266,6 +355,7 @@ def _assemble(
             f"ranked by lesion F1 (all lesion types pooled)."
         )
         gallery_dir = report_dir / "gallery"
+        used: Set[str] = set()
         for picked, target in ((worst_o, worst), (best_o, best)):
             for outcome in picked:
                 path = Path(image_root or "") / outcome.file_name
@@ -273,7 +363,8 @@ def _assemble(
                     image = read_image(str(path), format="RGB")
                 except (OSError, ValueError) as e:
                     raise ReportError(f"gallery image {path} cannot be read: {e}") from e
-                png = draw_outcome(image, outcome, coco_gt, gallery_dir / f"{outcome.image_id}.png")
+                name = gallery_file_name(outcome.image_id, used)
+                png = draw_outcome(image, outcome, coco_gt, gallery_dir / name)
                 caption = (
                     f"{Path(outcome.file_name).name}: F1 {outcome.f1:.2f}, {len(outcome.hits)} "
                     f"found, {len(outcome.misses)} missed, {len(outcome.false_alarms)} false alarms"
