@@ -35,7 +35,7 @@ from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
 from ..modeling.amp import AutocastInference
 from ..modeling.tiling import TiledInference
-from .hooks import LossSwitchHook
+from .hooks import LesionBestCheckpointer, LossSwitchHook
 
 __all__ = ["LesionTrainer", "setup_cfg"]
 
@@ -132,11 +132,28 @@ class LesionTrainer(DefaultTrainer):
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
         )
 
+    def training_state(self):
+        """What Detectron2 0.6's DefaultTrainer leaves out of its checkpoints and ``--resume``
+        must restore: the optimizer (Adam's moments, SGD's momentum) and, with AMP, the
+        gradient scaler. Their state dicts hold tensors, numbers and plain containers only."""
+        state = {"optimizer": self.optimizer}
+        scaler = getattr(self._trainer, "grad_scaler", None)
+        # A disabled scaler (no CUDA) has an empty state that it refuses to load back.
+        if scaler is not None and scaler.is_enabled():
+            state["grad_scaler"] = scaler
+        return state
+
     def build_hooks(self):
-        # DefaultTrainer made a DetectionCheckpointer; ours also reads torchvision weights.
+        # DefaultTrainer made a DetectionCheckpointer of the model and the trainer (iteration,
+        # LR scheduler); ours also reads torchvision weights, saves atomically, resumes past a
+        # damaged checkpoint, and carries the optimizer.
         old = self.checkpointer
         self.checkpointer = LesionCheckpointer(
-            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+            old.model,
+            old.save_dir,
+            save_to_disk=old.save_to_disk,
+            **old.checkpointables,
+            **self.training_state(),
         )
         hook_list = super().build_hooks()
         # Right after the LR scheduler: a switch at SOLVER.STEPS[0] lands on the LR drop's step.
@@ -148,7 +165,8 @@ class LesionTrainer(DefaultTrainer):
         if metric and self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
             index = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook))
             hook_list.insert(
-                index + 1, hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, metric)
+                index + 1,
+                LesionBestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, metric),
             )
         return hook_list
 
