@@ -6,6 +6,7 @@ Examples:
     python tools/convert_dataset.py eophtha --root /data/e_ophtha --out datasets/eophtha --subset MA
     python tools/convert_dataset.py heimed --root ../shared/data/heimed --out datasets/heimed \\
         --split-file configs/splits/heimed_dev.json
+    python tools/convert_dataset.py diaretdb1 --root /data/ddb1_v02_01 --out datasets/diaretdb1
     python tools/convert_dataset.py synthetic --out datasets/synthetic --count 24 --size 512
 
 Outputs (see retina_d2/data/converters/base.py): one COCO file per split (train.json, test.json,
@@ -61,8 +62,8 @@ def build_parser():
             choices=("stop", "skip"),
             default=None,
             help="a bad image or mask stops the run (default) or is skipped with a warning; "
-            "a HEI-MED blob label that is not known becomes an ignore region with a "
-            "warning, unless 'stop' is given",
+            "a HEI-MED blob label or DIARETDB1 marking type that is not known becomes an "
+            "ignore region with a warning, unless 'stop' is given",
         )
         p.add_argument("--connectivity", type=int, choices=(4, 8), default=8)
         p.add_argument("--min-area", type=int, default=1, help="drop components smaller than this")

@@ -50,6 +50,7 @@ IMAGE_FIELDS = (
     "optic_disc_center",
     "fovea_center",
     "quality",
+    "lesion_labels",
 )
 
 

@@ -15,6 +15,7 @@ CONVERTER_MODULES = {
     "ddr": "ddr",
     "retinal_lesions": "retinal_lesions",
     "heimed": "heimed",
+    "diaretdb1": "diaretdb1",
     "synthetic": "synthetic",
 }
 
