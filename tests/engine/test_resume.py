@@ -97,6 +97,19 @@ def test_resume_restores_optimizer_scheduler_model_and_iteration(dataset, tmp_pa
     assert checkpoint["trainer"]["iteration"] == 2
 
 
+def test_resume_past_a_truncated_last_checkpoint_takes_the_previous_state(dataset, tmp_path):
+    LesionTrainer(_cfg(dataset, tmp_path, max_iter=3, checkpoint_period=2)).train()
+    previous = torch.load(tmp_path / "model_0000001.pth", weights_only=True)
+    final = tmp_path / "model_final.pth"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 3])  # a kill -9 mid-write
+    resumed = LesionTrainer(_cfg(dataset, tmp_path, max_iter=3, checkpoint_period=2))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    assert _equal_states(resumed.optimizer.state_dict(), previous["optimizer"])
+    model = resumed.model.state_dict()
+    assert all(torch.equal(model[k], previous["model"][k]) for k in model)
+
+
 def test_amp_gradient_scaler_is_checkpointed_when_enabled(dataset, tmp_path, monkeypatch):
     # AMPTrainer makes torch.cuda.amp.GradScaler(), disabled without CUDA: stand in an enabled
     # CPU scaler so that its state travels through a real save and resume.
