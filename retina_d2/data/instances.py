@@ -372,12 +372,15 @@ def _exact_polygons(rle: dict) -> Optional[Tuple[List[List[float]], dict]]:
     # Traced in the instance's box (not a full-size mask per microaneurysm), then moved back.
     shift = np.array([cols.start, rows.start], np.float64)
     polygons = [
-        (np.reshape(polygon, (-1, 2)) + shift).ravel().tolist() for polygon in mask_to_polygons(patch)
+        (np.reshape(polygon, (-1, 2)) + shift).ravel().tolist()
+        for polygon in mask_to_polygons(patch)
     ]
     if not polygons:
         return None
     drawn = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
-    stored = dict(rle, counts=rle["counts"].encode("ascii")) if isinstance(rle["counts"], str) else rle
+    stored = rle
+    if isinstance(rle["counts"], str):
+        stored = dict(rle, counts=rle["counts"].encode("ascii"))
     area = mask_util.area(stored)
     both = mask_util.area(mask_util.merge([drawn, stored], intersect=True))
     if mask_util.area(drawn) != area or both != area:

@@ -105,7 +105,7 @@ def test_polygon_format_keeps_a_blob_as_its_exact_outline():
     _assert_stores_exactly(ann, mask)
     box = np.zeros((9, 11), bool)
     box[2:6, 3:8] = True
-    # A box is its four pixel corners, the polygon of test_decode_segmentation_reads_every_coco_form.
+    # A box is its four pixel corners (cf. test_decode_segmentation_reads_every_coco_form).
     assert _polygon_annotation(box)["segmentation"] == [[3.0, 2.0, 3.0, 6.0, 8.0, 6.0, 8.0, 2.0]]
 
 
