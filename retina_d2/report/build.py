@@ -14,8 +14,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Set, Tuple
 
-from detectron2.data.detection_utils import read_image
-
+from ..data.image_io import read_image
 from ..evaluation.instance_eval import (
     InstanceEvalError,
     _check_results,
@@ -212,17 +211,34 @@ def _check_out_dir(out_dir: Path, eval_dir: Path) -> None:
         return
     if not out_dir.is_dir() or out_dir.is_symlink():
         raise ReportError(f"--out {out_dir} exists and is not a folder")
-    if (out_dir / REPORT_MARKER).is_file():
-        return
     try:
-        empty = next(out_dir.iterdir(), None) is None
+        replaceable = _is_earlier_report(out_dir) or next(out_dir.iterdir(), None) is None
     except OSError as e:
         raise ReportError(f"--out {out_dir} cannot be read: {e}") from e
-    if not empty:
+    if not replaceable:
         raise ReportError(
             f"--out {out_dir} is not empty and holds no earlier report ({REPORT_MARKER}); "
             "choose a new or empty folder, nothing in it is deleted"
         )
+
+
+def _is_earlier_report(folder: Path) -> bool:
+    """A report: it holds ``REPORT_MARKER``, or (written before the marker existed) exactly what
+    a report writes: ``index.html`` and PNGs in ``figures/`` and ``gallery/``."""
+    if (folder / REPORT_MARKER).is_file():
+        return True
+    if not (folder / "index.html").is_file():
+        return False
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            return False
+        if entry.name == "index.html":
+            continue
+        if entry.name not in ("figures", "gallery") or not entry.is_dir():
+            return False
+        if any(p.is_symlink() or not p.is_file() or p.suffix != ".png" for p in entry.iterdir()):
+            return False
+    return True
 
 
 def _new_folder(parent: Path, prefix: str) -> Path:

@@ -75,6 +75,20 @@ def test_rerunning_onto_its_own_report_replaces_it(eval_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_report_written_before_the_marker_is_replaced_and_a_lookalike_is_not(eval_dir):
+    """Output folders of earlier versions hold reports without the marker: exactly index.html
+    and PNGs in figures/ and gallery/. One more file of anyone else's, and it is not a report."""
+    page = build_report(eval_dir, gallery_size=1)
+    (page.parent / REPORT_MARKER).unlink()
+    build_report(eval_dir, gallery_size=2)
+    assert len(list((page.parent / "gallery").iterdir())) == 3
+    (page.parent / REPORT_MARKER).unlink()
+    (page.parent / "figures" / "notes.txt").write_text("mine")
+    with pytest.raises(ReportError, match="holds no earlier report"):
+        build_report(eval_dir)
+    assert (page.parent / "figures" / "notes.txt").read_text() == "mine"
+
+
 def test_an_empty_folder_is_taken(eval_dir, tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
