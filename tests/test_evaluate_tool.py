@@ -220,3 +220,39 @@ def test_froc_options(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate_tool.main(["--gt", str(gt), "--predictions", str(dt), "--froc-match", "x"])
     assert exit_info.value.code == 2
+
+
+def test_json_pointing_at_a_folder_exits_2_before_evaluating(files, tmp_path, capsys,
+                                                              monkeypatch):
+    gt, dt, _ = files
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    evaluated = []
+    monkeypatch.setattr(evaluate_tool, "evaluate_coco_results",
+                        lambda *a, **k: evaluated.append(1) or {})
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--json", folder)
+    assert code == 2 and evaluated == []
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(folder) in lines[0]
+    assert "folder" in lines[0] and list(folder.iterdir()) == []
+
+
+def test_json_below_a_file_or_unwritable_exits_2_naming_it(files, tmp_path, capsys):
+    gt, dt, _ = files
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--json",
+                            blocker / "m.json")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(blocker / "m.json") in err and "not a folder" in err
+    # Written through, then refused by the disk (read-only, full): one line, no traceback.
+    def refuse(metrics, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(evaluate_tool, "write_metrics_json", refuse):
+        code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--json",
+                                tmp_path / "m.json")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: cannot write --json {tmp_path / 'm.json'}: Permission denied"]

@@ -22,7 +22,8 @@ table after the others, and ``"froc": {"FROC": .., "sens@1/8": .., "F1": .., "FR
 A results file without any ``segmentation`` (a box detector's) is scored for bbox only, with a
 warning, and --json then has no "segm". Exit code 2, with a message naming the file, for a missing
 or malformed JSON file, a results file whose image_ids are not in the GT (a results file for
-another GT), or one where only some detections carry a mask or a box. A detection with a NaN,
+another GT), one where only some detections carry a mask or a box, or a --json that is a folder
+or cannot be written. A detection with a NaN,
 infinite or non-numeric score, a bbox that is not 4 finite numbers (or has a negative size), an
 id that is neither an integer nor a string, or a mask whose size differs from its GT image's is
 refused the same way, the message naming the entry's index and image_id; so is a GT file with a
@@ -134,9 +135,24 @@ def build_parser():
     return parser
 
 
+def check_json_target(path: Path):
+    """The reason ``--json`` cannot be written there, or None; checked before the evaluation
+    runs so that a typo does not cost its time."""
+    if path.is_dir():
+        return f"--json {path} is a folder; give the name of the file to write"
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"--json {path}: {parent} is not a folder"
+    return None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    problem = check_json_target(args.json) if args.json else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         metrics = evaluate_coco_results(
             args.gt,
@@ -176,8 +192,12 @@ def main(argv=None):
         print(f"\n{name} (Matterport's per-image mask AP, %):\n" + format_per_image_map(values))
         metrics[name] = values
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_metrics_json(metrics, args.json)
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            write_metrics_json(metrics, args.json)
+        except OSError as e:
+            print(f"error: cannot write --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"\nwrote {args.json}")
     return 0
 
