@@ -51,6 +51,9 @@ BENCHMARKS: Dict[str, tuple] = {
                         "split; exudate AUC-PR / F1, parameters, CPU latency and memory"),
     "heimed-localization": ("heimed_localization", "optic-nerve localization (MultiTaskLesionNet, "
                             "~10 CPU minutes) on the HEI-MED dev split; distance on 10 val images"),
+    "heimed-exudate-cv": ("heimed_exudate_cv", "the CPU exudate recipe (dense map -> lesion "
+                          "components) k-fold cross-validated on the HEI-MED dev images beside "
+                          "the training-free floor"),
     "tiling": ("tiling", "tiled native-resolution inference vs whole-image: s/image, peak memory"),
     "gpu": ("gpu", "CUDA training and inference images/s with and without mixed precision, and "
             "tiled vs whole-image inference on the GPU"),

@@ -1,0 +1,495 @@
+"""
+``tools/benchmark.py heimed-exudate-cv``: a CPU exudate recipe cross-validated on the HEI-MED dev
+images, beside the training-free floor computed on the same images in the same run.
+
+The 40 dev photographs (``--root``) are dealt into ``--folds`` folds, stratified by whether an
+eye has exudates (each fold holds its share of healthy eyes). For each fold the other folds are
+converted as ``heimed_seg_train`` and the fold as ``heimed_seg_val``, the config
+(``configs/exudate_fpnseg_heimed_cpu.yaml`` by default) is trained from scratch on the training
+folds for ``--iterations`` (the config's schedule scaled to them), and the fold's photographs are
+predicted (flip TTA, lesions = components of the exudate map, ``RETINA.COMPONENTS``) in a fresh
+process. Per fold and as mean and spread over folds it reports:
+
+- exudate instance AP35 / AP50 / AP75 (segm and bbox, COCOeval; ``evaluate_coco_results``),
+- lesion FROC (IoU 0.2) and lesion precision / recall / F1 at the operating threshold,
+- image-level exudate AUC (an image's score: its best lesion's score),
+- false alarms per healthy eye (exudate predictions on the fold's eyes without exudates),
+- training seconds per training image and per iteration, inference seconds per image, and the
+  peak RSS of the training and the inference process,
+
+and the floor's AP, FROC and AUC on the fold with every model number's ratio to it.
+
+Thresholds are chosen by cross-validation on these images only: each fold's operating threshold
+is the one with the best pooled lesion F1 over the *other* folds' out-of-fold predictions (so no
+fold is scored at a threshold its own labels chose); the threshold to ship is the best over all
+folds' out-of-fold predictions. Rows at the config's own ``RETINA.COMPONENTS.SCORE_THRESHOLD``
+are reported beside them.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from . import (
+    HEIMED_ROOT,
+    REPO_ROOT,
+    format_table,
+    machine_info,
+    measure_in_subprocess,
+)
+
+__all__ = [
+    "add_arguments",
+    "counts_at",
+    "image_auc",
+    "predict_fold",
+    "run",
+    "select_threshold",
+    "stratified_folds",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROOT = HEIMED_ROOT
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_exudate_cv.json"
+DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_exudate_cv"
+CONFIG = REPO_ROOT / "configs" / "exudate_fpnseg_heimed_cpu.yaml"
+EXUDATE = "hard exudate"
+# Candidate operating thresholds; the cross-validation picks among them.
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.96, 0.05))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="HEI-MED folder")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="datasets + runs folder")
+    parser.add_argument("--config-file", type=Path, default=CONFIG)
+    parser.add_argument("--folds", type=int, default=4, help="cross-validation folds (>= 2)")
+    parser.add_argument(
+        "--iterations", type=int, help="training iterations per fold (default: the config's)"
+    )
+    parser.add_argument(
+        "--images", type=int,
+        help="use only this many photographs, half of them without exudates (a quick run)",
+    )
+    parser.add_argument(
+        "--skip-train", action="store_true", help="predict with the weights already in --work"
+    )
+    parser.add_argument(
+        "opts", nargs="*", default=[], help="config overrides KEY VALUE ... for training"
+    )
+
+
+# --- folds and thresholds ----------------------------------------------------------------------
+
+
+def stratified_folds(names: Sequence[str], positive: Sequence[bool], k: int) -> List[List[str]]:
+    """Deal ``names`` (sorted) into ``k`` folds, positives and negatives each in turn, so that
+    every fold holds its share of both; deterministic."""
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    if len(names) < k:
+        raise ValueError(f"{len(names)} images cannot fill {k} folds")
+    folds: List[List[str]] = [[] for _ in range(k)]
+    order = sorted(zip(names, positive), key=lambda x: (not x[1], x[0]))
+    for i, (name, _) in enumerate(order):
+        folds[i % k].append(name)
+    return [sorted(f) for f in folds]
+
+
+def counts_at(curve: Dict, threshold: float) -> tuple:
+    """(hits, false positives, lesions) of an FROC category curve (``froc_curve``'s
+    ``categories[name]``) when predictions scoring >= ``threshold`` are kept."""
+    thresholds = np.asarray(curve["thresholds"], dtype=np.float64)
+    kept = np.flatnonzero(thresholds >= threshold)
+    if kept.size == 0:
+        return 0, 0, curve["num_lesions"]
+    last = kept[-1]  # thresholds descend: the last kept point holds every kept prediction
+    hits = int(round(curve["sensitivity"][last] * curve["num_lesions"]))
+    fps = int(round(curve["fps_per_image"][last] * curve["num_images"]))
+    return hits, fps, curve["num_lesions"]
+
+
+def select_threshold(curves: Sequence[Dict], thresholds: Sequence[float] = THRESHOLDS) -> float:
+    """The threshold with the best lesion F1 pooled over ``curves`` (ties: the higher one, fewer
+    false alarms)."""
+    best, best_f1 = thresholds[-1], -1.0
+    for t in thresholds:
+        hits = fps = lesions = 0
+        for curve in curves:
+            h, f, n = counts_at(curve, t)
+            hits, fps, lesions = hits + h, fps + f, lesions + n
+        denominator = 2 * hits + fps + (lesions - hits)
+        f1 = 2 * hits / denominator if denominator else 0.0
+        if f1 >= best_f1:
+            best, best_f1 = t, f1
+    return float(best)
+
+
+def image_auc(scores: Sequence[float], labels: Sequence[bool]):
+    """ROC AUC of image scores against image labels, or None when one class is missing."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, bool)
+    if labels.all() or not labels.any():
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+
+
+# --- one fold's prediction (runs in its own process) -------------------------------------------
+
+
+def predict_fold(config: str, weights: str, datasets: str, gt_file: str, image_root: str,
+                 out_file: str, opts: Sequence[str] = ()) -> dict:
+    """Predict every photograph of ``gt_file`` with the trained model and write COCO results.
+
+    Runs in a fresh process (``measure_in_subprocess``), so its peak RSS is inference's own.
+
+    Returns:
+        ``{"seconds": inference seconds (all images), "num_images": ...}``
+    """
+    import torch
+    from detectron2.modeling import build_model
+
+    os.environ["RETINA_D2_DATASETS"] = datasets
+    from retina_d2.data.mapper import LesionDatasetMapper
+    from retina_d2.engine.trainer import setup_cfg
+    from retina_d2.modeling import LesionCheckpointer
+    from retina_d2.modeling.components import (
+        components_to_coco,
+        lesion_components,
+        semantic_probabilities,
+    )
+
+    cfg = setup_cfg(config, list(opts) + ["MODEL.WEIGHTS", weights])
+    model = build_model(cfg)
+    LesionCheckpointer(model).load(weights)
+    model.eval()
+    mapper = LesionDatasetMapper(cfg, is_train=False)
+    gt = json.loads(Path(gt_file).read_text())
+    # Channel c of the maps is the c-th category in the training set's (= this GT's) id order.
+    category_ids = [c["id"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    exudate = next(i for i, c in enumerate(sorted(gt["categories"], key=lambda c: c["id"]))
+                   if c["name"] == EXUDATE)
+    components = cfg.RETINA.COMPONENTS
+    results, seconds = [], 0.0
+    for entry in gt["images"]:
+        record = {
+            "file_name": str(Path(image_root) / entry["file_name"]),
+            "height": entry["height"], "width": entry["width"], "image_id": entry["id"],
+        }
+        start = time.perf_counter()
+        inputs = mapper(record)
+        with torch.no_grad():
+            probs = semantic_probabilities(model, inputs, flip=components.FLIP_TTA)
+        label_maps, lesions = lesion_components(
+            probs, components.MASK_THRESHOLD, components.MIN_AREA, channels=[exudate]
+        )
+        seconds += time.perf_counter() - start
+        results += components_to_coco(
+            label_maps, lesions, entry["id"], category_ids, cfg.RETINA.EVAL.MAX_DETS
+        )
+    from retina_d2.data.converters.base import write_json_atomic
+
+    write_json_atomic(Path(out_file), results)
+    return {"seconds": seconds, "num_images": len(gt["images"])}
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _train(config: Path, opts: Sequence[str], env: Dict[str, str]) -> dict:
+    """Train in a child process; its wall seconds and peak RSS (os.wait4 on that child)."""
+    command = [sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file",
+               str(config), *opts]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"training failed (exit status {code}): {' '.join(command)}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def _scaled_schedule(config: Path, iterations: int) -> list:
+    """The config's schedule scaled to ``iterations`` (heimed-semantic's rule); LR steps that a
+    very short run would reach at its last iteration or later are dropped."""
+    from .heimed_semantic import scaled_schedule
+
+    opts = scaled_schedule(config, iterations)
+    at = opts.index("SOLVER.STEPS") + 1
+    steps = tuple(s for s in eval(opts[at]) if s < iterations)  # a tuple literal written above
+    opts[at] = str(steps) if steps else "()"
+    return opts
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+def _exudate_id(gt: dict) -> int:
+    ids = [c["id"] for c in gt["categories"] if c["name"] == EXUDATE]
+    if not ids:
+        raise ValueError(f"the ground truth has no {EXUDATE!r} category")
+    return ids[0]
+
+
+def _image_truth(gt: dict, exudate_id: int) -> Dict[int, bool]:
+    with_exudates = {a["image_id"] for a in gt["annotations"]
+                     if a["category_id"] == exudate_id and not a.get("iscrowd", 0)}
+    return {img["id"]: img["id"] in with_exudates for img in gt["images"]}
+
+
+def score_results(gt: dict, results: List[dict]) -> dict:
+    """AP35/50/75 (segm, bbox), FROC curve and image scores of one fold's exudate results."""
+    from retina_d2.evaluation.froc import froc_curve
+    from retina_d2.evaluation.instance_eval import evaluate_coco_results
+
+    exudate_id = _exudate_id(gt)
+    results = [r for r in results if r["category_id"] == exudate_id]
+    metrics = evaluate_coco_results(gt, results)
+    row = {}
+    for task in ("segm", "bbox"):
+        for iou in ("AP35", "AP50", "AP75"):
+            row[f"{task} {iou}"] = metrics[task].get(f"{iou}-{EXUDATE}")
+    curve = froc_curve(gt, results)["categories"][EXUDATE]
+    row["FROC"] = 100 * curve["froc"]
+    truth = _image_truth(gt, exudate_id)
+    best = {image_id: 0.0 for image_id in truth}
+    for r in results:
+        best[r["image_id"]] = max(best[r["image_id"]], r["score"])
+    ids = sorted(truth)
+    auc = image_auc([best[i] for i in ids], [truth[i] for i in ids])
+    row["image AUC"] = None if auc is None else 100 * auc
+    return {"row": row, "curve": curve, "image_scores": best, "truth": truth}
+
+
+def at_threshold(scored: dict, results: List[dict], gt: dict, threshold: float) -> dict:
+    """Lesion precision / recall / F1 and false alarms per healthy eye at ``threshold``."""
+    hits, fps, lesions = counts_at(scored["curve"], threshold)
+    exudate_id = _exudate_id(gt)
+    healthy = [i for i, has in scored["truth"].items() if not has]
+    alarms = sum(1 for r in results if r["category_id"] == exudate_id
+                 and r["image_id"] in healthy and r["score"] >= threshold)
+    return {
+        "threshold": threshold,
+        "precision": 100 * hits / (hits + fps) if hits + fps else None,
+        "recall": 100 * hits / lesions if lesions else None,
+        "F1": 100 * 2 * hits / (hits + fps + lesions) if hits + fps + lesions else None,
+        "false alarms / healthy eye": alarms / len(healthy) if healthy else None,
+    }
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _dev_images(root: Path, work: Path, limit) -> tuple:
+    """Names (without .jpg) of the photographs (the first ``limit`` in name order, or all), and
+    whether each has exudates (from one conversion of them)."""
+    from . import run_tool
+
+    names = sorted(p.name[: -len(".jpg")] for p in root.glob("*.jpg"))
+    if not names:
+        raise ValueError(f"{root}: no .jpg photographs")
+    datasets = work / "all"
+    datasets.mkdir(parents=True, exist_ok=True)
+    split = work / "all_split.json"
+    split.write_text(json.dumps({"val": names}, indent=2))
+    run_tool("convert_dataset.py", "heimed", "--root", str(root), "--out", str(datasets),
+             "--split-file", str(split), "--no-semantic", "--overwrite")
+    gt = json.loads((datasets / "val.json").read_text())
+    truth = _image_truth(gt, _exudate_id(gt))
+    by_name = {Path(e["file_name"]).name[: -len(".jpg")]: truth[e["id"]] for e in gt["images"]}
+    if limit:
+        # Half with exudates, half without, so that a quick run's folds hold both.
+        with_ex = [n for n in names if by_name[n]]
+        without = [n for n in names if not by_name[n]]
+        names = sorted(with_ex[: limit - min(limit // 2, len(without))] + without[: limit // 2])
+    return names, [by_name[n] for n in names]
+
+
+def _convert_fold(root: Path, fold_dir: Path, train: List[str], val: List[str]) -> Dict[str, str]:
+    from . import run_tool
+
+    split = fold_dir / "split.json"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    split.write_text(json.dumps({"train": train, "val": val}, indent=2))
+    datasets = fold_dir / "datasets"
+    run_tool("convert_dataset.py", "heimed", "--root", str(root), "--out",
+             str(datasets / "heimed"), "--split-file", str(split), "--overwrite")
+    return dict(os.environ, RETINA_D2_DATASETS=str(datasets))
+
+
+def _summary(rows: List[dict]) -> dict:
+    """Mean and spread (sample standard deviation, min, max) of every numeric key over folds."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k != "fold"]
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            out[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "min": float(np.min(values)),
+                "max": float(np.max(values)),
+            }
+    return out
+
+
+RATIO_KEYS = ("segm AP35", "segm AP50", "FROC", "image AUC")
+
+
+def run(args) -> dict:
+    from retina_d2.config import get_retina_cfg
+    from retina_d2.data.converters.base import require_dir, write_json_atomic
+    from retina_d2.data.register import read_manifest
+
+    from .exudate_floor import FLOOR_NAME, add_floor_ratios, floor_coco_results
+
+    root = require_dir(args.root.resolve(), "the HEI-MED folder")
+    work = args.work.resolve()
+    config = args.config_file.resolve()
+    cfg = get_retina_cfg()
+    cfg.merge_from_file(str(config))
+    cfg.merge_from_list(list(args.opts))
+    iterations = args.iterations or cfg.SOLVER.MAX_ITER
+    config_threshold = float(cfg.RETINA.COMPONENTS.SCORE_THRESHOLD)
+
+    names, positive = _dev_images(root, work, args.images)
+    folds = stratified_folds(names, positive, args.folds)
+    per_fold = []
+    for k, val in enumerate(folds):
+        train = [n for n in names if n not in val]
+        fold_dir = work / f"fold{k}"
+        env = _convert_fold(root, fold_dir, train, val)
+        conversion = fold_dir / "datasets" / "heimed"
+        run_dir = fold_dir / "run"
+        opts = _scaled_schedule(config, iterations) + [
+            "OUTPUT_DIR", str(run_dir), "DATASETS.TEST", "()", "RETINA.EVAL.REPORT", "False",
+            *args.opts,
+        ]
+        training = None
+        if not args.skip_train:
+            logger.info("fold %d/%d: training on %d images for %d iterations",
+                        k + 1, args.folds, len(train), iterations)
+            training = _train(config, opts, env)
+        gt_file = conversion / "val.json"
+        image_root = read_manifest(conversion)[1]
+        predictions = fold_dir / "predictions.json"
+        inference = measure_in_subprocess(
+            "retina_d2.benchmarks.heimed_exudate_cv:predict_fold",
+            {"config": str(config), "weights": str(run_dir / "model_final.pth"),
+             "datasets": str(fold_dir / "datasets"), "gt_file": str(gt_file),
+             "image_root": str(image_root), "out_file": str(predictions),
+             "opts": list(args.opts)},
+        )
+        if "error" in inference:
+            raise RuntimeError(f"fold {k}: prediction failed: {inference['error']}")
+        gt = json.loads(gt_file.read_text())
+        results = json.loads(predictions.read_text())
+        start = time.perf_counter()
+        floor_results = floor_coco_results(gt["images"], image_root, _exudate_id(gt))
+        floor_seconds = time.perf_counter() - start
+        per_fold.append({
+            "fold": k, "train": train, "val": val, "gt": gt, "results": results,
+            "model": score_results(gt, results), "floor": score_results(gt, floor_results),
+            "floor_results": floor_results, "floor_seconds": floor_seconds,
+            "training": training, "inference": inference, "num_train": len(train),
+        })
+
+    # Thresholds by cross-validation: fold k's from the other folds' out-of-fold predictions.
+    model_rows, floor_rows = [], []
+    for k, fold in enumerate(per_fold):
+        others = [f["model"]["curve"] for j, f in enumerate(per_fold) if j != k]
+        cv_threshold = select_threshold(others)
+        row = {"fold": k, "images": len(fold["val"]),
+               "healthy eyes": sum(not v for v in fold["model"]["truth"].values()),
+               **fold["model"]["row"]}
+        for prefix, t in (("cv", cv_threshold), ("config", config_threshold)):
+            for key, value in at_threshold(fold["model"], fold["results"], fold["gt"], t).items():
+                row[f"{prefix} {key}"] = value
+        training, inference = fold["training"], fold["inference"]
+        if training:
+            row["train s / image"] = training["seconds"] / fold["num_train"]
+            row["train s / iteration"] = training["seconds"] / iterations
+            row["train peak RSS MB"] = training["peak_rss_mb"]
+        row["infer s / image"] = inference["seconds"] / inference["num_images"]
+        row["infer peak RSS MB"] = inference["peak_rss_mb"]
+        floor = {"fold": k, **fold["floor"]["row"],
+                 "seconds / image": fold["floor_seconds"] / len(fold["val"])}
+        for key, value in at_threshold(
+            fold["floor"], fold["floor_results"], fold["gt"], config_threshold
+        ).items():
+            floor[f"config {key}"] = value
+        add_floor_ratios([row], floor, RATIO_KEYS)
+        model_rows.append(row)
+        floor_rows.append(floor)
+    ship_threshold = select_threshold([f["model"]["curve"] for f in per_fold])
+
+    # Pooled out-of-fold image AUC: one ranking over all folds' eyes.
+    pooled_scores, pooled_truth = [], []
+    for fold in per_fold:
+        for image_id, has in fold["model"]["truth"].items():
+            pooled_scores.append(fold["model"]["image_scores"][image_id])
+            pooled_truth.append(has)
+    pooled_auc = image_auc(pooled_scores, pooled_truth)
+
+    results = {
+        "benchmark": "heimed-exudate-cv",
+        "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config),
+        "overrides": list(args.opts),
+        "folds": args.folds,
+        "images": len(names),
+        "iterations": iterations,
+        "fold_images": folds,
+        "config_threshold": config_threshold,
+        "cv_threshold_to_ship": ship_threshold,
+        "pooled_out_of_fold_image_AUC": None if pooled_auc is None else 100 * pooled_auc,
+        "note": "percent except thresholds, times and false alarms; every fold's model trained "
+                "from scratch on the other folds; 'cv' columns use the threshold chosen on the "
+                "other folds' out-of-fold predictions, 'config' columns the config's "
+                "RETINA.COMPONENTS.SCORE_THRESHOLD; healthy eye = no exudate annotated; the "
+                f"floor row is '{FLOOR_NAME}' on the same fold",
+        "machine": machine_info(),
+        "model_folds": model_rows,
+        "model_summary": _summary(model_rows),
+        "floor_folds": floor_rows,
+        "floor_summary": _summary(floor_rows),
+    }
+    write_json_atomic(args.out, results, indent=2)
+    _print(results, model_rows, floor_rows)
+    return results
+
+
+def _print(results: dict, model_rows: List[dict], floor_rows: List[dict]) -> None:
+    columns = [
+        ("fold", "fold", "d"), ("segm AP35", "segm AP35", ".1f"), ("AP50", "segm AP50", ".1f"),
+        ("AP75", "segm AP75", ".1f"), ("FROC", "FROC", ".1f"), ("img AUC", "image AUC", ".1f"),
+        ("cv thr", "cv threshold", ".2f"), ("cv F1", "cv F1", ".1f"),
+        ("cv FA/healthy", "cv false alarms / healthy eye", ".2f"),
+        ("cfg FA/healthy", "config false alarms / healthy eye", ".2f"),
+        ("AP35 x floor", "segm AP35 x floor", ".2f"), ("AP50 x floor", "segm AP50 x floor", ".2f"),
+        ("train s/img", "train s / image", ".1f"), ("infer s/img", "infer s / image", ".1f"),
+        ("train MB", "train peak RSS MB", ".0f"), ("infer MB", "infer peak RSS MB", ".0f"),
+    ]
+    summary = results["model_summary"]
+    mean = {"fold": -1, **{k: v["mean"] for k, v in summary.items()}}
+    print(f"\nHEI-MED exudates, {results['folds']}-fold CV over {results['images']} images, "
+          f"{results['iterations']} iterations per fold, {os.cpu_count()} CPUs (fold -1: mean)")
+    print(format_table(model_rows + [mean], columns))
+    floor_columns = [
+        ("fold", "fold", "d"), ("segm AP35", "segm AP35", ".1f"), ("AP50", "segm AP50", ".1f"),
+        ("AP75", "segm AP75", ".1f"), ("FROC", "FROC", ".1f"), ("img AUC", "image AUC", ".1f"),
+        ("cfg FA/healthy", "config false alarms / healthy eye", ".2f"),
+    ]
+    fmean = {"fold": -1, **{k: v["mean"] for k, v in results["floor_summary"].items()}}
+    print("\ntraining-free floor on the same folds")
+    print(format_table(floor_rows + [fmean], floor_columns))
+    print(f"\nthreshold to ship (best pooled out-of-fold lesion F1): "
+          f"{results['cv_threshold_to_ship']:.2f}; pooled out-of-fold image AUC: "
+          f"{results['pooled_out_of_fold_image_AUC']}")
