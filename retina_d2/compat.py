@@ -1,4 +1,5 @@
-"""Bridges Detectron2 0.6 to today's NumPy, Pillow, setuptools and torch, and to a missing ``_C``.
+"""Bridges Detectron2 0.6 to today's NumPy, Pillow, setuptools and torch, and to a missing ``_C``;
+closes its loaders that run code from a file (YAML's unsafe loader, pickle).
 
 This is the only module that knows about those differences. It must run before anything imports
 Detectron2, which ``retina_d2/__init__.py`` guarantees. Every patch is a no-op when the library
@@ -135,24 +136,76 @@ def _patch_extension():
         d2_layers.nms_rotated = nms_rotated
 
 
-def _patch_torch_load():
-    # torch >= 2.6 loads with weights_only=True by default; Detectron2 0.6's checkpointer (fvcore)
-    # predates that and stores iteration counters and scheduler state beside the weights. The
-    # files it opens are checkpoints the user points at on local disk.
+def _model_zoo_checkpoint(filename, data):
+    """Detectron2 0.6's reading of an unpickled ``.pkl``: its model zoo's format as it is, else
+    Caffe2 / Detectron1 blobs (momenta dropped) matched to the model by name heuristics."""
+    from .safe_load import UnreadableCheckpointError
+
+    if not isinstance(data, dict):
+        raise UnreadableCheckpointError(
+            f"{filename}: holds a {type(data).__name__}, not a dict of weights"
+        )
+    if "model" in data and "__author__" in data:
+        return data
+    blobs = data.get("blobs", data)  # detection models keep them under "blobs"
+    if not isinstance(blobs, dict):
+        raise UnreadableCheckpointError(f"{filename}: its \"blobs\" are not a dict of weights")
+    blobs = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
+    return {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def _patch_checkpoint_loading():
+    # Detectron2 0.6 unpickles a .pkl with pickle.load and fvcore a .pth with torch.load: either
+    # runs whatever code a hostile file carries. Both read through retina_d2.safe_load instead:
+    # weights, NumPy arrays and containers only, unless the checkpointer's trust_checkpoint is
+    # True (LesionCheckpointer with MODEL.TRUST_CHECKPOINT), which reads old full pickles with a
+    # warning naming the file. (.pyth goes to torch.load, whose default is weights_only=True.)
     import fvcore.common.checkpoint as fv_checkpoint
-    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from .safe_load import UnreadableCheckpointError, load_checkpoint
 
     if getattr(fv_checkpoint.Checkpointer._load_file, "_retina_d2_patched", False):
         return
-    original = fv_checkpoint.Checkpointer._load_file
 
     def _load_file(self, f):
-        if f.endswith(".pkl"):
-            return original(self, f)
-        return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+        loaded = load_checkpoint(f, trust=getattr(self, "trust_checkpoint", False))
+        if not isinstance(loaded, dict):
+            raise UnreadableCheckpointError(
+                f"{f}: holds a {type(loaded).__name__}, not a checkpoint (a dict of weights)"
+            )
+        return loaded
 
-    _load_file._retina_d2_patched = True
+    original_d2 = DetectionCheckpointer._load_file
+
+    def _load_d2_file(self, filename):
+        if not filename.endswith(".pkl"):
+            return original_d2(self, filename)  # .pth: fvcore's, patched above
+        data = load_checkpoint(filename, trust=getattr(self, "trust_checkpoint", False))
+        return _model_zoo_checkpoint(filename, data)
+
+    _load_file._retina_d2_patched = _load_d2_file._retina_d2_patched = True
     fv_checkpoint.Checkpointer._load_file = _load_file
+    DetectionCheckpointer._load_file = _load_d2_file
+
+
+def _patch_config_loading():
+    # Detectron2 0.6's CfgNode.merge_from_file passes allow_unsafe=True, with which fvcore
+    # retries a file YAML's safe loader refuses with yaml.unsafe_load: a config holding
+    # !!python/object/apply:os.system [...] runs the command. Configs are data: every merge,
+    # _BASE_ files included, goes through retina_d2.config.read_config_yaml (safe loader only).
+    from detectron2.config import CfgNode
+
+    from .config import read_config_yaml
+
+    if getattr(CfgNode.load_yaml_with_base, "_retina_d2_patched", False):
+        return
+
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        return read_config_yaml(filename)
+
+    load_yaml_with_base._retina_d2_patched = True
+    CfgNode.load_yaml_with_base = classmethod(load_yaml_with_base)
 
 
 def _quiet_import_warnings():
@@ -205,5 +258,6 @@ def apply():
     _patch_pillow()
     _patch_pkg_resources()
     _patch_extension()
-    _patch_torch_load()
+    _patch_checkpoint_loading()
+    _patch_config_loading()
     _applied = True

@@ -35,7 +35,16 @@ from retina_d2.visualize import draw_prediction_overlay  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True)
-    p.add_argument("--weights", required=True, help="a checkpoint on local disk")
+    p.add_argument(
+        "--weights", required=True,
+        help="a checkpoint on local disk that sets every parameter of the model (else refused, "
+        "unless MODEL.ALLOW_PARTIAL_WEIGHTS True)",
+    )
+    p.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="read --weights even if it needs full unpickling, which can run any code it "
+        "carries: only a file you made or trust (sets MODEL.TRUST_CHECKPOINT; warns)",
+    )
     p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--gt", type=Path, help="COCO ground truth whose image ids the results use")
@@ -72,7 +81,10 @@ def main(argv=None):
     try:
         images = list_inputs(args.input)
         ids = image_ids(images, args.gt)
-        cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", str(args.weights)])
+        opts = list(args.opts) + ["MODEL.WEIGHTS", str(args.weights)]
+        if args.trust_checkpoint:
+            opts += ["MODEL.TRUST_CHECKPOINT", "True"]
+        cfg = setup_cfg(args.config_file, opts)
         predictor = LesionPredictor(cfg)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

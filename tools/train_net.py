@@ -7,6 +7,10 @@ Examples:
     python tools/train_net.py --config-file configs/maskrcnn_idrid.yaml --eval-only \\
         MODEL.WEIGHTS output/maskrcnn_idrid/model_best.pth
 
+Weights files are read as tensors and NumPy arrays only (--trust-checkpoint for an old full
+pickle you trust). --eval-only refuses a checkpoint that sets fewer than all of the model's
+parameters (MODEL.ALLOW_PARTIAL_WEIGHTS True to accept one); training from one only warns.
+
 Datasets are the conversions found under $RETINA_D2_DATASETS (default ./datasets); see
 datasets/README.md. The run's config, environment, checkpoints (the best one as model_best.pth),
 metrics, overlay pictures and the HTML report (inference/<dataset>/report/index.html, see
@@ -26,13 +30,16 @@ from retina_d2.config import ConfigError  # noqa: E402
 # Detectron2's launch, which also runs --num-gpus N as N CPU processes where there is no CUDA.
 from retina_d2.engine import LesionTrainer, launch, setup_cfg  # noqa: E402
 from retina_d2.modeling import LesionCheckpointer  # noqa: E402
+from retina_d2.safe_load import CheckpointError  # noqa: E402
 
 
 def main(args):
-    cfg = setup_cfg(args.config_file, args.opts, args)
+    opts = list(args.opts) + (["MODEL.TRUST_CHECKPOINT", "True"] if args.trust_checkpoint else [])
+    cfg = setup_cfg(args.config_file, opts, args)
     if args.eval_only:
         model = LesionTrainer.build_model(cfg)
-        LesionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # Every parameter must come from the file (MODEL.ALLOW_PARTIAL_WEIGHTS says otherwise).
+        LesionCheckpointer.for_inference(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = LesionTrainer.test(cfg, model)
@@ -52,8 +59,20 @@ def main(args):
     return results
 
 
+def build_parser():
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read weights files (MODEL.WEIGHTS, MODEL.MULTITASK.LESION_WEIGHTS, --resume's last "
+        "checkpoint) that need full unpickling, which can run any code they carry: only files "
+        "you made or trust (sets MODEL.TRUST_CHECKPOINT; a warning names each such file)",
+    )
+    return parser
+
+
 def cli(argv=None):
-    args = default_argument_parser(epilog=__doc__).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.num_gpus <= 1 and args.num_machines == 1:
             return main(args)  # launch() would drop the results
@@ -65,7 +84,7 @@ def cli(argv=None):
             dist_url=args.dist_url,
             args=(args,),
         )
-    except (FileNotFoundError, ConfigError) as e:
+    except (FileNotFoundError, ConfigError, CheckpointError) as e:
         # Bad config files, keys, datasets or weights: one clear line, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

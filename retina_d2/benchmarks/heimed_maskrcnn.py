@@ -54,9 +54,9 @@ def add_arguments(parser) -> None:
 
 
 def _checkpoint_iteration(path: Path) -> int:
-    import torch
+    from retina_d2.safe_load import load_checkpoint
 
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("iteration", -1))
+    return int(load_checkpoint(str(path)).get("iteration", -1))
 
 
 def _exudate_row(name, metrics):

@@ -19,8 +19,9 @@ class LesionPredictor:
         self.cfg = cfg.clone()
         model = build_model(self.cfg)
         if cfg.MODEL.WEIGHTS:
-            # Into the bare model: a wrapper would prefix the checkpoint's keys.
-            LesionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+            # Into the bare model: a wrapper would prefix the checkpoint's keys. Every parameter
+            # must come from the file unless MODEL.ALLOW_PARTIAL_WEIGHTS.
+            LesionCheckpointer.for_inference(cfg, model).load(cfg.MODEL.WEIGHTS)
         # A wrapper is a new module in training mode, in which it runs the model untiled.
         self.model = LesionTrainer.build_inference_model(self.cfg, model).eval()
         self.mapper = LesionDatasetMapper(self.cfg, is_train=False)

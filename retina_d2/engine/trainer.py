@@ -23,6 +23,7 @@ from ..config import (
     has_localization,
     has_semantic_head,
     lesion_architecture,
+    merge_config,
     trains_lesions,
 )
 from ..data.mapper import LesionDatasetMapper
@@ -152,6 +153,7 @@ class LesionTrainer(DefaultTrainer):
             old.model,
             old.save_dir,
             save_to_disk=old.save_to_disk,
+            trust_checkpoint=self.cfg.MODEL.TRUST_CHECKPOINT,
             **old.checkpointables,
             **self.training_state(),
         )
@@ -195,14 +197,7 @@ def setup_cfg(config_file: str, opts=(), args=None):
     cfg = get_retina_cfg()
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file {config_file!r} not found")
-    try:
-        cfg.merge_from_file(config_file)
-    except KeyError as e:
-        raise ConfigError(f"{config_file}: {e.args[0]} (not a Detectron2 or retina_d2 key)") from None
-    try:
-        cfg.merge_from_list(list(opts))
-    except (KeyError, AssertionError) as e:  # yacs asserts on unknown keys in a list
-        raise ConfigError(f"command line: {e.args[0]} (not a Detectron2 or retina_d2 key)") from None
+    merge_config(cfg, config_file, opts)  # safe YAML only; every bad file / key / value: ConfigError
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no GPU is available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

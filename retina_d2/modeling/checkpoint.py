@@ -13,8 +13,11 @@ import zipfile
 from typing import BinaryIO, Callable, List, Optional
 from typing import Dict
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from ..safe_load import IncompleteCheckpointError, UnreadableCheckpointError
 
 __all__ = [
     "LesionCheckpointer",
@@ -148,7 +151,30 @@ def checkpoint_damage(path: str) -> Optional[str]:
 class LesionCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` that also reads torchvision ResNet weights and names a
     missing weights file clearly; it saves atomically and resumes past a damaged last
-    checkpoint (see :meth:`save` and :meth:`resume_or_load`)."""
+    checkpoint (see :meth:`save` and :meth:`resume_or_load`).
+
+    Loading never runs code from the file (retina_d2/safe_load.py, installed by retina_d2.compat):
+    tensors, NumPy arrays and containers only, unless ``trust_checkpoint``. With
+    ``require_all_weights`` (evaluation, prediction) a file that sets fewer than all of the
+    model's parameters is refused rather than leaving some at their random initial values.
+    """
+
+    def __init__(self, model, save_dir="", *, trust_checkpoint: bool = False,
+                 require_all_weights: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        # Read by retina_d2.compat's _load_file: unpickle old full pickles (MODEL.TRUST_CHECKPOINT).
+        self.trust_checkpoint = trust_checkpoint
+        self.require_all_weights = require_all_weights
+        self._incompatible = None
+
+    @classmethod
+    def for_inference(cls, cfg, model, save_dir: str = ""):
+        """The checkpointer of evaluation and prediction: trusts full pickles with
+        MODEL.TRUST_CHECKPOINT and needs every parameter unless MODEL.ALLOW_PARTIAL_WEIGHTS."""
+        return cls(
+            model, save_dir, trust_checkpoint=cfg.MODEL.TRUST_CHECKPOINT,
+            require_all_weights=not cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
+        )
 
     def save(self, name: str, **kwargs) -> None:
         """Write the model, the checkpointables and ``kwargs`` to ``<save_dir>/<name>.pth``
@@ -239,11 +265,53 @@ class LesionCheckpointer(DetectionCheckpointer):
                 "(a Detectron2 .pkl/.pth checkpoint or a torchvision ResNet .pth); leave "
                 "MODEL.WEIGHTS empty to train from scratch."
             )
-        return super().load(path, *args, **kwargs)
+        self._incompatible = None
+        loaded = super().load(path, *args, **kwargs)
+        if path and self.require_all_weights:
+            self._check_all_weights_set(path)
+        return loaded
+
+    def _load_model(self, checkpoint):
+        # Kept for _check_all_weights_set: fvcore only logs what did not load.
+        self._incompatible = super()._load_model(checkpoint)
+        return self._incompatible
+
+    def _check_all_weights_set(self, path: str) -> None:
+        """Raise IncompleteCheckpointError when the last load left any parameter unset."""
+        if self._incompatible is None:
+            return
+        parameters = [name for name, _ in self.model.named_parameters()]
+        unset = set(self._incompatible.missing_keys) & set(parameters)
+        if not unset:
+            return
+        reshaped = [
+            (k, tuple(a), tuple(b)) for k, a, b in self._incompatible.incorrect_shapes if k in unset
+        ]
+        absent = sorted(unset - {k for k, _, _ in reshaped})
+        parts = []
+        if reshaped:
+            key, in_file, in_model = reshaped[0]
+            parts.append(
+                f"{len(reshaped)} differ in shape (e.g. {key}: {in_file} in the file, {in_model} "
+                "in the model: another class count?)"
+            )
+        if absent:
+            parts.append(f"{len(absent)} are not in it (e.g. {', '.join(absent[:3])})")
+        raise IncompleteCheckpointError(
+            f"{path}: sets {len(parameters) - len(unset)} of the model's {len(parameters)} "
+            f"parameters; {' and '.join(parts)}. The model would predict with those left at "
+            "random initial values; set MODEL.ALLOW_PARTIAL_WEIGHTS True if that is intended"
+        )
 
     def _load_file(self, filename):
         loaded = super()._load_file(filename)
         model_state = loaded.get("model", loaded)
+        if not isinstance(model_state, dict) or not all(
+            isinstance(v, (torch.Tensor, np.ndarray)) for v in model_state.values()
+        ):
+            raise UnreadableCheckpointError(
+                f"{filename}: its \"model\" is not a dict of tensors or arrays (not a checkpoint)"
+            )
         if filename.endswith(".pth") and _is_torchvision_resnet(model_state):
             keys = self.model.state_dict().keys()
             prefix = "backbone.bottom_up." if any(k.startswith("backbone.bottom_up.") for k in keys) else "backbone."

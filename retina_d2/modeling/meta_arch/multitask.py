@@ -30,6 +30,7 @@ import contextlib
 import logging
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -40,6 +41,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ...config import MULTITASK_ARCHITECTURE
+from ...safe_load import CheckpointError, UnreadableCheckpointError, load_checkpoint
 from ..grading import (
     GRADE_COUNTS,
     build_grading_head,
@@ -64,29 +66,40 @@ logger = logging.getLogger(__name__)
 LESION_ARCHITECTURES = {"LesionRCNN": LesionRCNN, "SemanticLesionNet": SemanticLesionNet, "": None}
 
 
-def load_lesion_weights(lesion_model: nn.Module, path: str) -> None:
+def load_lesion_weights(lesion_model: nn.Module, path: str, trust: bool = False) -> None:
     """Load a lesion-only checkpoint (``{"model": state_dict}`` or a bare state dict; keys of a
     MultiTaskLesionNet checkpoint lose their ``lesion_model.`` prefix) into the lesion branch.
 
+    The file is read as tensors, NumPy arrays and containers only (retina_d2/safe_load.py)
+    unless ``trust`` (MODEL.TRUST_CHECKPOINT).
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: none of its weights fits the branch.
+        CheckpointError (a ValueError): unreadable, refused as a full pickle, not a state dict,
+            or none of its weights fits the branch.
     """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(path, trust=trust)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"MODEL.MULTITASK.LESION_WEIGHTS = {path!r}: no such file (train the lesion branch "
             "first, e.g. with the lesion-only config, or leave the key empty)"
         ) from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict) or not all(
+        isinstance(v, (torch.Tensor, np.ndarray)) for v in state.values()
+    ):
+        raise UnreadableCheckpointError(
+            f"MODEL.MULTITASK.LESION_WEIGHTS = {path!r}: not a state dict of tensors or arrays"
+        )
+    state = {k: torch.as_tensor(v) for k, v in state.items()}  # a .pkl holds NumPy arrays
     prefix = "lesion_model."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = lesion_model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fitting:
-        raise ValueError(
+        raise CheckpointError(
             f"MODEL.MULTITASK.LESION_WEIGHTS = {path!r}: none of its weights fits the lesion "
             f"branch ({type(lesion_model).__name__}); is it a checkpoint of the same lesion model?"
         )
@@ -184,7 +197,9 @@ class MultiTaskLesionNet(nn.Module):
             if node.LESION_WEIGHTS and not cfg.MODEL.WEIGHTS:
                 # With MODEL.WEIGHTS (a multi-task checkpoint: --eval-only, fine-tuning) the
                 # branch is overwritten anyway; the lesion-only run need not be at hand.
-                load_lesion_weights(lesion_model, node.LESION_WEIGHTS)
+                load_lesion_weights(
+                    lesion_model, node.LESION_WEIGHTS, trust=cfg.MODEL.TRUST_CHECKPOINT
+                )
             shared = lesion_model.backbone
         else:
             backbone = shared = build_backbone(cfg)
