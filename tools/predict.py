@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import retina_d2  # noqa: E402,F401  (Detectron2 compat first)
 from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from retina_d2.config import ConfigError  # noqa: E402
 from retina_d2.data.converters.base import IMAGE_EXTENSIONS  # noqa: E402
+from retina_d2.data.image_io import read_image  # noqa: E402  (16-bit: scaled, not clipped)
 from retina_d2.data.lesions import lesion  # noqa: E402
 from retina_d2.engine import setup_cfg  # noqa: E402
 from retina_d2.engine.predictor import LesionPredictor  # noqa: E402

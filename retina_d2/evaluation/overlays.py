@@ -2,11 +2,11 @@
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from PIL import Image
 
+from ..data.image_io import read_image
 from ..visualize import draw_ground_truth_overlay, draw_prediction_overlay, side_by_side
 
 __all__ = ["OverlayEvaluator"]
