@@ -349,7 +349,7 @@ def run(args) -> dict:
     from retina_d2.data.converters.base import require_dir, write_json_atomic
     from retina_d2.data.register import read_manifest
 
-    from .exudate_floor import FLOOR_NAME, add_floor_ratios, floor_coco_results
+    from .exudate_floor import floor_coco_results
 
     root = require_dir(args.root.resolve(), "the HEI-MED folder")
     work = args.work.resolve()
@@ -402,15 +402,28 @@ def run(args) -> dict:
             "training": training, "inference": inference, "num_train": len(train),
         })
 
+        # Written after every fold: a run stopped early still leaves what it measured.
+        summary = _assemble(per_fold, folds, names, iterations, config_threshold, config, args)
+        write_json_atomic(args.out, summary, indent=2)
+    _print(summary)
+    return summary
+
+
+def _assemble(per_fold: List[dict], folds, names, iterations: int, config_threshold: float,
+              config: Path, args) -> dict:
+    """The results of the folds done so far (``folds_completed`` of ``folds``)."""
+    from .exudate_floor import FLOOR_NAME, add_floor_ratios
+
     # Thresholds by cross-validation: fold k's from the other folds' out-of-fold predictions.
     model_rows, floor_rows = [], []
     for k, fold in enumerate(per_fold):
         others = [f["model"]["curve"] for j, f in enumerate(per_fold) if j != k]
-        cv_threshold = select_threshold(others)
         row = {"fold": k, "images": len(fold["val"]),
                "healthy eyes": sum(not v for v in fold["model"]["truth"].values()),
                **fold["model"]["row"]}
-        for prefix, t in (("cv", cv_threshold), ("config", config_threshold)):
+        # Until another fold is done there is nothing to choose fold k's threshold on.
+        operating = [("cv", select_threshold(others))] if others else []
+        for prefix, t in operating + [("config", config_threshold)]:
             for key, value in at_threshold(fold["model"], fold["results"], fold["gt"], t).items():
                 row[f"{prefix} {key}"] = value
         training, inference = fold["training"], fold["inference"]
@@ -444,6 +457,7 @@ def run(args) -> dict:
         "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config),
         "overrides": list(args.opts),
         "folds": args.folds,
+        "folds_completed": len(per_fold),
         "images": len(names),
         "iterations": iterations,
         "fold_images": folds,
@@ -461,12 +475,11 @@ def run(args) -> dict:
         "floor_folds": floor_rows,
         "floor_summary": _summary(floor_rows),
     }
-    write_json_atomic(args.out, results, indent=2)
-    _print(results, model_rows, floor_rows)
     return results
 
 
-def _print(results: dict, model_rows: List[dict], floor_rows: List[dict]) -> None:
+def _print(results: dict) -> None:
+    model_rows, floor_rows = results["model_folds"], results["floor_folds"]
     columns = [
         ("fold", "fold", "d"), ("segm AP35", "segm AP35", ".1f"), ("AP50", "segm AP50", ".1f"),
         ("AP75", "segm AP75", ".1f"), ("FROC", "FROC", ".1f"), ("img AUC", "image AUC", ".1f"),
