@@ -8,11 +8,16 @@ Example:
 
 With --gt, results use that file's image ids (images matched by file name); without it, images
 are numbered in sorted order and the JSON maps ids to files in "images".
+
+Overlays are ``overlays/<image stem>.png``; images that share a stem (``eye.jpg`` and ``eye.png``,
+or ``Eye.png``) get ``overlays/<image name>.png`` (``eye.jpg.png``), so none overwrites another.
+An --output that cannot be written is one error line naming it (exit 2).
 """
 import argparse
 import csv
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -24,7 +29,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from retina_d2.config import ConfigError  # noqa: E402
-from retina_d2.data.converters.base import IMAGE_EXTENSIONS  # noqa: E402
+from retina_d2.data.converters.base import IMAGE_EXTENSIONS, atomic_write  # noqa: E402
 from retina_d2.data.image_io import read_image  # noqa: E402  (16-bit: scaled, not clipped)
 from retina_d2.data.lesions import lesion  # noqa: E402
 from retina_d2.engine import setup_cfg  # noqa: E402
@@ -76,6 +81,42 @@ def image_ids(images, gt: Path = None):
     return {img: by_name[img.name] for img in images}
 
 
+def overlay_names(images):
+    """image -> its overlay's file name: ``<stem>.png``, or ``<name>.png`` for images sharing a
+    stem (compared ignoring case, as some disks do), numbered where even that is taken."""
+    stems = Counter(p.stem.lower() for p in images)
+    names, used = {}, set()
+    for path in images:
+        name = f"{path.stem}.png" if stems[path.stem.lower()] == 1 else f"{path.name}.png"
+        base, number = name[: -len(".png")], 1
+        while name.lower() in used:
+            number += 1
+            name = f"{base}-{number}.png"
+        used.add(name.lower())
+        names[path] = name
+    return names
+
+
+def prepare_output(output: Path):
+    """Create ``output/overlays``; a path that cannot hold it is a ValueError naming it."""
+    try:
+        (output / "overlays").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {output} cannot be written: {e.strerror or e}") from e
+
+
+def write_tables(output: Path, results, ids, counts, classes):
+    """The results JSON, the image id map and the lesion counts, each written atomically."""
+    with atomic_write(output / "coco_instances_results.json") as f:
+        json.dump(results, f)
+    with atomic_write(output / "images.json") as f:
+        json.dump({str(p): i for p, i in ids.items()}, f, indent=1)
+    with atomic_write(output / "lesion_counts.csv") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "image_id"] + list(classes))
+        writer.writeheader()
+        writer.writerows(counts)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -86,6 +127,7 @@ def main(argv=None):
             opts += ["MODEL.TRUST_CHECKPOINT", "True"]
         cfg = setup_cfg(args.config_file, opts)
         predictor = LesionPredictor(cfg)
+        prepare_output(args.output)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,7 +135,7 @@ def main(argv=None):
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
     classes = metadata.thing_classes
     dataset_ids = [lesion(name).id for name in classes]
-    (args.output / "overlays").mkdir(parents=True, exist_ok=True)
+    overlay_files = {p: args.output / "overlays" / n for p, n in overlay_names(images).items()}
     results, counts, failed = [], [], []
     for path in tqdm(images, desc="predict"):
         try:
@@ -112,15 +154,16 @@ def main(argv=None):
         row.update({name: int((instances.pred_classes == k).sum()) for k, name in enumerate(classes)})
         counts.append(row)
         overlay = draw_prediction_overlay(image, instances, metadata, threshold)
-        Image.fromarray(overlay).save(args.output / "overlays" / f"{path.stem}.png")
-    with open(args.output / "coco_instances_results.json", "w") as f:
-        json.dump(results, f)
-    with open(args.output / "images.json", "w") as f:
-        json.dump({str(p): i for p, i in ids.items()}, f, indent=1)
-    with open(args.output / "lesion_counts.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "image_id"] + list(classes))
-        writer.writeheader()
-        writer.writerows(counts)
+        try:
+            Image.fromarray(overlay).save(overlay_files[path])
+        except OSError as e:
+            print(f"error: cannot write {overlay_files[path]}: {e}", file=sys.stderr)
+            return 2
+    try:
+        write_tables(args.output, results, ids, counts, classes)
+    except OSError as e:
+        print(f"error: cannot write the results into --output {args.output}: {e}", file=sys.stderr)
+        return 2
     print(f"{len(counts)} image(s), {len(results)} lesion(s) at score >= {threshold}: {args.output}")
     return 1 if failed and not counts else 0
 
