@@ -13,6 +13,13 @@ them to :func:`convert_samples`. Output layout of one conversion (``OUT_DIR``)::
 
 ``file_name`` in the COCO files is relative to the raw dataset root, recorded as ``image_root``
 in the manifest, so nothing is copied.
+
+Nothing is written outside ``OUT_DIR``: task and split names must be plain names and every
+image must lie below the root. A run writes into ``OUT_DIR/.retina_d2-staging.<hex>/`` and
+moves the files in only when every image converted; ``--overwrite`` first sets the old manifest
+aside (``.retina_d2.json.replaced``) and removes the files it lists (COCO files, their semantic
+targets, summary.json), nothing else. Staging folders and ``.<name>.<8 chars>.tmp`` files of
+interrupted runs are removed by the next run.
 """
 import contextlib
 import json
