@@ -83,11 +83,23 @@ def add_retina_config(cfg):
     cfg.MODEL.UNET_ENCODER.OUT_FEATURES = ["enc1", "enc2", "enc3", "enc4", "enc5"]
 
     # Red-Seg's trunk (build_vgg16_backbone): VGG16 conv1_1..conv5_3, outputs "conv1".."conv5"
-    # at strides 1..16, trained from scratch.
+    # at strides 1..16; torchvision's published vgg16 weights load into it (MODEL.WEIGHTS).
     cfg.MODEL.VGG = CN()
     cfg.MODEL.VGG.WIDTH_MULT = 1.0  # multiplies VGG16's 64..512 channels (CPU configs: < 1)
     cfg.MODEL.VGG.NORM = ""  # "" (VGG16 as published) or "GN" (trains from scratch far better)
     cfg.MODEL.VGG.OUT_FEATURES = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+
+    # Lesion-Net's Inception-v3 encoder (retina_d2/modeling/inception.py,
+    # build_inception_v3_backbone): torchvision's layers and names, padded so that strides are
+    # exact; torchvision's published inception_v3 ImageNet weights load into it (MODEL.WEIGHTS).
+    cfg.MODEL.INCEPTION = CN()
+    # "FrozenBN": BN fixed at the loaded weights' statistics (fine-tuning at a few images per
+    # batch); "BN": trained with batch statistics.
+    cfg.MODEL.INCEPTION.NORM = "FrozenBN"
+    # Among Conv2d_2b_3x3 (stride 2), Conv2d_4a_3x3 (4), Mixed_5d (8), Mixed_6e (16), Mixed_7c (32).
+    cfg.MODEL.INCEPTION.OUT_FEATURES = [
+        "Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"
+    ]
 
     # ResUNet head (ResUNetHead): U-Net decoder over the encoder's features, softmax over
     # background + NUM_CLASSES lesions (MODEL.LESION_SEG.ACTIVATION must be "softmax").
@@ -162,6 +174,10 @@ def add_retina_config(cfg):
     # built from this same config (the paper's separate grading CNN; trained even when the lesion
     # branch is frozen). "" = they share the lesion branch's backbone.
     cfg.MODEL.MULTITASK.TASK_BACKBONE = ""
+    # Weights the TASK_BACKBONE starts from when training starts (not on --resume), read before
+    # MODEL.WEIGHTS (which wins where both set a tensor): a published torchvision file (local
+    # path or URL, as MODEL.WEIGHTS) or the backbone's own state dict. "" = its initialisation.
+    cfg.MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS = ""
 
     # Grading heads (retina_d2/modeling/grading.py, GRADING_HEAD_REGISTRY): one per graded task.
     cfg.MODEL.GRADING = CN()

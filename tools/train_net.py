@@ -16,6 +16,7 @@ datasets/README.md. The run's config, environment, checkpoints (the best one as 
 metrics, overlay pictures and the HTML report (inference/<dataset>/report/index.html, see
 tools/report.py) go to OUTPUT_DIR.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -30,12 +31,17 @@ from retina_d2.config import ConfigError  # noqa: E402
 # Detectron2's launch, which also runs --num-gpus N as N CPU processes where there is no CUDA.
 from retina_d2.engine import LesionTrainer, launch, setup_cfg  # noqa: E402
 from retina_d2.modeling import LesionCheckpointer  # noqa: E402
+from retina_d2.modeling.pretrained import fetch_weights  # noqa: E402
 from retina_d2.safe_load import CheckpointError  # noqa: E402
 
 
 def main(args):
     opts = list(args.opts) + (["MODEL.TRUST_CHECKPOINT", "True"] if args.trust_checkpoint else [])
     cfg = setup_cfg(args.config_file, opts, args)
+    if not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        # Pretrained starts are fetched (or found missing: one error line) before anything is
+        # built; a resumed run reads its own checkpoint instead.
+        fetch_weights(cfg, training=not args.eval_only)
     if args.eval_only:
         model = LesionTrainer.build_model(cfg)
         # Every parameter must come from the file (MODEL.ALLOW_PARTIAL_WEIGHTS says otherwise).

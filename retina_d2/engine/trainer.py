@@ -35,6 +35,7 @@ from ..evaluation.protocols import build_protocol_evaluators
 from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
 from ..modeling.amp import AutocastInference
+from ..modeling.pretrained import part_weights
 from ..modeling.tiling import TiledInference
 from .hooks import LesionBestCheckpointer, LossSwitchHook
 
@@ -154,6 +155,7 @@ class LesionTrainer(DefaultTrainer):
             old.save_dir,
             save_to_disk=old.save_to_disk,
             trust_checkpoint=self.cfg.MODEL.TRUST_CHECKPOINT,
+            part_weights=part_weights(self.cfg),  # the grading CNN's own pretrained start
             **old.checkpointables,
             **self.training_state(),
         )

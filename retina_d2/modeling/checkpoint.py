@@ -1,5 +1,7 @@
-"""Loading user-supplied weights from local files: Detectron2 ``.pkl`` / ``.pth`` checkpoints and
-torchvision ResNet ``.pth`` state dicts. Nothing is ever fetched: these machines have no model hub.
+"""Loading weights: Detectron2 ``.pkl`` / ``.pth`` checkpoints and torchvision's published
+VGG16 / ResNet / Inception-v3 ``.pth`` state dicts, from a local path or a ``detectron2://`` /
+``https://`` URL read through Detectron2's PathManager cache (retina_d2/modeling/pretrained.py:
+a URL that is not cached and cannot be downloaded is one error line naming the file to fetch).
 
 Saving is crash-safe: every checkpoint (and ``last_checkpoint``) is written to a temporary file,
 fsynced and renamed into place, and ``--resume`` falls back past a damaged last checkpoint.
@@ -18,6 +20,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..safe_load import IncompleteCheckpointError, UnreadableCheckpointError
+from .pretrained import (
+    PART_KEYS,
+    convert_published,
+    report_load,
+    resolve_weights,
+    trunk_prefix,
+)
 
 __all__ = [
     "LesionCheckpointer",
@@ -30,10 +39,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TV_LAYER = re.compile(r"^layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(.+)$")
-
-
-def _is_torchvision_resnet(state: Dict[str, torch.Tensor]) -> bool:
-    return "conv1.weight" in state and any(k.startswith("layer1.0.") for k in state)
 
 
 def torchvision_resnet_to_detectron2(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -149,9 +154,10 @@ def checkpoint_damage(path: str) -> Optional[str]:
 
 
 class LesionCheckpointer(DetectionCheckpointer):
-    """:class:`DetectionCheckpointer` that also reads torchvision ResNet weights and names a
-    missing weights file clearly; it saves atomically and resumes past a damaged last
-    checkpoint (see :meth:`save` and :meth:`resume_or_load`).
+    """:class:`DetectionCheckpointer` that also reads torchvision's published weights, reports
+    what each load set (``last_load_report``) and names a missing weights file clearly; it saves
+    atomically and resumes past a damaged last checkpoint (see :meth:`save` and
+    :meth:`resume_or_load`).
 
     Loading never runs code from the file (retina_d2/safe_load.py, installed by retina_d2.compat):
     tensors, NumPy arrays and containers only, unless ``trust_checkpoint``. With
@@ -160,8 +166,20 @@ class LesionCheckpointer(DetectionCheckpointer):
     """
 
     def __init__(self, model, save_dir="", *, trust_checkpoint: bool = False,
-                 require_all_weights: bool = False, **kwargs):
+                 require_all_weights: bool = False,
+                 part_weights: Optional[Dict[str, str]] = None,
+                 model_info: Optional[dict] = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
+        # Saved in every checkpoint under "retina_d2" (class names, config, version: plain types,
+        # see retina_d2/modeling/model_file.py), so the file alone can predict.
+        self.model_info = dict(model_info or {})
+        # {name prefix: weights path or URL} read into those parts on a fresh start, before the
+        # whole-model weights (retina_d2.modeling.pretrained: the grading CNN's ImageNet start).
+        self.part_weights = dict(part_weights or {})
+        self._target_prefix = ""  # the part a load_part is filling
+        self._file_shapes = {}
+        self._names_match = True
+        self.last_load_report = None  # pretrained.LoadReport of the last load
         # Read by retina_d2.compat's _load_file: unpickle old full pickles (MODEL.TRUST_CHECKPOINT).
         self.trust_checkpoint = trust_checkpoint
         self.require_all_weights = require_all_weights
@@ -177,15 +195,17 @@ class LesionCheckpointer(DetectionCheckpointer):
         )
 
     def save(self, name: str, **kwargs) -> None:
-        """Write the model, the checkpointables and ``kwargs`` to ``<save_dir>/<name>.pth``
-        atomically, then point ``last_checkpoint`` at it. Temporary files of earlier interrupted
-        saves are removed first."""
+        """Write the model, its ``model_info`` (under "retina_d2"), the checkpointables and
+        ``kwargs`` to ``<save_dir>/<name>.pth`` atomically, then point ``last_checkpoint`` at
+        it. Temporary files of earlier interrupted saves are removed first."""
         if not self.save_dir or not self.save_to_disk:
             return
         basename = f"{name}.pth"
         if os.path.basename(basename) != basename or basename.startswith("."):
             raise ValueError(f"checkpoint name {name!r} must be a plain file name")
         data = {"model": self.model.state_dict()}
+        if self.model_info:
+            data["retina_d2"] = self.model_info  # model_file.MODEL_INFO_KEY
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         os.makedirs(self.save_dir, exist_ok=True)
@@ -228,7 +248,29 @@ class LesionCheckpointer(DetectionCheckpointer):
         """
         if resume and self.has_checkpoint():
             return self.load(self._resume_point())
+        for prefix, part_path in self.part_weights.items():
+            if part_path:
+                self.load_part(part_path, prefix)
         return self.load(path, checkpointables=[])
+
+    def load_part(self, path: str, prefix: str):
+        """Load ``path`` into the model's tensors under ``prefix`` only: a published
+        torchvision file renamed onto that part, or the part's own state dict.
+
+        Raises:
+            UnreadableCheckpointError: none of the file's tensors fits the part.
+        """
+        path = resolve_weights(path, PART_KEYS.get(prefix, f"the weights of {prefix}*"))
+        self._target_prefix = prefix
+        try:
+            loaded = self.load(path, checkpointables=[])
+        finally:
+            self._target_prefix = ""
+        if self.last_load_report is not None and self.last_load_report.trunk_loaded == 0:
+            raise UnreadableCheckpointError(
+                f"{path}: none of its tensors fits the model's {prefix}* (another network?)"
+            )
+        return loaded
 
     def _resume_point(self) -> str:
         named = self.get_checkpoint_file()
@@ -259,19 +301,33 @@ class LesionCheckpointer(DetectionCheckpointer):
         return sorted(files, key=lambda p: os.stat(p).st_mtime_ns, reverse=True)
 
     def load(self, path, *args, **kwargs):
+        # A URL is read from Detectron2's PathManager cache (downloaded when there is a network),
+        # else fails at once naming the file to fetch (retina_d2.modeling.pretrained).
+        path = resolve_weights(path)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(
-                f"MODEL.WEIGHTS = {path!r}: no such file. Weights are read from local disk only "
-                "(a Detectron2 .pkl/.pth checkpoint or a torchvision ResNet .pth); leave "
-                "MODEL.WEIGHTS empty to train from scratch."
+                f"MODEL.WEIGHTS = {path!r}: no such file. Give a local Detectron2 .pkl/.pth "
+                "checkpoint, a torchvision VGG16 / ResNet / Inception-v3 .pth, or a "
+                "detectron2:// or https:// URL; leave MODEL.WEIGHTS empty to train from scratch."
             )
         self._incompatible = None
+        self.last_load_report = None
         loaded = super().load(path, *args, **kwargs)
+        if path and self._incompatible is not None:
+            self.last_load_report = report_load(
+                path, self.model.state_dict(), self._file_shapes,
+                self._incompatible.missing_keys, self._incompatible.unexpected_keys,
+                prefix=self._target_prefix or trunk_prefix(self.model.state_dict()),
+                names_match=self._names_match,
+            )
         if path and self.require_all_weights:
             self._check_all_weights_set(path)
         return loaded
 
     def _load_model(self, checkpoint):
+        # The file's shapes, for the load report's re-initialised heads.
+        self._file_shapes = {k: tuple(v.shape) for k, v in checkpoint.get("model", {}).items()}
+        self._names_match = checkpoint.get("__author__") != "Caffe2"  # else matched heuristically
         # Kept for _check_all_weights_set: fvcore only logs what did not load.
         self._incompatible = super()._load_model(checkpoint)
         return self._incompatible
@@ -312,9 +368,12 @@ class LesionCheckpointer(DetectionCheckpointer):
             raise UnreadableCheckpointError(
                 f"{filename}: its \"model\" is not a dict of tensors or arrays (not a checkpoint)"
             )
-        if filename.endswith(".pth") and _is_torchvision_resnet(model_state):
-            keys = self.model.state_dict().keys()
-            prefix = "backbone.bottom_up." if any(k.startswith("backbone.bottom_up.") for k in keys) else "backbone."
-            logger.info("Reading %s as torchvision ResNet weights for %s*", filename, prefix)
-            return {"model": torchvision_resnet_to_detectron2(model_state, prefix), "__author__": "torchvision"}
+        prefix = self._target_prefix or trunk_prefix(self.model.state_dict())
+        converted = convert_published(model_state, prefix) if filename.endswith(".pth") else None
+        if converted is not None:
+            kind, state = converted
+            logger.info("Reading %s as %s weights for %s*", filename, kind, prefix)
+            return {"model": state, "__author__": "torchvision"}
+        if self._target_prefix:  # a part's own state dict
+            return {"model": {prefix + k: v for k, v in model_state.items()}}
         return loaded
