@@ -102,19 +102,32 @@ def _offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 
 
-def _reachable(url: str, timeout: float) -> Optional[str]:
-    """None when a TCP connection to the URL's host opens within ``timeout`` seconds, else why
-    not. Run in a thread: a DNS lookup ignores socket timeouts and can stall far longer."""
+def _first_hop(url: str) -> Tuple[str, int]:
+    """(host, port) a download of ``url`` connects to: the URL's host, or the proxy urllib
+    takes from the environment (``https_proxy`` ...) for it."""
+    import urllib.request
+
     parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    outcome: List[Optional[str]] = ["no answer within %.0f s" % timeout]
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        proxied = urlparse(proxy if "://" in proxy else "http://" + proxy)
+        return proxied.hostname or "", proxied.port or 80
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _reachable(url: str, timeout: float) -> Optional[str]:
+    """None when a TCP connection to the download's first hop (:func:`_first_hop`) opens within
+    ``timeout`` seconds, else why not. Run in a thread: a DNS lookup ignores socket timeouts
+    and can stall far longer."""
+    host, port = _first_hop(url)
+    outcome: List[Optional[str]] = [f"cannot reach {host}:{port}: no answer in {timeout:.0f} s"]
 
     def connect():
         try:
-            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout).close()
             outcome[0] = None
         except OSError as e:
-            outcome[0] = f"{type(e).__name__}: {e}"
+            outcome[0] = f"cannot reach {host}:{port}: {type(e).__name__}: {e}"
 
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()

@@ -395,11 +395,21 @@ def test_an_unreachable_host_fails_as_no_network(monkeypatch):
     # .invalid never resolves (RFC 6761): the real network path, on any machine.
     monkeypatch.delenv(OFFLINE_ENV)
     url = "https://weights.invalid/models/vgg16-397923af.pth"
-    with pytest.raises(WeightsUnavailableError, match="no network") as raised:
+    reason = "no network: cannot reach weights.invalid:443"
+    with pytest.raises(WeightsUnavailableError, match=reason) as raised:
         resolve_weights(url, key="MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS")
     assert "\n" not in str(raised.value)
     assert str(raised.value).startswith("MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS " + url)
     assert cache_path(url) in str(raised.value)
+
+
+def test_behind_a_proxy_the_proxy_is_what_must_be_reachable(monkeypatch):
+    monkeypatch.delenv(OFFLINE_ENV)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")
+    with pytest.raises(WeightsUnavailableError, match="cannot reach proxy.invalid:3128"):
+        resolve_weights(VGG16_URL)
 
 
 def test_local_paths_are_used_as_given(tmp_path):
