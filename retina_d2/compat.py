@@ -208,6 +208,38 @@ def _patch_config_loading():
     CfgNode.load_yaml_with_base = classmethod(load_yaml_with_base)
 
 
+def _patch_export_package():
+    # Detectron2 0.6's detectron2/export/__init__.py imports its Caffe2 exporter first, which needs
+    # caffe2 (gone from torch since 1.x), so `import detectron2.export` fails before TracingAdapter
+    # is reached; upstream imports the Caffe2 part only when caffe2 is present. Here the package
+    # is registered without running that __init__, and its TorchScript names load on first use.
+    if "detectron2.export" in sys.modules or importlib.util.find_spec("caffe2") is not None:
+        return
+    import detectron2
+
+    spec = importlib.util.find_spec("detectron2.export")
+    if spec is None:
+        return
+    package = types.ModuleType("detectron2.export")
+    package.__spec__, package.__file__ = spec, spec.origin
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__package__ = "detectron2.export"
+    lazy = {"TracingAdapter": "flatten", "flatten_to_tuple": "flatten",
+            "scripting_with_instances": "torchscript", "dump_torchscript_IR": "torchscript"}
+
+    def __getattr__(name):
+        if name not in lazy:
+            raise AttributeError(
+                f"detectron2.export.{name}: not available (Detectron2 0.6's Caffe2 exporter needs "
+                "caffe2; only TracingAdapter and scripting_with_instances are provided)"
+            )
+        return getattr(importlib.import_module(f"detectron2.export.{lazy[name]}"), name)
+
+    package.__getattr__ = __getattr__
+    sys.modules["detectron2.export"] = package
+    detectron2.export = package
+
+
 def _quiet_import_warnings():
     # Detectron2 0.6 scripts a few helpers with torch.jit.script at import time; current torch
     # warns about every one, on every tool's start, about code the user does not own.
@@ -260,4 +292,5 @@ def apply():
     _patch_extension()
     _patch_checkpoint_loading()
     _patch_config_loading()
+    _patch_export_package()
     _applied = True
