@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..safe_load import IncompleteCheckpointError, UnreadableCheckpointError
+from ..safe_load import CheckpointError, IncompleteCheckpointError, UnreadableCheckpointError
 from .pretrained import (
     PART_KEYS,
     convert_published,
@@ -80,8 +80,9 @@ _PARTIAL_NAME = re.compile(r"^\..+\.[0-9a-f]{8}" + re.escape(_PARTIAL_SUFFIX) + 
 _SAVED_NAME = re.compile(r"^model_.*\.pth$")
 
 
-class NoIntactCheckpointError(RuntimeError):
-    """``--resume`` found ``last_checkpoint`` but no intact checkpoint to resume from."""
+class NoIntactCheckpointError(CheckpointError):
+    """``--resume`` found ``last_checkpoint`` but no intact checkpoint to resume from (a
+    CheckpointError: the tools print its message as one ``error:`` line)."""
 
 
 def _fsync_folder(folder: str) -> None:

@@ -225,3 +225,29 @@ def test_without_resume_the_given_weights_are_loaded(tmp_path):
         str(tmp_path / "w" / "model_final.pth"), resume=False
     )
     assert _same(model.state_dict(), weights)
+
+
+def test_train_net_resume_without_an_intact_checkpoint_is_one_error_line(
+    synthetic_datasets, monkeypatch, tmp_path, capsys
+):
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    monkeypatch.setenv("RETINA_D2_DATASETS", str(synthetic_datasets))
+    _save(tmp_path, "model_final", seed=1)
+    _truncate(tmp_path / "model_final.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        train_net.cli(
+            [
+                "--config-file",
+                str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml"),
+                "--resume",
+                "OUTPUT_DIR",
+                str(tmp_path),
+            ]
+        )
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1
+    assert str(tmp_path / "last_checkpoint") in error[0]
+    assert "no intact checkpoint to resume from" in error[0]
