@@ -2,12 +2,27 @@
 """Predict lesions on images of any size: COCO results JSON, overlay PNGs, a lesion count table.
 
 Example:
-    python tools/predict.py --config-file configs/maskrcnn_heimed.yaml \\
-        --weights output/maskrcnn_heimed/model_best.pth --input photos/ --output predictions/ \\
-        [--gt datasets/heimed/val.json]
+    python tools/predict.py --weights output/maskrcnn_heimed/model_best.pth \\
+        --input photos/ --output predictions/ [--gt datasets/heimed/val.json]
+
+The checkpoint is all it needs: training stores the config and the class names in every
+checkpoint, so no --config-file and no converted or registered dataset. A checkpoint saved before
+they were stored needs --config-file (the config it was trained with).
 
 With --gt, results use that file's image ids (images matched by file name); without it, images
 are numbered in sorted order and the JSON maps ids to files in "images".
+
+Detectors (LesionRCNN) give instances. Semantic models (SemanticLesionNet) give probability maps,
+written as 8-bit PNGs ``maps/<image>/<lesion>.png`` (value = round(255 * probability); skip with
+--no-maps), and their lesions are the maps' connected components (RETINA.COMPONENTS: pixels at or
+above MASK_THRESHOLD, scored by their peak), written as instances. MultiTaskLesionNet adds
+``image_predictions.json``: per image its grades (argmax and probabilities), landmarks (x, y in
+the image's pixels, with a score) and lesion presence.
+
+--score-threshold keeps the lesions scoring at least that much (default: the model's
+MODEL.ROI_HEADS.SCORE_THRESH_TEST, RETINA.COMPONENTS.SCORE_THRESHOLD for components). Below the
+model's own MODEL.ROI_HEADS.SCORE_THRESH_TEST, it lowers the model's threshold to it (the model
+drops lower scores before they reach this tool) and says so.
 
 Overlays are ``overlays/<image stem>.png``; images that share a stem (``eye.jpg`` and ``eye.png``,
 or ``Eye.png``) get ``overlays/<image name>.png`` (``eye.jpg.png``), so none overwrites another.
@@ -16,6 +31,7 @@ An --output that cannot be written is one error line naming it (exit 2).
 import argparse
 import csv
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,23 +39,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import retina_d2  # noqa: E402,F401  (Detectron2 compat first)
-from detectron2.data import MetadataCatalog  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from retina_d2.config import ConfigError  # noqa: E402
+from retina_d2.config import has_detector  # noqa: E402
 from retina_d2.data.converters.base import IMAGE_EXTENSIONS, atomic_write  # noqa: E402
 from retina_d2.data.image_io import read_image  # noqa: E402  (16-bit: scaled, not clipped)
 from retina_d2.data.lesions import lesion  # noqa: E402
-from retina_d2.engine import setup_cfg  # noqa: E402
-from retina_d2.engine.predictor import LesionPredictor  # noqa: E402
+from retina_d2.modeling.components import components_to_coco, lesion_components  # noqa: E402
+from retina_d2.modeling.model_file import inference_config  # noqa: E402
+from retina_d2.predictor import LesionPredictor  # noqa: E402
 from retina_d2.visualize import draw_prediction_overlay  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True)
+    p.add_argument(
+        "--config-file",
+        help="the config the model was trained with; default: the one stored in --weights "
+        "(needed for checkpoints saved before configs were stored in them)",
+    )
     p.add_argument(
         "--weights", required=True,
         help="a checkpoint on local disk that sets every parameter of the model (else refused, "
@@ -53,7 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--gt", type=Path, help="COCO ground truth whose image ids the results use")
-    p.add_argument("--score-threshold", type=float, help="default: MODEL.ROI_HEADS.SCORE_THRESH_TEST")
+    p.add_argument(
+        "--score-threshold", type=float,
+        help="keep lesions scoring at least this (default: MODEL.ROI_HEADS.SCORE_THRESH_TEST; "
+        "RETINA.COMPONENTS.SCORE_THRESHOLD for a semantic model); below the model's "
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST it lowers that too",
+    )
+    p.add_argument("--no-maps", action="store_true", help="write no probability-map PNGs")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -117,50 +147,162 @@ def write_tables(output: Path, results, ids, counts, classes):
         writer.writerows(counts)
 
 
+def build_predictor(args):
+    """The predictor of --weights (config: --config-file, else the checkpoint's own) and the
+    score threshold to keep; a threshold below the model's own lowers the model's (said on
+    stderr), else the detections between the two would be missing without a word."""
+    opts = list(args.opts)
+    if args.trust_checkpoint:
+        opts += ["MODEL.TRUST_CHECKPOINT", "True"]
+    cfg, info = inference_config(str(args.weights), args.config_file, opts)
+    detector = has_detector(cfg)
+    model_threshold = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+    default = model_threshold if detector else cfg.RETINA.COMPONENTS.SCORE_THRESHOLD
+    threshold = default if args.score_threshold is None else args.score_threshold
+    if detector and threshold < model_threshold:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = threshold
+        cfg.freeze()
+        print(
+            f"note: --score-threshold {threshold} is below the model's "
+            f"MODEL.ROI_HEADS.SCORE_THRESH_TEST {model_threshold}: the model's threshold is "
+            f"lowered to {threshold}, so lesions scoring from {threshold} are kept",
+            file=sys.stderr,
+        )
+    elif not detector and threshold < cfg.RETINA.COMPONENTS.MASK_THRESHOLD:
+        print(
+            f"note: --score-threshold {threshold} is below RETINA.COMPONENTS.MASK_THRESHOLD "
+            f"{cfg.RETINA.COMPONENTS.MASK_THRESHOLD}: it lowers nothing, as a lesion is made of "
+            "pixels at or above that probability (lower it with RETINA.COMPONENTS.MASK_THRESHOLD)",
+            file=sys.stderr,
+        )
+    predictor = LesionPredictor(cfg, class_names=info.class_names if info is not None else None)
+    return predictor, threshold
+
+
+def component_instances(cfg, probs: torch.Tensor, threshold: float):
+    """A semantic model's lesions: the connected components of its (C, H, W) maps
+    (RETINA.COMPONENTS) scoring at least ``threshold``, as (label maps, components, Instances
+    with full-frame masks for the overlay)."""
+    options = cfg.RETINA.COMPONENTS
+    label_maps, found = lesion_components(probs, options.MASK_THRESHOLD, options.MIN_AREA)
+    found = [c for c in found if c.score >= threshold]
+    instances = Instances(tuple(probs.shape[-2:]))
+    boxes = torch.tensor([c.box for c in found], dtype=torch.float32).reshape(-1, 4)
+    instances.pred_boxes = Boxes(boxes)
+    instances.scores = torch.tensor([c.score for c in found], dtype=torch.float32)
+    instances.pred_classes = torch.tensor([c.channel for c in found], dtype=torch.int64)
+    masks = np.zeros((len(found),) + tuple(probs.shape[-2:]), bool)
+    for i, c in enumerate(found):
+        x0, y0, x1, y1 = c.box
+        masks[i, y0:y1, x0:x1] = label_maps[c.channel][y0:y1, x0:x1] == c.label
+    instances.pred_masks = torch.from_numpy(masks)
+    return label_maps, found, instances
+
+
+def lesion_slug(name: str) -> str:
+    """A lesion name as a file name ("hard exudate" -> "hard_exudate")."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
+
+
+def write_maps(folder: Path, probs: torch.Tensor, classes):
+    """One 8-bit PNG per lesion map, value = round(255 * probability), each written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(classes):
+        values = (probs[k].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        with atomic_write(folder / f"{lesion_slug(name)}.png", "wb") as f:
+            Image.fromarray(values, mode="L").save(f, format="PNG")
+
+
+def image_level(outputs: dict, classes):
+    """A multi-task model's image-level outputs as plain JSON: grades (argmax and
+    probabilities), landmarks (x, y, score) and lesion presence; {} for other models."""
+    found = {}
+    for task in ("dr_grade", "dme_grade"):
+        if task in outputs:
+            probs = [float(p) for p in outputs[task].cpu()]
+            found[task] = {"grade": int(np.argmax(probs)), "probabilities": probs}
+    if "landmarks" in outputs:
+        scores = outputs.get("landmark_scores", {})
+        found["landmarks"] = {
+            name: {"x": float(x), "y": float(y), "score": scores.get(name)}
+            for name, (x, y) in outputs["landmarks"].items()
+        }
+    if "lesion_presence" in outputs and classes:
+        found["lesion_presence"] = {
+            name: float(p) for name, p in zip(classes, outputs["lesion_presence"].cpu())
+        }
+    return found
+
+
+def predict_one(predictor, path: Path, image_id, threshold: float):
+    """One image's RGB pixels, kept Instances, COCO results, image-level outputs and
+    probability maps (None without a semantic head)."""
+    image = read_image(str(path), format="RGB")
+    outputs = predictor(image, format="RGB")  # read once: the overlay draws on the same pixels
+    classes, ids = predictor.class_names, predictor.lesion_ids
+    if "instances" in outputs:
+        instances = outputs["instances"].to("cpu")
+        instances = instances[instances.scores >= threshold]
+        results = instances_to_coco_json(instances, image_id)
+        for r in results:
+            r["category_id"] = ids[r["category_id"]]
+    elif "sem_seg" in outputs:
+        label_maps, found, instances = component_instances(
+            predictor.cfg, outputs["sem_seg"], threshold
+        )
+        results = components_to_coco(label_maps, found, image_id, ids)
+    else:  # grades / landmarks only
+        instances, results = Instances(image.shape[:2]), []
+    return image, instances, results, image_level(outputs, classes), outputs.get("sem_seg")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         images = list_inputs(args.input)
         ids = image_ids(images, args.gt)
-        opts = list(args.opts) + ["MODEL.WEIGHTS", str(args.weights)]
-        if args.trust_checkpoint:
-            opts += ["MODEL.TRUST_CHECKPOINT", "True"]
-        cfg = setup_cfg(args.config_file, opts)
-        predictor = LesionPredictor(cfg)
+        predictor, threshold = build_predictor(args)
         prepare_output(args.output)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # ConfigError, CheckpointError too
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    threshold = args.score_threshold if args.score_threshold is not None else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-    classes = metadata.thing_classes
-    dataset_ids = [lesion(name).id for name in classes]
+    classes = predictor.class_names
+    metadata = Metadata(
+        name="predict", thing_classes=classes, thing_colors=[lesion(n).color for n in classes]
+    )
     overlay_files = {p: args.output / "overlays" / n for p, n in overlay_names(images).items()}
-    results, counts, failed = [], [], []
+    results, counts, per_image, failed = [], [], {}, []
     for path in tqdm(images, desc="predict"):
         try:
-            image = read_image(str(path), format="RGB")
-            outputs = predictor(path)
+            image, instances, found, image_outputs, probs = predict_one(
+                predictor, path, ids[path], threshold
+            )
         except (OSError, ValueError) as e:
             print(f"warning: {path}: unreadable image ({e}); skipped", file=sys.stderr)
             failed.append(str(path))
             continue
-        instances = outputs["instances"].to("cpu")
-        instances = instances[instances.scores >= threshold]
-        for r in instances_to_coco_json(instances, ids[path]):
-            r["category_id"] = dataset_ids[r["category_id"]]
-            results.append(r)
+        results += found
+        if image_outputs:
+            per_image[str(path)] = {"image_id": ids[path], **image_outputs}
         row = {"file": path.name, "image_id": ids[path]}
         row.update({name: int((instances.pred_classes == k).sum()) for k, name in enumerate(classes)})
         counts.append(row)
         overlay = draw_prediction_overlay(image, instances, metadata, threshold)
+        maps = args.output / "maps" / overlay_files[path].stem
         try:
             Image.fromarray(overlay).save(overlay_files[path])
+            if probs is not None and not args.no_maps:
+                write_maps(maps, probs, classes)
         except OSError as e:
-            print(f"error: cannot write {overlay_files[path]}: {e}", file=sys.stderr)
+            print(f"error: cannot write {e.filename or maps}: {e}", file=sys.stderr)
             return 2
     try:
         write_tables(args.output, results, ids, counts, classes)
+        if per_image:
+            with atomic_write(args.output / "image_predictions.json") as f:
+                json.dump(per_image, f, indent=1)
     except OSError as e:
         print(f"error: cannot write the results into --output {args.output}: {e}", file=sys.stderr)
         return 2

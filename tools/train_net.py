@@ -6,6 +6,11 @@ Examples:
     python tools/train_net.py --config-file configs/maskrcnn_heimed.yaml --num-gpus 2
     python tools/train_net.py --config-file configs/maskrcnn_idrid.yaml --eval-only \\
         MODEL.WEIGHTS output/maskrcnn_idrid/model_best.pth
+    python tools/train_net.py --eval-only MODEL.WEIGHTS output/maskrcnn_idrid/model_best.pth
+
+--eval-only without --config-file evaluates with the config stored in the checkpoint (training
+stores it, with the class names, in every checkpoint; OUTPUT_DIR on the command line says where
+the metrics go). A checkpoint saved before configs were stored needs --config-file.
 
 Weights files are read as tensors and NumPy arrays only (--trust-checkpoint for an old full
 pickle you trust). --eval-only refuses a checkpoint that sets fewer than all of the model's
@@ -36,6 +41,11 @@ from retina_d2.safe_load import CheckpointError  # noqa: E402
 
 
 def main(args):
+    if not args.config_file and not args.eval_only:
+        raise ConfigError(
+            "--config-file is needed to train (only --eval-only can take the config stored in "
+            "the MODEL.WEIGHTS checkpoint)"
+        )
     opts = list(args.opts) + (["MODEL.TRUST_CHECKPOINT", "True"] if args.trust_checkpoint else [])
     cfg = setup_cfg(args.config_file, opts, args)
     if not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):

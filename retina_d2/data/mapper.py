@@ -167,18 +167,22 @@ class LesionDatasetMapper:
             "crop_min_visible": cfg.RETINA.AUG.CROP_MIN_VISIBLE,
         }
 
-    def __call__(self, dataset_dict: dict) -> dict:
+    def __call__(self, dataset_dict: dict, image: Optional[np.ndarray] = None) -> dict:
         """
         Args:
             dataset_dict: one record in Detectron2's dataset format (``load_lesion_json``).
+            image: the record's photograph already in memory (uint8 HxWx3 in ``image_format``,
+                as :func:`read_image` returns it), which is then used instead of reading
+                ``file_name`` (LesionPredictor's arrays and PIL images).
 
         Returns:
             A new dict; ``dataset_dict`` is not modified.
         """
         dataset_dict = copy.deepcopy(dataset_dict)
-        # Ours, not Detectron2's: 16-bit greyscale is scaled (not clipped to 0/255), and a
-        # truncated or unreadable file is named in the error.
-        image = read_image(dataset_dict["file_name"], format=self.image_format)
+        if image is None:
+            # Ours, not Detectron2's: 16-bit greyscale is scaled (not clipped to 0/255), and a
+            # truncated or unreadable file is named in the error.
+            image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         boxes = self._annotation_boxes(dataset_dict) if self.is_train else None

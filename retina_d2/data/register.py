@@ -31,6 +31,7 @@ from .lesions import lesion
 
 __all__ = [
     "ManifestError",
+    "converted_datasets",
     "datasets_root",
     "read_manifest",
     "register_converted",
@@ -207,6 +208,12 @@ def _registered_from_elsewhere(name: str, json_file: str) -> bool:
 
 def _registered_here(name: str) -> bool:
     return name in DatasetCatalog.list() and MetadataCatalog.get(name).get("task", None) is not None
+
+
+def converted_datasets() -> List[str]:
+    """The names registered from conversions, sorted: not Detectron2's built-in datasets (COCO,
+    Cityscapes, ADE20k, ...) nor names someone registered by hand."""
+    return sorted(name for name in DatasetCatalog.list() if _registered_here(name))
 
 
 # What the last register_all left unregistered, so that asking for such a name can say why:

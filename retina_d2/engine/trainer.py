@@ -34,9 +34,9 @@ from ..evaluation.localization_eval import LandmarkLocalizationEvaluator
 from ..evaluation.protocols import build_protocol_evaluators
 from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
-from ..modeling.amp import AutocastInference
+from ..modeling.inference import build_inference_model
+from ..modeling.model_file import inference_config, model_info_of, opt_value
 from ..modeling.pretrained import part_weights
-from ..modeling.tiling import TiledInference
 from .hooks import LesionBestCheckpointer, LossSwitchHook
 
 __all__ = ["LesionTrainer", "setup_cfg"]
@@ -57,15 +57,10 @@ class LesionTrainer(DefaultTrainer):
 
     @classmethod
     def build_inference_model(cls, cfg, model):
-        """The model that evaluation and prediction run: ``model`` itself, under autocast with
-        RETINA.INFERENCE.AMP (:class:`AutocastInference`), and run tile by tile at native
-        resolution with RETINA.TILE.ENABLED (:class:`TiledInference`). Autocast sits inside the
-        tiling, so tiles are merged from float32 outputs."""
-        if cfg.RETINA.INFERENCE.AMP:
-            model = AutocastInference(cfg, model)
-        if cfg.RETINA.TILE.ENABLED:
-            model = TiledInference(cfg, model)
-        return model
+        """The model that evaluation and prediction run (autocast, tiling, test-time
+        augmentation): :func:`retina_d2.modeling.inference.build_inference_model`, which the
+        predictor calls too. Add inference wrappers there, not here."""
+        return build_inference_model(cfg, model)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -156,6 +151,8 @@ class LesionTrainer(DefaultTrainer):
             save_to_disk=old.save_to_disk,
             trust_checkpoint=self.cfg.MODEL.TRUST_CHECKPOINT,
             part_weights=part_weights(self.cfg),  # the grading CNN's own pretrained start
+            # Class names, config and version in every checkpoint: the file alone can predict.
+            model_info=model_info_of(self.cfg),
             **old.checkpointables,
             **self.training_state(),
         )
@@ -192,14 +189,27 @@ def _task_evaluators(cfg, dataset_name, output_folder, lesion_truth: bool):
 def setup_cfg(config_file: str, opts=(), args=None):
     """Config of a run: defaults + retina_d2 keys + file + command-line overrides, frozen.
 
-    Falls back to the CPU when the config asks for CUDA and none is present, registers the
-    converted datasets, and (with ``args``) runs Detectron2's default_setup, which writes the
-    config into OUTPUT_DIR; the environment goes beside it.
+    Without ``config_file`` ("" or None), the file is the config stored in the checkpoint that
+    ``opts`` gives as MODEL.WEIGHTS (retina_d2/modeling/model_file.py: evaluation from the
+    checkpoint alone). Falls back to the CPU when the config asks for CUDA and none is present,
+    registers the converted datasets, and (with ``args``) runs Detectron2's default_setup, which
+    writes the config into OUTPUT_DIR; the environment goes beside it.
     """
     cfg = get_retina_cfg()
-    if not os.path.isfile(config_file):
+    if not config_file:
+        weights = opt_value(opts, "MODEL.WEIGHTS")
+        if not weights:
+            raise ConfigError(
+                "no config file: pass --config-file, or MODEL.WEIGHTS <checkpoint> to use the "
+                "config stored in a checkpoint that retina_d2's training wrote"
+            )
+        cfg, _ = inference_config(weights, None, opts)  # safe YAML, as for a file
+        cfg.defrost()
+        config_file = weights  # what errors below name
+    elif not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file {config_file!r} not found")
-    merge_config(cfg, config_file, opts)  # safe YAML only; every bad file / key / value: ConfigError
+    else:
+        merge_config(cfg, config_file, opts)  # safe YAML only; bad file / key / value: ConfigError
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no GPU is available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
@@ -216,22 +226,40 @@ def setup_cfg(config_file: str, opts=(), args=None):
     return cfg
 
 
+def _not_converted(name: str) -> str:
+    """Why ``name`` is not registered when no conversion under the datasets root provides it:
+    where the root is (and where that came from), what it must hold, and the converted datasets
+    that are there (only retina_d2's: Detectron2 registers COCO, Cityscapes, ... by itself)."""
+    from ..data.register import converted_datasets, datasets_root
+
+    root = datasets_root().resolve()
+    source = next(
+        (f"${v}" for v in ("RETINA_D2_DATASETS", "DETECTRON2_DATASETS") if os.environ.get(v)),
+        "the default, RETINA_D2_DATASETS being unset",
+    )
+    where = f"{root} ({source}{'' if root.is_dir() else ', which does not exist'})"
+    dataset = name.rsplit("_", 2)[0] if name.count("_") >= 2 else name
+    return (
+        f"dataset {name!r} is not registered: no conversion under the datasets root {where} "
+        f"provides it. RETINA_D2_DATASETS must point at the folder holding the converted "
+        f"datasets, each in a folder of its own with its retina_d2.json (e.g. "
+        f"{root / dataset}/retina_d2.json, written by tools/convert_dataset.py ... --out "
+        f"{root / dataset}); converted datasets found there: "
+        f"{', '.join(converted_datasets()) or 'none'}"
+    )
+
+
 def _check_datasets(cfg, config_file):
     """Every dataset the config names is registered and has MODEL.ROI_HEADS.NUM_CLASSES classes
     (a detector's) and MODEL.SEM_SEG_HEAD.NUM_CLASSES lesions (a semantic head's)."""
-    from ..data.register import datasets_root, explain_unregistered
+    from ..data.register import explain_unregistered
 
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
             why = explain_unregistered(name)  # two conversions provide it, or a corrupt manifest
             if why:
                 raise ConfigError(f"{config_file}: dataset {name!r} is not registered: {why}")
-            known = sorted(n for n in DatasetCatalog.list() if "_seg_" in n)
-            raise ConfigError(
-                f"{config_file}: dataset {name!r} is not registered. Convert it with "
-                f"tools/convert_dataset.py into {datasets_root()} (or set RETINA_D2_DATASETS); "
-                f"converted datasets found: {known or 'none'}"
-            )
+            raise ConfigError(f"{config_file}: {_not_converted(name)}")
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if not classes and not trains_lesions(cfg):
             continue  # a grading / localization set for a model that trains no lesions
