@@ -212,10 +212,10 @@ def _quiet_tracer():
 
 def _torchscript_bytes(model, image: torch.Tensor) -> bytes:
     adapter = _adapter(model, image)
+    buffer = io.BytesIO()
     with _quiet_tracer():
         traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
+        torch.jit.save(traced, buffer)
     return buffer.getvalue()
 
 
@@ -458,7 +458,7 @@ def compare_outputs(eager: dict, exported: dict, tolerance: Tolerance = TOLERANC
 # --- writing an export ------------------------------------------------------------------------
 
 
-def _sample_files(cfg, sample_images: Sequence[str], scratch: Path) -> List[Path]:
+def _sample_files(sample_images: Sequence[str], scratch: Path) -> List[Path]:
     """The images the export is traced and checked on: the given files, else two synthetic
     fundus photographs of different sizes (one healthy) written into ``scratch``."""
     if sample_images:
@@ -527,12 +527,12 @@ def export_model(cfg, weights: str, fmt: str, output: Path,
         raise ExportError(onnx_missing())
     output = Path(output)
     model_file = MODEL_FILES[fmt]
+    model, class_names = load_eager_model(cfg, weights)  # a bad file creates no folder
     _prepare_folder(output, model_file)
-    model, class_names = load_eager_model(cfg, weights)
     mapper = _mapper(cfg)
     names = output_names(cfg)
     with tempfile.TemporaryDirectory(prefix="retina_d2_export_") as scratch:
-        files = _sample_files(cfg, sample_images, Path(scratch))
+        files = _sample_files(sample_images, Path(scratch))
         mapped = [mapper({"file_name": str(p)}) for p in files]
         sample_names = [p.name if sample_images else f"synthetic fundus {p.stem[-1]}" for p in files]
     image = mapped[0]["image"].float()
