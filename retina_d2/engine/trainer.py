@@ -2,6 +2,7 @@
 checkpointing; ``setup_cfg`` builds the config the way every tool does."""
 import logging
 import os
+from pathlib import Path
 
 import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -239,13 +240,17 @@ def _not_converted(name: str) -> str:
     )
     where = f"{root} ({source}{'' if root.is_dir() else ', which does not exist'})"
     dataset = name.rsplit("_", 2)[0] if name.count("_") >= 2 else name
+    found = [  # registered from this root (a process may have registered others before)
+        n for n in converted_datasets()
+        if Path(MetadataCatalog.get(n).json_file).resolve().is_relative_to(root)
+    ]
     return (
         f"dataset {name!r} is not registered: no conversion under the datasets root {where} "
         f"provides it. RETINA_D2_DATASETS must point at the folder holding the converted "
         f"datasets, each in a folder of its own with its retina_d2.json (e.g. "
         f"{root / dataset}/retina_d2.json, written by tools/convert_dataset.py ... --out "
         f"{root / dataset}); converted datasets found there: "
-        f"{', '.join(converted_datasets()) or 'none'}"
+        f"{', '.join(found) or 'none'}"
     )
 
 
