@@ -183,8 +183,8 @@ def test_base_chains_still_merge(tmp_path):
     child.write_text(f'_BASE_: [{str(INSTANT)!r}, "extra.yaml"]\nSOLVER:\n  MAX_ITER: 11\n')
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(child))
-    parent = yaml.safe_load((REPO / "configs/maskrcnn_synthetic.yaml").read_text())
-    root = yaml.safe_load((REPO / "configs/Base-RetinaD2.yaml").read_text())
+    parent = yaml.safe_load((REPO / "configs/Base-MaskRCNN-cpu-light.yaml").read_text())
+    root = yaml.safe_load((REPO / "configs/Base-MaskRCNN.yaml").read_text())
     assert cfg.SOLVER.MAX_ITER == 11 and cfg.SOLVER.BASE_LR == 0.125
     assert cfg.MODEL.FPN.OUT_CHANNELS == 32  # the instant config's, over its base's 64
     assert parent["MODEL"]["FPN"]["OUT_CHANNELS"] == 64
