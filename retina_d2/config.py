@@ -269,11 +269,32 @@ def add_retina_config(cfg):
     cfg.RETINA.TILE.BATCH_SIZE = 1  # tiles per forward pass
     # The merged instances are capped at TEST.DETECTIONS_PER_IMAGE, as the untiled model's are.
 
+    # Test-time augmentation (retina_d2/modeling/tta.py; LesionTrainer.build_inference_model puts
+    # it around the tiled model): the model also runs on mirrored / quarter-turned views of each
+    # image, detections are merged across views by mask and semantic maps averaged, in the
+    # photograph's frame; MODEL.LESION_MERGE then runs once. LesionRCNN and SemanticLesionNet
+    # (MultiTaskLesionNet is refused). Detectron2's own keys switch it: TEST.AUG.ENABLED, and
+    # TEST.AUG.FLIP adds the horizontal mirror of every view. TEST.AUG.MIN_SIZES / MAX_SIZE
+    # (multi-scale) are not read: the field-of-view resize fixes the lesions' scale.
+    cfg.TEST.AUG.ENABLED = False
+    cfg.TEST.AUG.FLIP = True
+    cfg.RETINA.TTA = CN()
+    # Quarter turns added as views, each of 1, 2, 3 (90, 180, 270 degrees counter-clockwise);
+    # [1, 2, 3] with TEST.AUG.FLIP: all 8 symmetries of the square. [] = mirror only.
+    cfg.RETINA.TTA.ROTATIONS = []
+    # Detections of one lesion type from two views are one lesion when their masks (boxes, for a
+    # model without masks) have at least this IoU.
+    cfg.RETINA.TTA.MERGE_IOU = 0.5
+    # A merged lesion's score: "mean" over all views, 0 for a view that missed it (agreement
+    # between views ranks a lesion up), or "max" (the best view's, as Detectron2's NMS keeps).
+    cfg.RETINA.TTA.SCORE = "mean"
+
     # Lesions of a semantic model's probability maps (retina_d2/modeling/components.py): one
     # lesion per connected component, scored by its peak probability (used by
     # tools/benchmark.py heimed-exudate-cv).
     cfg.RETINA.COMPONENTS = CN()
-    # Average the maps over the image and its horizontal mirror (flip test-time augmentation).
+    # Average the maps over the image and its horizontal mirror (flip test-time augmentation, the
+    # same code as TEST.AUG's; this switch is the components path's, semantic_probabilities).
     cfg.RETINA.COMPONENTS.FLIP_TTA = False
     # Pixels at or above this probability form the lesions' masks.
     cfg.RETINA.COMPONENTS.MASK_THRESHOLD = 0.3

@@ -14,7 +14,6 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 __all__ = [
@@ -117,7 +116,8 @@ def components_to_coco(
 
 def semantic_probabilities(model, inputs: dict, flip: bool = False) -> torch.Tensor:
     """A semantic model's (C, height, width) probabilities for one mapped input, in the
-    photograph's frame; with ``flip``, the mean of the image's and its horizontal mirror's.
+    photograph's frame; with ``flip``, the mean of the image's and its horizontal mirror's
+    (:class:`~retina_d2.modeling.tta.TestTimeAugmentation`, the code TEST.AUG runs).
 
     The mirror is taken of the network input (the field-of-view crop, when the mapper cropped),
     so its map is mirrored back in that frame before both are pasted into the photograph.
@@ -126,19 +126,6 @@ def semantic_probabilities(model, inputs: dict, flip: bool = False) -> torch.Ten
         model: a model returning ``[{"sem_seg": (C, H, W) probabilities}]`` (SemanticLesionNet).
         inputs: the test mapper's dict: "image", "height", "width", optionally "fov_box".
     """
-    height, width = inputs["height"], inputs["width"]
-    fov_box = inputs.get("fov_box")
-    x0, y0, x1, y1 = (0, 0, width, height) if fov_box is None else (int(v) for v in fov_box)
-    # The model's own postprocess brings each map to the crop's size; the paste is done here once.
-    framed = {"image": inputs["image"], "height": y1 - y0, "width": x1 - x0}
-    views = [framed]
-    if flip:
-        views.append({**framed, "image": inputs["image"].flip(-1)})
-    with torch.no_grad():
-        outputs = [model([view])[0]["sem_seg"] for view in views]
-    probs = outputs[0]
-    if flip:
-        probs = (probs + outputs[1].flip(-1)) / 2
-    if fov_box is not None:
-        probs = F.pad(probs, (x0, width - x1, y0, height - y1))
-    return probs
+    from .tta import TestTimeAugmentation, tta_views
+
+    return TestTimeAugmentation(model=model, views=tta_views(flip))([inputs])[0]["sem_seg"]
