@@ -2,6 +2,7 @@
 models of the instant configs equal the eager model on three photographs (two sizes and a small
 one; one model finding no lesion at all), the check catches a model that differs, and bad input
 is one error line naming the file or key."""
+import argparse
 import json
 import os
 import subprocess
@@ -67,9 +68,10 @@ def files(tmp_path_factory):
     }
 
 
-def _export(files, config, weights, fmt, folder, opts):
+def _export(files, config, weights, fmt, folder, opts, photos=True):
     cfg = export.export_config(config, opts)
-    manifest = export.export_model(cfg, files[weights], fmt, folder, files["photos"])
+    samples = files["photos"] if photos else ()  # () = the two synthetic photographs
+    manifest = export.export_model(cfg, files[weights], fmt, folder, samples)
     return cfg, manifest
 
 
@@ -240,7 +242,10 @@ def test_onnx_without_its_packages_names_them(files, tmp_path, capsys, monkeypat
 
 
 def test_altered_export_is_refused(files, tmp_path):
-    _export(files, SEMANTIC, "semantic", "torchscript", tmp_path, NATIVE)
+    _, manifest = _export(files, SEMANTIC, "semantic", "torchscript", tmp_path, NATIVE, False)
+    checked = manifest["checked_on"]
+    assert [c["image"] for c in checked] == ["synthetic fundus 0", "synthetic fundus 1"]
+    assert all(c["max_probability_diff"] == 0.0 for c in checked)
     with open(tmp_path / "model.ts", "ab") as f:
         f.write(b"\0")
     with pytest.raises(export.ExportError, match="sha256"):
@@ -256,3 +261,18 @@ def test_detectron2_export_imports_without_caffe2():
 
     with pytest.raises(AttributeError, match="caffe2"):
         detectron2.export.Caffe2Tracer  # noqa: B018
+
+
+def test_benchmark_writes_latency_and_differences(files, tmp_path, monkeypatch):
+    """tools/benchmark.py export, cut to the semantic instant config and one photograph."""
+
+    from retina_d2.benchmarks import export as bench
+
+    monkeypatch.setattr(bench, "MODELS", {"semantic instant": str(Path(SEMANTIC).relative_to(REPO))})
+    monkeypatch.setattr(bench, "_photographs", lambda count, scratch: files["photos"][:count])
+    out = tmp_path / "export.json"
+    bench.run(argparse.Namespace(out=out, images=1, repeats=1, formats=["torchscript"]))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    assert row["eager_seconds"] > 0 and row["exported_seconds"] > 0
+    assert row["max_probability_diff"] == 0.0 and len(row["input_sizes"]) == 1

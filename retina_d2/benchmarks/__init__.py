@@ -57,6 +57,8 @@ BENCHMARKS: Dict[str, tuple] = {
     "tiling": ("tiling", "tiled native-resolution inference vs whole-image: s/image, peak memory"),
     "gpu": ("gpu", "CUDA training and inference images/s with and without mixed precision, and "
             "tiled vs whole-image inference on the GPU"),
+    "export": ("export", "CPU latency of the eager model beside its TorchScript and ONNX exports "
+               "(and their largest differences from it)"),
 }
 
 
