@@ -55,6 +55,8 @@ BENCHMARKS: Dict[str, tuple] = {
                           "components) k-fold cross-validated on the HEI-MED dev images beside "
                           "the training-free floor"),
     "tiling": ("tiling", "tiled native-resolution inference vs whole-image: s/image, peak memory"),
+    "tta": ("tta", "test-time augmentation off / flip / flip + quarter turns on the HEI-MED dev "
+            "split: exudate AP35/50/75, FROC, s/image"),
     "gpu": ("gpu", "CUDA training and inference images/s with and without mixed precision, and "
             "tiled vs whole-image inference on the GPU"),
     "export": ("export", "CPU latency of the eager model beside its TorchScript and ONNX exports "
