@@ -138,3 +138,207 @@ def test_missing_files_are_clear_errors(trained, tmp_path, capsys, problem):
     ])
     assert code == 2
     assert ("no such file" in capsys.readouterr().err)
+
+
+# --- the checkpoint alone (issue 15): no --config-file, no dataset; semantic and multi-task models
+
+SEMANTIC = str(REPO / "configs/quick_schedules/semantic_synthetic_instant_test.yaml")
+MULTITASK = str(REPO / "configs/quick_schedules/multitask_synthetic_instant_test.yaml")
+
+
+def _train(trained, config, name):
+    """A few iterations of ``config`` on the module's conversion (RETINA_D2_DATASETS is set)."""
+    train_net.cli(["--config-file", config, "OUTPUT_DIR", str(trained / name),
+                   "RETINA.EVAL.NUM_OVERLAYS", "0", "RETINA.EVAL.REPORT", "False"])
+    return trained / name / "model_final.pth"
+
+
+@pytest.fixture(scope="module")
+def semantic_weights(trained):
+    return _train(trained, SEMANTIC, "semantic")
+
+
+@pytest.fixture(scope="module")
+def multitask_weights(trained):
+    return _train(trained, MULTITASK, "multitask")
+
+
+def _one_image(trained, tmp_path):
+    folder = tmp_path / "photo"
+    folder.mkdir()
+    source = sorted((trained / "datasets/synthetic/raw/images").glob("*.png"))[0]
+    shutil.copy(source, folder / source.name)
+    return folder, folder / source.name
+
+
+def _stderr_errors(text):
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def test_fresh_process_predicts_from_the_checkpoint_alone(trained, tmp_path):
+    """No --config-file and RETINA_D2_DATASETS an empty folder: the same results as with the
+    config file given and the datasets registered."""
+    import os
+    import subprocess
+
+    photos, _ = _one_image(trained, tmp_path)
+    empty = tmp_path / "no_datasets"
+    empty.mkdir()
+    weights = str(trained / "run/model_final.pth")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools/predict.py"), "--weights", weights, "--input",
+         str(photos), "--output", str(tmp_path / "alone"), "--score-threshold", "0.0"],
+        capture_output=True, text=True, env=dict(os.environ, RETINA_D2_DATASETS=str(empty)),
+        cwd=tmp_path, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert predict.main([
+        "--config-file", INSTANT, "--weights", weights, "--input", str(photos),
+        "--output", str(tmp_path / "given"), "--score-threshold", "0.0",
+    ]) == 0
+    alone = json.loads((tmp_path / "alone/coco_instances_results.json").read_text())
+    given = json.loads((tmp_path / "given/coco_instances_results.json").read_text())
+    assert alone and alone == given
+    assert {r["category_id"] for r in alone} <= {1, 2, 3, 4, 5}  # the vocabulary's ids
+    assert (tmp_path / "alone/lesion_counts.csv").read_text() == (
+        tmp_path / "given/lesion_counts.csv").read_text()
+
+
+def test_old_checkpoint_without_config_is_one_error_line(trained, tmp_path, capsys):
+    import torch
+
+    checkpoint = torch.load(trained / "run/model_final.pth", map_location="cpu", weights_only=True)
+    del checkpoint["retina_d2"]  # as written before checkpoints carried their config
+    old = tmp_path / "old.pth"
+    torch.save(checkpoint, old)
+    photos, _ = _one_image(trained, tmp_path)
+    code = predict.main(["--weights", str(old), "--input", str(photos), "--output",
+                         str(tmp_path / "out")])
+    assert code == 2
+    errors = _stderr_errors(capsys.readouterr().err)
+    assert len(errors) == 1 and str(old) in errors[0] and "pass --config-file" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_threshold_below_the_models_lowers_it(trained, tmp_path, capsys):
+    """The model drops detections under MODEL.ROI_HEADS.SCORE_THRESH_TEST (0.35 here) itself: a
+    lower --score-threshold lowers it, giving exactly what the lowered config gives, and says so."""
+    photos, _ = _one_image(trained, tmp_path)
+    weights = str(trained / "run/model_final.pth")
+
+    def results(name, *extra):
+        assert predict.main(["--weights", weights, "--input", str(photos), "--output",
+                             str(tmp_path / name), *extra]) == 0
+        return json.loads((tmp_path / name / "coco_instances_results.json").read_text())
+
+    default = results("default")
+    assert all(r["score"] >= 0.35 for r in default)
+    assert "lowered" not in capsys.readouterr().err
+    lowered = results("lowered", "--score-threshold", "0.05")
+    assert "is below the model's MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.35: the model's threshold " \
+        "is lowered to 0.05" in capsys.readouterr().err
+    assert any(0.05 <= r["score"] < 0.35 for r in lowered)
+    assert min(r["score"] for r in lowered) >= 0.05
+    assert lowered == results("config", "--score-threshold", "0.05",
+                              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05")
+
+
+def test_semantic_checkpoint_writes_maps_and_components(trained, semantic_weights, tmp_path):
+    """Maps: round(255 * probability) per lesion; lesions: the connected components of each map
+    at RETINA.COMPONENTS.MASK_THRESHOLD, each the pixels of one 8-connected component."""
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_util
+    from scipy import ndimage
+
+    from retina_d2 import load_model
+
+    photos, photo = _one_image(trained, tmp_path)
+    api = load_model(semantic_weights)
+    outputs = api(photo)
+    assert "instances" not in outputs
+    probs = outputs["sem_seg"].float().cpu().numpy()
+    # A threshold a few-iteration model reaches on part of the image.
+    threshold = float(np.quantile(probs, 0.9))
+    assert 0 < threshold < float(probs.max())
+    code = predict.main([
+        "--weights", str(semantic_weights), "--input", str(photos), "--output",
+        str(tmp_path / "out"), "--score-threshold", str(threshold),
+        "RETINA.COMPONENTS.MASK_THRESHOLD", str(threshold), "RETINA.COMPONENTS.MIN_AREA", "1",
+    ])
+    assert code == 0
+    names = api.class_names
+    for k, name in enumerate(names):
+        png_file = tmp_path / "out/maps" / photo.stem / f"{predict.lesion_slug(name)}.png"
+        png = np.asarray(Image.open(png_file))
+        assert np.array_equal(png, np.rint(np.clip(probs[k], 0, 1) * 255).astype(np.uint8))
+    results = json.loads((tmp_path / "out/coco_instances_results.json").read_text())
+    assert results
+    with open(tmp_path / "out/lesion_counts.csv") as f:
+        counts = next(csv.DictReader(f))
+    for k, name in enumerate(names):
+        mine = [r for r in results if r["category_id"] == api.lesion_ids[k]]
+        above = probs[k] >= threshold
+        _, components = ndimage.label(above, np.ones((3, 3), bool))
+        assert len(mine) == components == int(counts[name])
+        union = np.zeros(above.shape, bool)
+        for r in mine:
+            mask = mask_util.decode(r["segmentation"]).astype(bool)
+            assert not (union & mask).any()
+            union |= mask
+            assert r["score"] == pytest.approx(float(probs[k][mask].max()))
+        assert np.array_equal(union, above)
+
+
+def test_multitask_checkpoint_writes_grades_and_landmarks(trained, multitask_weights, tmp_path):
+    import numpy as np
+
+    from retina_d2 import load_model
+
+    photos, photo = _one_image(trained, tmp_path)
+    api = load_model(multitask_weights, opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    outputs = api(photo)
+    code = predict.main(["--weights", str(multitask_weights), "--input", str(photos),
+                         "--output", str(tmp_path / "out"), "--score-threshold", "0.0"])
+    assert code == 0
+    per_image = json.loads((tmp_path / "out/image_predictions.json").read_text())[str(photo)]
+    assert per_image["image_id"] == 1
+    for task in ("dr_grade", "dme_grade"):
+        probabilities = per_image[task]["probabilities"]
+        assert probabilities == pytest.approx(outputs[task].tolist(), abs=1e-6)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert per_image[task]["grade"] == int(np.argmax(probabilities))
+    assert set(per_image["landmarks"]) == {"optic_disc", "fovea"}
+    for name, (x, y) in outputs["landmarks"].items():
+        seen = per_image["landmarks"][name]
+        assert (seen["x"], seen["y"]) == pytest.approx((x, y))
+        assert seen["score"] == pytest.approx(outputs["landmark_scores"][name])
+    assert list(per_image["lesion_presence"]) == api.class_names
+    # Its lesion branch is a detector with a semantic head: instances and maps both.
+    results = json.loads((tmp_path / "out/coco_instances_results.json").read_text())
+    assert len(results) == len(outputs["instances"])
+    assert len(list((tmp_path / "out/maps" / photo.stem).glob("*.png"))) == len(api.class_names)
+
+
+@pytest.mark.parametrize("tool", ["predict", "train_net"])
+def test_a_bad_value_type_in_opts_is_one_line_in_a_fresh_process(trained, tmp_path, tool):
+    """The whole of stderr is the error line: no traceback, no log before it."""
+    import os
+    import subprocess
+
+    photos, _ = _one_image(trained, tmp_path)
+    if tool == "predict":
+        args = ["--weights", str(trained / "run/model_final.pth"), "--input", str(photos),
+                "--output", str(tmp_path / "out")]
+    else:
+        args = ["--config-file", INSTANT, "OUTPUT_DIR", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / f"{tool}.py"), *args, "SOLVER.MAX_ITER", "abc"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env=dict(os.environ, RETINA_D2_DATASETS=str(trained / "datasets")),
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: command line: SOLVER.MAX_ITER 'abc': expected int (like 3), got str"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from torch import nn
 
 from .amp import AutocastInference
 from .tiling import TiledInference
+from .tta import TestTimeAugmentation
 
 __all__ = ["build_inference_model"]
 
@@ -29,7 +30,5 @@ def build_inference_model(cfg, model: nn.Module) -> nn.Module:
     if cfg.RETINA.TILE.ENABLED:
         model = TiledInference(cfg, model)
     if cfg.TEST.AUG.ENABLED:
-        from .tta import TestTimeAugmentation  # being written alongside; moves up once it lands
-
         model = TestTimeAugmentation(cfg, model)
     return model

@@ -129,7 +129,8 @@ def test_api_names_the_classes_and_predicts_as_evaluation_does(
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     photo = _photo(synthetic_datasets, 1)
     with torch.no_grad():
-        expected = model.eval()([LesionDatasetMapper(cfg, is_train=False)({"file_name": str(photo)})])
+        inputs = LesionDatasetMapper(cfg, is_train=False)({"file_name": str(photo)})
+        expected = model.eval()([inputs])
     outputs = predictor(photo)
     assert _same_instances(outputs["instances"], expected[0]["instances"])
     names, ids = _manifest_categories(synthetic_datasets)
@@ -137,7 +138,9 @@ def test_api_names_the_classes_and_predicts_as_evaluation_does(
     assert predictor.lesion_ids == ids
 
 
-def test_fresh_process_predicts_from_the_checkpoint_alone(predictor, run, synthetic_datasets, tmp_path):
+def test_fresh_process_predicts_from_the_checkpoint_alone(
+    predictor, run, synthetic_datasets, tmp_path
+):
     """No dataset registered (RETINA_D2_DATASETS is an empty folder), no config given; importing
     the API imports no training code."""
     empty = tmp_path / "no_datasets"
@@ -150,7 +153,8 @@ def test_fresh_process_predicts_from_the_checkpoint_alone(predictor, run, synthe
         f"model = retina_d2.load_model({str(run / 'model_final.pth')!r}, opts={KEEP_ALL!r},\n"
         "                           device='cpu')\n"
         f"out = model({str(photo)!r})\n"
-        "print(json.dumps({'names': out['class_names'], 'scores': out['instances'].scores.tolist(),\n"
+        "print(json.dumps({'names': out['class_names'],\n"
+        "    'scores': out['instances'].scores.tolist(),\n"
         "    'device': model.cfg.MODEL.DEVICE,\n"
         "    'trainer': any(m.startswith(('retina_d2.engine', 'retina_d2.evaluation'))\n"
         "                   for m in sys.modules),\n"
@@ -181,7 +185,8 @@ def test_old_checkpoint_needs_its_config_and_says_so(run, predictor, synthetic_d
     photo = _photo(synthetic_datasets)
     assert _same_instances(with_config(photo)["instances"], predictor(photo)["instances"])
     # Datasets nowhere to be found: the classes cannot be named.
-    elsewhere = ["DATASETS.TRAIN", "('nowhere_seg_train',)", "DATASETS.TEST", "('nowhere_seg_val',)"]
+    elsewhere = ["DATASETS.TRAIN", "('nowhere_seg_train',)",
+                 "DATASETS.TEST", "('nowhere_seg_val',)"]
     with pytest.raises(ValueError, match="no class names.*RETINA_D2_DATASETS"):
         load_model(old, config_file=INSTANT, opts=elsewhere)
 

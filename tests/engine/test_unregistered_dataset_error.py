@@ -26,7 +26,9 @@ def test_lists_only_the_converted_datasets_and_where_the_root_must_point(
     assert f"datasets root {root} ($RETINA_D2_DATASETS)" in message
     assert "RETINA_D2_DATASETS must point at the folder holding the converted datasets" in message
     assert f"{root}/idrid/retina_d2.json" in message
-    assert message.endswith("converted datasets found there: synthetic_seg_train, synthetic_seg_val")
+    assert message.endswith(
+        "converted datasets found there: synthetic_seg_train, synthetic_seg_val"
+    )
     # Detectron2's own registrations exist, and are not offered as converted datasets.
     assert "ade20k_sem_seg_train" in DatasetCatalog.list()
     assert "ade20k" not in message and "cityscapes" not in message and "coco" not in message
