@@ -314,6 +314,9 @@ def add_retina_config(cfg):
     cfg.RETINA.EVAL.ANNOTATED_ONLY = False
     # Overlays of the first N test images with predictions drawn, beside the metrics.
     cfg.RETINA.EVAL.NUM_OVERLAYS = 8
+    # Write each predicted lesion's score beside it in those overlays (off: outlines and a
+    # legend only; a score per lesion covers its neighbours at fundus scale).
+    cfg.RETINA.EVAL.OVERLAY_SCORES = False
     # Keep the checkpoint that is best by this metric (empty: off).
     cfg.RETINA.EVAL.BEST_METRIC = "segm/AP50"
     # Lesion-level FROC (retina_d2/evaluation/froc.py): sensitivity at 1/8..8 false positives per

@@ -66,8 +66,10 @@ def test_images_sharing_a_stem_get_an_overlay_each(weights, synthetic_datasets, 
         own = np.asarray(Image.open(source).convert("RGB"), dtype=float)
         other = np.asarray(Image.open(photos / ("eye.png" if "jpg" in name else "eye.jpg"))
                            .convert("RGB"), dtype=float)
-        # Drawn over its own photograph: far nearer to it than to the other one.
-        assert overlay.shape == own.shape
+        # Drawn over its own photograph: far nearer to it than to the other one. (The legend
+        # is a band below the photograph, whose rows come first.)
+        assert overlay.shape[1:] == own.shape[1:] and overlay.shape[0] > own.shape[0]
+        overlay = overlay[: own.shape[0]]
         assert np.abs(overlay - own).mean() < np.abs(overlay - other).mean() / 2
     counts = (tmp_path / "out" / "lesion_counts.csv").read_text().splitlines()
     assert len(counts) == 3

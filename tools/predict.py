@@ -33,7 +33,6 @@ import csv
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -54,7 +53,8 @@ from retina_d2.data.lesions import lesion  # noqa: E402
 from retina_d2.modeling.components import components_to_coco, lesion_components  # noqa: E402
 from retina_d2.modeling.model_file import inference_config  # noqa: E402
 from retina_d2.predictor import LesionPredictor  # noqa: E402
-from retina_d2.visualize import draw_prediction_overlay  # noqa: E402
+# overlay_names: the naming the evaluation's overlays share (eye.jpg and eye.png both kept).
+from retina_d2.visualize import draw_prediction_overlay, overlay_names  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -84,6 +84,11 @@ def parse_args(argv=None):
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST it lowers that too",
     )
     p.add_argument("--no-maps", action="store_true", help="write no probability-map PNGs")
+    p.add_argument(
+        "--show-scores", action="store_true",
+        help="write each lesion's score beside it in the overlays (default: outlines in each "
+        "lesion type's colour and a legend of the types found, no text per lesion)",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -109,22 +114,6 @@ def image_ids(images, gt: Path = None):
     if missing:
         raise ValueError(f"--gt {gt}: no image record for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return {img: by_name[img.name] for img in images}
-
-
-def overlay_names(images):
-    """image -> its overlay's file name: ``<stem>.png``, or ``<name>.png`` for images sharing a
-    stem (compared ignoring case, as some disks do), numbered where even that is taken."""
-    stems = Counter(p.stem.lower() for p in images)
-    names, used = {}, set()
-    for path in images:
-        name = f"{path.stem}.png" if stems[path.stem.lower()] == 1 else f"{path.name}.png"
-        base, number = name[: -len(".png")], 1
-        while name.lower() in used:
-            number += 1
-            name = f"{base}-{number}.png"
-        used.add(name.lower())
-        names[path] = name
-    return names
 
 
 def prepare_output(output: Path):
@@ -289,7 +278,9 @@ def main(argv=None):
         row = {"file": path.name, "image_id": ids[path]}
         row.update({name: int((instances.pred_classes == k).sum()) for k, name in enumerate(classes)})
         counts.append(row)
-        overlay = draw_prediction_overlay(image, instances, metadata, threshold)
+        overlay = draw_prediction_overlay(
+            image, instances, metadata, threshold, show_scores=args.show_scores
+        )
         maps = args.output / "maps" / overlay_files[path].stem
         try:
             Image.fromarray(overlay).save(overlay_files[path])

@@ -61,6 +61,8 @@ BENCHMARKS: Dict[str, tuple] = {
             "tiled vs whole-image inference on the GPU"),
     "export": ("export", "CPU latency of the eager model beside its TorchScript and ONNX exports "
                "(and their largest differences from it)"),
+    "pixel-ap": ("pixel_ap", "pixel average precision of a full-size lesion map: ours (exact and "
+                 "binned) beside scikit-learn's average_precision_score"),
 }
 
 

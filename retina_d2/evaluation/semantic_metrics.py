@@ -35,7 +35,7 @@ Thresholds are then the bin edges, so the binned AUC-PR is exactly the AP of the
 down to a multiple of 1 / B. It is exact when every score lies on a bin edge, and otherwise only
 reorders pixels whose scores differ by less than 1e-4; the tests bound the difference to sklearn
 on random data below 1e-3. ``exact=True`` keeps every valid pixel instead (memory grows with the
-test set: for small inputs and for checking). Threshold counts (F1, Dice, IoU, image F1) are
+test set: for small inputs and for checking) and has scikit-learn compute the AP and the curve. Threshold counts (F1, Dice, IoU, image F1) are
 always exact.
 """
 from collections import OrderedDict
@@ -59,14 +59,12 @@ IGNORE_VALUE = 255
 def _exact_curve(
     scores: np.ndarray, labels: np.ndarray
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall and thresholds at each distinct score, thresholds descending."""
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    # The last index of each run of equal scores: one threshold per distinct score.
-    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    true_positives = np.cumsum(labels, dtype=np.int64)[last]
-    predicted = last + 1
-    return true_positives / predicted, true_positives / max(labels.sum(), 1), scores[last]
+    """Precision, recall and thresholds at each distinct score, thresholds descending:
+    scikit-learn's ``precision_recall_curve`` without its closing (recall 0, precision 1) point."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    return precision[-2::-1], recall[-2::-1], thresholds[::-1]
 
 
 def _step_area(precision: np.ndarray, recall: np.ndarray) -> float:
@@ -75,8 +73,14 @@ def _step_area(precision: np.ndarray, recall: np.ndarray) -> float:
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact average precision (= ``sklearn.metrics.average_precision_score``) of a flat set of
-    pixels.
+    """Exact average precision of a flat set of pixels: scikit-learn's
+    ``average_precision_score``, NaN (not sklearn's warning and 0) when there is no positive.
+
+    Measured (``tools/benchmark.py pixel-ap``, benchmarks/results/pixel_ap.json): on one
+    2196 x 1958 map, scikit-learn took 4.5 s (median; min 4.2 s) and the hand-written exact AP
+    this replaced 7.9 s (min 4.8 s) on the 2-CPU box at load ~15: not faster, so the library
+    computes it. The binned AP below stays: 0.65 s (min 0.55 s), ~7x faster than sklearn on the
+    same map, and its memory does not grow with the test set.
 
     Args:
         scores: (P,) probabilities.
@@ -85,12 +89,13 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     Returns:
         AP, or NaN when there is no positive.
     """
+    from sklearn.metrics import average_precision_score
+
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel().astype(bool)
     if not labels.any():
         return float("nan")
-    precision, recall, _ = _exact_curve(scores, labels)
-    return _step_area(precision, recall)
+    return float(average_precision_score(labels, scores))
 
 
 def score_bins(scores: np.ndarray, num_bins: int) -> np.ndarray:
@@ -132,6 +137,9 @@ def precision_recall_from_histograms(
 
 def binned_average_precision(positive_hist: np.ndarray, negative_hist: np.ndarray) -> float:
     """Average precision from score histograms (see the module docstring for the approximation).
+
+    Hand-written on purpose: scikit-learn has no AP of histograms, and it is the evaluator's
+    default because it is faster and flat in memory (measured in :func:`average_precision`).
 
     Returns:
         AP, or NaN when there is no positive.
