@@ -138,6 +138,10 @@ def add_retina_config(cfg):
     cfg.MODEL.LESION_NET.CONVS_DIM = 256  # channels of the expansive path's convs
     cfg.MODEL.LESION_NET.NUM_CONVS = 2  # 3x3 conv-norm-ReLU layers closing every stage (U-Net's 2)
     cfg.MODEL.LESION_NET.DUAL_DICE_LAMBDA = 0.8  # pixel term's weight in the stage-2 dual Dice
+    # The Dice of both terms: "per_lesion" (mean over lesions of sum(2py) / sum(p + y)) or
+    # "squared_pooled" (the paper's: one fraction pooled over pixels and lesions, squared
+    # denominators sum(p^2) + sum(y^2)).
+    cfg.MODEL.LESION_NET.DICE = "per_lesion"
 
     # CBAM-DeepLab head (CBAMDeepLabHead): DeepLabV3+ with CBAM after ASPP and after the
     # low-level reduction, one sigmoid map per lesion.
@@ -252,6 +256,32 @@ def add_retina_config(cfg):
     cfg.RETINA.AUG.BRIGHTNESS = (0.8, 1.2)  # intensity ranges for colour jitter ((1, 1) = off)
     cfg.RETINA.AUG.CONTRAST = (0.8, 1.2)
     cfg.RETINA.AUG.SATURATION = (0.8, 1.2)
+    # Rotation by an angle drawn uniformly from [-ROTATION, ROTATION] degrees (Detectron2's
+    # RandomRotation, same image size; masks nearest-neighbour), Lesion-Net's "random rotation".
+    # 0 = off.
+    cfg.RETINA.AUG.ROTATION = 0.0
+    # A named albumentations pipeline (retina_d2/data/albumentations_aug.py, e.g.
+    # "cbam_deeplab_ddr": the CBAM-DeepLab paper's list), applied last; masks and instances move
+    # with the image. "" = none.
+    cfg.RETINA.AUG.ALBUMENTATIONS = ""
+
+    # Learning rate reduced on a plateau of the periodic validation metric
+    # (retina_d2/engine/plateau.py, PyTorch's ReduceLROnPlateau driven by TEST.EVAL_PERIOD's
+    # evaluations): after PATIENCE evaluations without improvement the LR is multiplied by
+    # FACTOR, never below MIN_LR. Use a schedule without steps (SOLVER.STEPS ()), whose
+    # warmup-then-constant multiplier the reduction scales. With MODEL.LESION_SEG.LOSS_SWITCH_ITER
+    # -1, two-stage heads switch their loss at the first reduction (Lesion-Net's rule).
+    cfg.RETINA.PLATEAU = CN()
+    cfg.RETINA.PLATEAU.ENABLED = False
+    cfg.RETINA.PLATEAU.METRIC = ""  # a key of the evaluation results; "" = RETINA.EVAL.BEST_METRIC
+    cfg.RETINA.PLATEAU.MODE = "max"  # "max": higher is better; "min": lower is better
+    cfg.RETINA.PLATEAU.FACTOR = 0.1
+    cfg.RETINA.PLATEAU.PATIENCE = 10  # evaluations without improvement before a reduction
+    cfg.RETINA.PLATEAU.MIN_LR = 0.0  # floor of SOLVER.BASE_LR's reduced value
+    # Training ends after this many evaluations without improvement of RETINA.PLATEAU.METRIC
+    # (model_final.pth is written and evaluated as at the last iteration). 0 = never.
+    cfg.RETINA.EARLY_STOP = CN()
+    cfg.RETINA.EARLY_STOP.PATIENCE = 0
 
     # Tiled (sliding-window) inference over whole images (retina_d2/modeling/tiling.py): the
     # model sees overlapping tiles at the network input's resolution (after INPUT.MIN_SIZE_TEST;

@@ -10,8 +10,8 @@ photometric ones change only the image and leave masks and coordinates as they a
 
     FieldOfViewCrop -> FieldOfViewCircleMask -> ResizeShortestEdge or FieldOfViewResize
     -> GrahamNormalization
-    -> ClaheOnLightness -> FrameMargin -> (train) RandomCrop or RandomLesionCrop -> RandomFlip x2 -> RandomRotation90 -> RandomTranslateScale
-    -> RandomBrightness / RandomContrast / RandomSaturation
+    -> ClaheOnLightness -> FrameMargin -> (train) RandomCrop or RandomLesionCrop -> RandomFlip x2 -> RandomRotation90 -> RandomRotation -> RandomTranslateScale
+    -> RandomBrightness / RandomContrast / RandomSaturation -> RETINA.AUG.ALBUMENTATIONS' pipeline
 """
 from typing import List, Optional, Tuple
 
@@ -685,7 +685,14 @@ def build_preprocess(cfg, is_train: bool) -> List[T.Augmentation]:
         augs.append(T.RandomFlip(horizontal=False, vertical=True))
     if aug.ROT90:
         augs.append(RandomRotation90())
+    if aug.ROTATION > 0:
+        # Any angle: Detectron2's rotation keeps the size, masks nearest-neighbour, corners black.
+        augs.append(T.RandomRotation([-aug.ROTATION, aug.ROTATION], expand=False))
     if aug.TRANSLATE > 0 or tuple(aug.SCALE) != (1, 1):
         augs.append(RandomTranslateScale(aug.TRANSLATE, tuple(aug.SCALE)))
     augs += _colour_jitter(aug)
+    if aug.ALBUMENTATIONS:
+        from .albumentations_aug import build_albumentations  # albumentations only when asked
+
+        augs += build_albumentations(aug.ALBUMENTATIONS, cfg.INPUT.FORMAT)
     return augs

@@ -39,6 +39,7 @@ from ..modeling.inference import build_inference_model
 from ..modeling.model_file import inference_config, model_info_of, opt_value
 from ..modeling.pretrained import part_weights
 from .hooks import LesionBestCheckpointer, LossSwitchHook
+from .plateau import EarlyStop, PlateauHook, uses_plateau
 
 __all__ = ["LesionTrainer", "setup_cfg"]
 
@@ -170,7 +171,19 @@ class LesionTrainer(DefaultTrainer):
                 index + 1,
                 LesionBestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, metric),
             )
+        if uses_plateau(self.cfg):
+            # Last: it reads this iteration's evaluation, after the best model is saved.
+            hook_list.append(PlateauHook.from_config(self.cfg))
         return hook_list
+
+    def train(self):
+        """DefaultTrainer.train; an early stop (RETINA.EARLY_STOP) ends it like the last
+        iteration, returning the final evaluation's results."""
+        try:
+            return super().train()
+        except EarlyStop as stop:
+            logger.info("%s", stop)
+            return getattr(self, "_last_eval_results", None)
 
 
 def _task_evaluators(cfg, dataset_name, output_folder, lesion_truth: bool):

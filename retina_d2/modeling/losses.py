@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DICE_FORMS",
     "IGNORE_VALUE",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
@@ -191,12 +192,37 @@ def _soft_dice(
     return (2 * intersection + smooth) / (total + smooth)
 
 
+# Forms of the soft Dice: "per_lesion" = 1 - mean over lesions of (2 sum py + s) / (sum p + sum y
+# + s), each lesion's sums over the batch; "squared_pooled" = Lesion-Net's (its eq. 3 and 4): one
+# fraction whose sums run over every (pixel, lesion) of the batch, with squared denominators,
+# 1 - (2 sum py + s) / (sum p^2 + sum y^2 + s).
+DICE_FORMS = ("per_lesion", "squared_pooled")
+
+
+def _dice_of_form(
+    probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smooth: float, form: str,
+    dims: Tuple,
+) -> torch.Tensor:
+    """The Dice (not its loss) of ``form`` over ``dims`` (per-lesion form: the class dimension
+    is 1 and left out)."""
+    if form == "per_lesion":
+        return _soft_dice(probs, targets, valid, smooth, dims).mean()
+    if form != "squared_pooled":
+        raise ValueError(f"Dice form must be one of {DICE_FORMS}, got {form!r}")
+    if smooth <= 0:
+        raise ValueError(f"smooth must be > 0, got {smooth}")
+    probs, targets = probs * valid, targets * valid
+    intersection = (probs * targets).sum()
+    return (2 * intersection + smooth) / ((probs**2).sum() + (targets**2).sum() + smooth)
+
+
 def sigmoid_dice_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     ignore: Optional[torch.Tensor] = None,
     *,
     smooth: float = 1.0,
+    form: str = "per_lesion",
 ) -> torch.Tensor:
     """Soft Dice loss per lesion map: ``1 - mean_c Dice_c``, each Dice_c summed over the whole
     batch and image (N, H, W) so that a lesion absent from one image still has a denominator.
@@ -210,13 +236,15 @@ def sigmoid_dice_loss(
         targets: (N, C, H, W), values in [0, 1] or 255 (ignore).
         ignore: optional bool mask, (N, C, H, W) or (N, H, W).
         smooth: the smoothing term (> 0).
+        form: "per_lesion" (above) or "squared_pooled" (Lesion-Net's: ``1 - (2 sum p y + s) /
+            (sum p^2 + sum y^2 + s)``, every sum over all pixels and lesions of the batch).
 
     Returns:
-        scalar in [0, 1): one minus the mean over lesions of the batch Dice.
+        scalar in [0, 1): one minus the mean over lesions of the batch Dice (per_lesion), or one
+        minus the pooled Dice.
     """
     logits, targets, valid = _sigmoid_inputs(logits, targets, ignore)
-    dice = _soft_dice(torch.sigmoid(logits), targets, valid, smooth, (0, 2, 3))
-    return 1 - dice.mean()
+    return 1 - _dice_of_form(torch.sigmoid(logits), targets, valid, smooth, form, (0, 2, 3))
 
 
 def softmax_dice_loss(
@@ -258,6 +286,7 @@ def dual_dice_loss(
     *,
     pixel_weight: float = 0.8,
     smooth: float = 1.0,
+    form: str = "per_lesion",
 ) -> torch.Tensor:
     """Lesion-Net's dual Dice loss: ``pixel_weight * pixel Dice loss + (1 - pixel_weight) *
     image Dice loss``.
@@ -275,19 +304,21 @@ def dual_dice_loss(
         ignore: optional bool mask, (N, C, H, W) or (N, H, W).
         pixel_weight: lambda, 0.8 in the paper.
         smooth: the smoothing term of both Dice terms (> 0).
+        form: the Dice of both terms, as :func:`sigmoid_dice_loss`'s ("squared_pooled": the
+            paper's eq. 3 for pixels, eq. 4 for images, each pooled over the batch's lesions).
 
     Returns:
         scalar.
     """
     logits, targets, valid = _sigmoid_inputs(logits, targets, ignore)
-    pixel = 1 - _soft_dice(torch.sigmoid(logits), targets, valid, smooth, (0, 2, 3)).mean()
+    pixel = 1 - _dice_of_form(torch.sigmoid(logits), targets, valid, smooth, form, (0, 2, 3))
     # Ignore pixels must not win the max: give them the lowest logit there is.
     lowest = torch.finfo(logits.dtype).min
     image_logit = torch.where(valid.bool(), logits, lowest).amax(dim=(2, 3))
     image_valid = valid.amax(dim=(2, 3))
     image_prob = torch.sigmoid(image_logit)
     image_target = (targets * valid).amax(dim=(2, 3))
-    image = 1 - _soft_dice(image_prob, image_target, image_valid, smooth, (0,)).mean()
+    image = 1 - _dice_of_form(image_prob, image_target, image_valid, smooth, form, (0,))
     return pixel_weight * pixel + (1 - pixel_weight) * image
 
 

@@ -26,7 +26,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ..losses import dual_dice_loss, sigmoid_dice_loss
+from ..losses import DICE_FORMS, dual_dice_loss, sigmoid_dice_loss
 from .common import (
     LesionSemSegHead,
     check_in_features,
@@ -103,6 +103,7 @@ class LesionNetHead(LesionSemSegHead):
         num_convs: int = 2,
         norm: Union[str, Callable] = "GN",
         dual_dice_lambda: float = 0.8,
+        dice: str = "per_lesion",
     ):
         """
         Args:
@@ -115,6 +116,8 @@ class LesionNetHead(LesionSemSegHead):
                 1x1 projections.
             norm: of the 3x3 convs ("GN", "" for none, ...).
             dual_dice_lambda: weight of the pixel term in the stage-2 dual Dice loss.
+            dice: the Dice of both losses, "per_lesion" or "squared_pooled" (the paper's:
+                squared denominators, pooled over pixels and lesions; see losses.DICE_FORMS).
         """
         super().__init__()
         if not input_shape:
@@ -139,6 +142,9 @@ class LesionNetHead(LesionSemSegHead):
         self.num_classes = num_classes
         self.output_stride = output_stride
         self.dual_dice_lambda = dual_dice_lambda
+        if dice not in DICE_FORMS:
+            raise ValueError(f"MODEL.LESION_NET.DICE must be one of {DICE_FORMS}, got {dice!r}")
+        self.dice = dice
         self.loss_stage = 1
 
         deepest = by_stride[deepest_stride]
@@ -177,6 +183,7 @@ class LesionNetHead(LesionSemSegHead):
             "num_convs": node.NUM_CONVS,
             "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
             "dual_dice_lambda": node.DUAL_DICE_LAMBDA,
+            "dice": node.DICE,
         }
 
     @property
@@ -200,6 +207,8 @@ class LesionNetHead(LesionSemSegHead):
         if self.loss_stage not in LOSS_STAGES:
             raise ValueError(f"LesionNetHead.loss_stage must be 1 or 2, got {self.loss_stage}")
         if self.loss_stage == 1:
-            return {"loss_pixel_dice": sigmoid_dice_loss(logits, targets)}
-        dual = dual_dice_loss(logits, targets, pixel_weight=self.dual_dice_lambda)
+            return {"loss_pixel_dice": sigmoid_dice_loss(logits, targets, form=self.dice)}
+        dual = dual_dice_loss(
+            logits, targets, pixel_weight=self.dual_dice_lambda, form=self.dice
+        )
         return {"loss_dual_dice": dual}
