@@ -174,23 +174,23 @@ def inference_config(weights: str, config_file: Optional[str] = None, opts: Sequ
         CheckpointError: ``weights`` cannot be read safely.
     """
     weights = str(weights)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights}: no such file (the checkpoint to predict with)")
-    if trust is None:
-        trust = str(opt_value(opts, "MODEL.TRUST_CHECKPOINT")).lower() in ("true", "1")
-    info = read_model_info(weights, trust=trust)
     cfg = get_retina_cfg()
-    if config_file:
+    if config_file:  # its errors first: the file given is what the user is looking at
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file {config_file!r} not found")
         merge_config(cfg, config_file, opts)
-    elif info is not None:
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: no such file (the checkpoint to run)")
+    if trust is None:
+        trust = str(opt_value(opts, "MODEL.TRUST_CHECKPOINT")).lower() in ("true", "1")
+    info = read_model_info(weights, trust=trust)
+    if not config_file:
+        if info is None:
+            raise ConfigError(
+                f"{weights}: the checkpoint holds no config (saved before retina_d2 stored one, "
+                "or not by its trainer): pass --config-file with the config it was trained with"
+            )
         _merge_stored_config(cfg, info, weights, opts)
-    else:
-        raise ConfigError(
-            f"{weights}: the checkpoint holds no config (saved before retina_d2 stored one, or "
-            "not by its trainer): pass --config-file with the config it was trained with"
-        )
     cfg.MODEL.WEIGHTS = weights
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no GPU is available: using the CPU", cfg.MODEL.DEVICE)
