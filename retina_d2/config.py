@@ -285,8 +285,11 @@ def add_retina_config(cfg):
 
     # Tiled (sliding-window) inference over whole images (retina_d2/modeling/tiling.py): the
     # model sees overlapping tiles at the network input's resolution (after INPUT.MIN_SIZE_TEST;
-    # with 0 the photograph's own pixels), so 1-5 px lesions are never shrunk and memory follows
-    # the tile, not the image. Instances split by a seam are merged; semantic maps are blended.
+    # with 0 the photograph's own pixels), so 1-5 px lesions are never shrunk and the network's
+    # memory (the GPU's) follows the tile, not the image. Host memory does not: the returned
+    # masks are full-frame (N x H x W), as the untiled model's, and on the CPU they set the peak
+    # (benchmarks/results/tiling.json). Instances split by a seam are merged; semantic maps are
+    # blended.
     cfg.RETINA.TILE = CN()
     cfg.RETINA.TILE.ENABLED = False
     cfg.RETINA.TILE.SIZE = 512  # tile side in network-input pixels
@@ -297,6 +300,13 @@ def add_retina_config(cfg):
     # (boxes, without masks) have at least this IoU within the area both tiles saw.
     cfg.RETINA.TILE.MERGE_IOU = 0.5
     cfg.RETINA.TILE.BATCH_SIZE = 1  # tiles per forward pass
+    # Per-tile budget of a detector, 0 = the model's own settings. MODEL.RPN.POST_NMS_TOPK_TEST
+    # and TEST.DETECTIONS_PER_IMAGE are sized for a whole image; every tile keeping as many
+    # gives the RoI heads (tiles)x the boxes. PROPOSALS_PER_TILE replaces POST_NMS_TOPK_TEST and
+    # DETECTIONS_PER_TILE replaces TEST.DETECTIONS_PER_IMAGE while the model runs on tiles
+    # (speed and recall measured in benchmarks/results/tiling.json).
+    cfg.RETINA.TILE.PROPOSALS_PER_TILE = 0
+    cfg.RETINA.TILE.DETECTIONS_PER_TILE = 0
     # The merged instances are capped at TEST.DETECTIONS_PER_IMAGE, as the untiled model's are.
 
     # Test-time augmentation (retina_d2/modeling/tta.py; LesionTrainer.build_inference_model puts

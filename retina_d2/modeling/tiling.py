@@ -10,9 +10,12 @@ test-time FOV crop and resize; with ``INPUT.MIN_SIZE_TEST: 0`` the photograph's 
 1. :func:`tile_grid` covers the image with ``tile_size`` tiles that share ``overlap`` pixels with
    their neighbours; the last tile of a row or column lies flush with the border.
 2. Each tile goes through the model with its own size as ``"height"``/``"width"``, so the model
-   returns its predictions at the tile's pixels.
-3. Instances: each keeps its box, score, class and its mask cropped to its box, so memory grows
-   with the lesions, not with the image. Two instances of one class from overlapping tiles are one
+   returns its predictions at the tile's pixels. A per-tile budget (``proposals_per_tile``,
+   ``detections_per_tile``) replaces the detector's own proposal and detection counts while it
+   runs on tiles: those are sized for a whole image, and 25 tiles each keeping a whole image's
+   1000 proposals give the RoI heads 25x the boxes.
+3. Instances: each keeps its box, score, class and its mask cropped to its box while the tiles are
+   merged. Two instances of one class from overlapping tiles are one
    lesion when their masks (their boxes, for a model without masks) have an IoU of at least
    ``merge_iou`` within the area both tiles saw: a duplicate of a lesion that lies in the
    overlap, or the two halves of a lesion cut by the seam. A group becomes one instance: the union
@@ -26,6 +29,11 @@ test-time FOV crop and resize; with ``INPUT.MIN_SIZE_TEST: 0`` the photograph's 
    :func:`paste_into_frame` (the FOV shift); masks, already thresholded at the network's
    resolution, by nearest neighbour; semantic maps through ``sem_seg_postprocess`` and the FOV
    padding. Where the image fits one tile the output equals the untiled model's.
+
+   Memory: the network's activations (the GPU's memory) follow the tile, not the image. The
+   returned masks do not: Detectron2's Instances hold each mask at the full frame (N x H x W), as
+   the untiled model's do, and on the CPU those masks, not the network, set the peak host memory
+   of a large photograph (``tools/benchmark.py tiling``: peak RSS about the same tiled and whole).
 6. Lesion merging (``MODEL.LESION_MERGE``, :func:`merge_connected_lesions`) runs once, on the
    whole image's instances in the original frame, as LesionRCNN runs it on an untiled image. The
    wrapped model's own merge is switched off for the tiles: merged per tile, the two halves of a
@@ -45,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
+from detectron2.modeling.proposal_generator import RPN
+from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from torch import nn
 from torchvision.ops import box_iou
@@ -53,7 +63,7 @@ from ..config import has_detector
 from .meta_arch.lesion_rcnn import LesionRCNN, paste_into_frame
 from .postprocess import merge_connected_lesions
 
-__all__ = ["TiledInference", "seam_weights", "tile_grid"]
+__all__ = ["TiledInference", "instances_in_frame", "seam_weights", "tile_budget", "tile_grid"]
 
 # (x0, y0, x1, y1) in pixels, x1 and y1 exclusive.
 Rect = Tuple[int, int, int, int]
@@ -259,6 +269,62 @@ def _group_pieces(pieces: _Pieces, tiles: Sequence[Rect], merge_iou: float) -> L
     return sorted(groups.values(), key=lambda g: g[0])
 
 
+def _frame(inputs: dict, net_size: Tuple[int, int]):
+    """(height, width) of the original image and the FOV crop's box in it (the whole image
+    without a crop)."""
+    height = int(inputs.get("height", net_size[0]))
+    width = int(inputs.get("width", net_size[1]))
+    fov_box = inputs.get("fov_box")
+    box = (0, 0, width, height) if fov_box is None else tuple(int(round(v)) for v in fov_box)
+    return height, width, box
+
+
+def instances_in_frame(
+    instances: Instances, regions: Sequence[Rect], masks: Optional[Sequence[torch.Tensor]],
+    inputs: dict,
+) -> Instances:
+    """Instances found at the network input's pixels, moved to the original image's frame as the
+    untiled model returns them (module docstring, step 5).
+
+    Args:
+        instances: ``pred_boxes``, ``scores``, ``pred_classes``, with ``image_size`` the network
+            input's.
+        regions: per instance, the rectangle of the input its mask covers.
+        masks: per instance, its bool mask cropped to its region; None for a model without masks.
+        inputs: the mapper's dict of the image (``"height"``, ``"width"``, ``"fov_box"``).
+
+    Returns:
+        Instances in the frame of ``inputs``, with full-frame ``pred_masks`` when there are masks;
+        boxes left empty by the rescale are dropped with their masks.
+    """
+    net_h, net_w = instances.image_size
+    height, width, (fx0, fy0, fx1, fy1) = _frame(inputs, (net_h, net_w))
+    instances = Instances(instances.image_size, **instances.get_fields())
+    instances.frame_index = torch.arange(len(instances))
+    # The untiled model's path for boxes: rescale to the crop, clip, drop empty boxes...
+    result = detector_postprocess(instances, fy1 - fy0, fx1 - fx0)
+    kept = result.frame_index.tolist()
+    result.remove("frame_index")
+    # ...then shift into the original frame.
+    if inputs.get("fov_box") is not None:
+        result = paste_into_frame(result, inputs["fov_box"], height, width)
+    if masks is None:
+        return result
+    scale_x, scale_y = (fx1 - fx0) / net_w, (fy1 - fy0) / net_h
+    frame = torch.zeros((len(kept), height, width), dtype=torch.bool)
+    for k, index in enumerate(kept):
+        (rx0, ry0, rx1, ry1), mask = regions[index], masks[index]
+        rows = _nearest_span(ry0, ry1 - ry0, scale_y, fy1 - fy0)
+        cols = _nearest_span(rx0, rx1 - rx0, scale_x, fx1 - fx0)
+        if rows is None or cols is None:
+            continue
+        frame[k, fy0 + rows[0] : fy0 + rows[1], fx0 + cols[0] : fx0 + cols[1]] = mask[
+            rows[2]
+        ][:, cols[2]]
+    result.pred_masks = frame
+    return result
+
+
 def _nearest_span(origin: int, length: int, scale: float, limit: int):
     """Output pixels ``[start, stop)`` that source pixels ``[origin, origin + length)`` cover
     after scaling by ``scale`` (nearest neighbour on pixel centres), and the source index, from
@@ -289,6 +355,31 @@ def _tiles_unmerged(model: nn.Module):
             m.merge_score_threshold = threshold
 
 
+@contextlib.contextmanager
+def tile_budget(model: nn.Module, proposals: Optional[int], detections: Optional[int]):
+    """Replace, while the block runs, the test-time proposal count of every Detectron2 RPN in
+    ``model`` (``post_nms_topk``, ``MODEL.RPN.POST_NMS_TOPK_TEST``) by ``proposals`` and the
+    detection count of every box predictor (``test_topk_per_image``,
+    ``TEST.DETECTIONS_PER_IMAGE``) by ``detections``; None or 0 leaves that count as it is.
+    Restored on exit, also after an error."""
+    saved = []
+    for module in model.modules():
+        if proposals and isinstance(module, RPN):
+            saved.append((module.post_nms_topk, False, module.post_nms_topk[False]))
+            module.post_nms_topk[False] = int(proposals)
+        if detections and isinstance(module, FastRCNNOutputLayers):
+            saved.append((module, "test_topk_per_image", module.test_topk_per_image))
+            module.test_topk_per_image = int(detections)
+    try:
+        yield
+    finally:
+        for owner, key, value in reversed(saved):
+            if isinstance(owner, dict):
+                owner[key] = value
+            else:
+                setattr(owner, key, value)
+
+
 class TiledInference(nn.Module):
     """A model run tile by tile at inference, with the model's own inputs and outputs (see the
     module docstring). In training mode it is the model itself."""
@@ -305,6 +396,8 @@ class TiledInference(nn.Module):
         max_detections: Optional[int] = None,
         merge_score_threshold: Optional[float] = None,
         merge_connectivity: int = 8,
+        proposals_per_tile: int = 0,
+        detections_per_tile: int = 0,
     ):
         """
         Args:
@@ -321,6 +414,11 @@ class TiledInference(nn.Module):
                 LesionRCNN's argument of the same name); None: no merge. The wrapped model's own
                 merge never runs on tiles (module docstring, step 6).
             merge_connectivity: 8 or 4, how masks touch.
+            proposals_per_tile: RPN proposals each tile keeps (:func:`tile_budget`); 0: the
+                model's own ``POST_NMS_TOPK_TEST``.
+            detections_per_tile: detections each tile's box predictor keeps; 0: the model's own
+                ``TEST.DETECTIONS_PER_IMAGE``. The merged image is still capped at
+                ``max_detections``.
         """
         super().__init__()
         tile_grid(1, 1, tile_size, overlap)  # the grid's own checks
@@ -333,6 +431,11 @@ class TiledInference(nn.Module):
             raise ValueError(f"RETINA.TILE.MERGE_IOU must be in (0, 1], got {merge_iou}")
         if batch_size < 1:
             raise ValueError(f"RETINA.TILE.BATCH_SIZE must be positive, got {batch_size}")
+        for key, value in (("PROPOSALS_PER_TILE", proposals_per_tile),
+                           ("DETECTIONS_PER_TILE", detections_per_tile)):
+            if value < 0:
+                raise ValueError(f"RETINA.TILE.{key} must be 0 (the model's own) or positive, "
+                                 f"got {value}")
         self.model = model
         self.tile_size = int(tile_size)
         self.overlap = int(overlap)
@@ -341,6 +444,8 @@ class TiledInference(nn.Module):
         self.max_detections = max_detections or None
         self.merge_score_threshold = merge_score_threshold
         self.merge_connectivity = merge_connectivity
+        self.proposals_per_tile = int(proposals_per_tile)
+        self.detections_per_tile = int(detections_per_tile)
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module):
@@ -358,6 +463,8 @@ class TiledInference(nn.Module):
             "max_detections": cfg.TEST.DETECTIONS_PER_IMAGE,
             "merge_score_threshold": merge.SCORE_THRESH if merges else None,
             "merge_connectivity": merge.CONNECTIVITY,
+            "proposals_per_tile": tile.PROPOSALS_PER_TILE,
+            "detections_per_tile": tile.DETECTIONS_PER_TILE,
         }
 
     def forward(self, batched_inputs: List[dict]):
@@ -372,7 +479,8 @@ class TiledInference(nn.Module):
         """
         if self.training:
             return self.model(batched_inputs)
-        with torch.no_grad(), _tiles_unmerged(self.model):
+        budget = tile_budget(self.model, self.proposals_per_tile, self.detections_per_tile)
+        with torch.no_grad(), _tiles_unmerged(self.model), budget:
             return [self._infer_one(inputs) for inputs in batched_inputs]
 
     def _infer_one(self, inputs: dict) -> dict:
@@ -451,8 +559,13 @@ class TiledInference(nn.Module):
             scores=scores_t[order],
             pred_classes=torch.stack(classes)[order] if classes else classes_all,
         )
-        merged.merged_index = order
-        return self._instances_in_frame(merged, regions, masks, pieces.masks is not None, inputs)
+        order_list = order.tolist()
+        return instances_in_frame(
+            merged,
+            [regions[i] for i in order_list],
+            [masks[i] for i in order_list] if pieces.masks is not None else None,
+            inputs,
+        )
 
     @staticmethod
     def _union_mask(pieces: _Pieces, group: List[int]):
@@ -471,48 +584,10 @@ class TiledInference(nn.Module):
             mask[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] |= pieces.masks[i]
         return region, mask
 
-    @staticmethod
-    def _frame(inputs: dict, net_size: Tuple[int, int]):
-        """(height, width) of the original image and the FOV crop's box in it (the whole image
-        without a crop)."""
-        height = int(inputs.get("height", net_size[0]))
-        width = int(inputs.get("width", net_size[1]))
-        fov_box = inputs.get("fov_box")
-        box = (0, 0, width, height) if fov_box is None else tuple(int(round(v)) for v in fov_box)
-        return height, width, box
-
-    def _instances_in_frame(
-        self, merged: Instances, regions, masks, has_masks: bool, inputs: dict
-    ) -> Instances:
-        net_h, net_w = merged.image_size
-        height, width, (fx0, fy0, fx1, fy1) = self._frame(inputs, (net_h, net_w))
-        # The untiled model's path for boxes: rescale to the crop, clip, drop empty boxes...
-        result = detector_postprocess(merged, fy1 - fy0, fx1 - fx0)
-        kept = result.merged_index.tolist()
-        result.remove("merged_index")
-        # ...then shift into the original frame.
-        if inputs.get("fov_box") is not None:
-            result = paste_into_frame(result, inputs["fov_box"], height, width)
-        if not has_masks:
-            return result
-        scale_x, scale_y = (fx1 - fx0) / net_w, (fy1 - fy0) / net_h
-        frame = torch.zeros((len(kept), height, width), dtype=torch.bool)
-        for k, index in enumerate(kept):
-            (rx0, ry0, rx1, ry1), mask = regions[index], masks[index]
-            rows = _nearest_span(ry0, ry1 - ry0, scale_y, fy1 - fy0)
-            cols = _nearest_span(rx0, rx1 - rx0, scale_x, fx1 - fx0)
-            if rows is None or cols is None:
-                continue
-            frame[k, fy0 + rows[0] : fy0 + rows[1], fx0 + cols[0] : fx0 + cols[1]] = mask[
-                rows[2]
-            ][:, cols[2]]
-        result.pred_masks = frame
-        return result
-
     def _semantic_in_frame(
         self, probs: torch.Tensor, net_size: Tuple[int, int], inputs: dict
     ) -> torch.Tensor:
-        height, width, (fx0, fy0, fx1, fy1) = self._frame(inputs, net_size)
+        height, width, (fx0, fy0, fx1, fy1) = _frame(inputs, net_size)
         # As semantic_postprocess does for logits, on probabilities: resize to the crop, pad.
         probs = sem_seg_postprocess(probs, net_size, fy1 - fy0, fx1 - fx0)
         if inputs.get("fov_box") is not None:

@@ -513,3 +513,116 @@ def test_eval_only_with_tiling_runs_through_the_evaluators(tmp_path, monkeypatch
     assert len(calls) >= 1  # every evaluation image went through the tiles
     assert "segm" in results and "AP50" in results["segm"]
     assert (tmp_path / "out/inference/synthetic_seg_val/instance_metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-tile budget (RETINA.TILE.PROPOSALS_PER_TILE / DETECTIONS_PER_TILE)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_tile_keeps_its_budget_of_proposals_and_detections(rcnn):
+    """Every tile's RoI heads get exactly PROPOSALS_PER_TILE proposals and every tile returns
+    DETECTIONS_PER_TILE detections (random weights and score threshold 0: more are available, as
+    the unbudgeted run shows); the model's own counts are back afterwards."""
+    cfg, model = rcnn
+    cfg = cfg.clone()
+    cfg.RETINA.TILE.SIZE, cfg.RETINA.TILE.OVERLAP = 64, 16  # 96x128: 2 rows x 3 columns
+    own_proposals = model.proposal_generator.post_nms_topk[False]
+    own_detections = model.roi_heads.box_predictor.test_topk_per_image
+    assert (own_proposals, own_detections) == (
+        cfg.MODEL.RPN.POST_NMS_TOPK_TEST, cfg.TEST.DETECTIONS_PER_IMAGE)
+    proposals, detections = [], []
+    hooks = [
+        model.roi_heads.register_forward_pre_hook(
+            lambda module, args: proposals.extend(len(p) for p in args[2])),
+        model.register_forward_hook(
+            lambda module, args, out: detections.extend(len(o["instances"]) for o in out)),
+    ]
+    try:
+        TiledInference(cfg, model).eval()([_photo_inputs()])
+        unbudgeted = list(zip(proposals, detections))
+        proposals.clear()
+        detections.clear()
+        cfg.RETINA.TILE.PROPOSALS_PER_TILE, cfg.RETINA.TILE.DETECTIONS_PER_TILE = 7, 3
+        output = TiledInference(cfg, model).eval()([_photo_inputs()])[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(unbudgeted) == 6 and all(p > 7 and d > 3 for p, d in unbudgeted)
+    assert proposals == [7] * 6 and detections == [3] * 6
+    assert 0 < len(output["instances"]) <= 18
+    assert model.proposal_generator.post_nms_topk[False] == own_proposals
+    assert model.roi_heads.box_predictor.test_topk_per_image == own_detections
+
+
+def test_the_budget_is_restored_when_a_tile_fails():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from detectron2.modeling.roi_heads import FastRCNNOutputLayers
+
+    from retina_d2.modeling.tiling import tile_budget
+
+    predictor = FastRCNNOutputLayers(
+        ShapeSpec(channels=4), box2box_transform=Box2BoxTransform((10, 10, 5, 5)), num_classes=2,
+        test_topk_per_image=50)
+    with pytest.raises(RuntimeError, match="tile failed"):
+        with tile_budget(nn.Sequential(predictor), proposals=0, detections=5):
+            assert predictor.test_topk_per_image == 5
+            raise RuntimeError("tile failed")
+    assert predictor.test_topk_per_image == 50
+    with tile_budget(nn.Sequential(predictor), proposals=0, detections=0):
+        assert predictor.test_topk_per_image == 50  # 0: the model's own
+
+
+def test_a_negative_budget_is_refused():
+    with pytest.raises(ValueError, match="RETINA.TILE.PROPOSALS_PER_TILE"):
+        TiledInference(model=nn.Identity(), tile_size=8, overlap=2, proposals_per_tile=-1)
+    with pytest.raises(ValueError, match="RETINA.TILE.DETECTIONS_PER_TILE"):
+        TiledInference(model=nn.Identity(), tile_size=8, overlap=2, detections_per_tile=-5)
+
+
+class BudgetedLesions(VisibleLesions):
+    """:class:`VisibleLesions` keeping only its ``box_predictor.test_topk_per_image`` best pieces
+    per tile, as a Detectron2 box predictor keeps its top detections."""
+
+    def __init__(self, topk: int):
+        from detectron2.layers import ShapeSpec
+        from detectron2.modeling.box_regression import Box2BoxTransform
+        from detectron2.modeling.roi_heads import FastRCNNOutputLayers
+
+        super().__init__()
+        self.box_predictor = FastRCNNOutputLayers(
+            ShapeSpec(channels=4), box2box_transform=Box2BoxTransform((10, 10, 5, 5)),
+            num_classes=4, test_topk_per_image=topk)
+
+    def forward(self, batched_inputs):
+        outputs = super().forward(batched_inputs)
+        for output in outputs:
+            instances = output["instances"]
+            best = torch.sort(instances.scores, descending=True, stable=True).indices
+            output["instances"] = instances[best[: self.box_predictor.test_topk_per_image]]
+        return outputs
+
+
+def test_tiles_under_a_detection_budget_still_merge_their_seams():
+    image, truth = _scene(40, 50, SEAM_SCENE)
+    tiles = tile_grid(40, 50, 16, 4)
+    per_tile = [len(o["instances"]) for o in VisibleLesions()(
+        [{"image": image[:, y0:y1, x0:x1], "height": y1 - y0, "width": x1 - x0}
+         for x0, y0, x1, y1 in tiles])]
+    expected = sorted((c, round(s, 4), tuple(map(tuple, np.argwhere(m)))) for c, s, m in truth)
+    # The model's own count (1) would keep one piece per tile; a budget of the busiest tile's
+    # piece count keeps every piece, and the seams merge exactly as without a budget.
+    model = TiledInference(model=BudgetedLesions(topk=1), tile_size=16, overlap=4,
+                           detections_per_tile=max(per_tile)).eval()
+    assert max(per_tile) > 1
+    assert _as_set(model([{"image": image}])[0]["instances"]) == expected
+    assert model.model.box_predictor.test_topk_per_image == 1
+    # Budget 1: each tile keeps its best piece. The two tiles across the first seam each keep
+    # a half of the 0.9 lesion, and the halves still come back as the one whole lesion.
+    one = TiledInference(model=BudgetedLesions(topk=100), tile_size=16, overlap=4,
+                         detections_per_tile=1).eval()
+    instances = one([{"image": image}])[0]["instances"]
+    assert len(instances) < len(truth)
+    top = _as_set(instances[:1])[0]
+    assert top == expected[[e[1] for e in expected].index(0.9)]
