@@ -218,7 +218,9 @@ def run(args) -> dict:
     _add_differences(rows)
     results = {
         "benchmark": "tta",
-        "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config),
+        "config": str(
+            config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config
+        ),
         "overrides": list(args.opts),
         "weights": "trained by this run" if training else str(args.weights),
         "iterations": None if args.weights else args.iterations,
