@@ -37,6 +37,21 @@ PR_CURVE_DIR = "pr_curves"
 _RENAMED = (("mAUC-PR", "mAUCPR"), ("AUC-PR-", "AUCPR-"))
 
 
+def gather_accumulators(metrics, distributed: bool):
+    """All ranks' metric accumulators merged on the main process (``merge(other)``); None on the
+    other ranks, which have nothing to report. Single-process: ``metrics`` itself."""
+    if not distributed:
+        return metrics
+    comm.synchronize()
+    gathered = comm.gather(metrics, dst=0)
+    if not comm.is_main_process():
+        return None
+    merged = copy.deepcopy(gathered[0])
+    for other in gathered[1:]:
+        merged.merge(other)
+    return merged
+
+
 def _report_name(name: str) -> str:
     for old, new in _RENAMED:
         if name.startswith(old):
@@ -153,15 +168,9 @@ class LesionSemanticEvaluator(DatasetEvaluator):
             self._metrics.update(probs, self._targets(inp, probs.shape[1:]))
 
     def evaluate(self):
-        metrics = self._metrics
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(self._metrics, dst=0)
-            if not comm.is_main_process():
-                return {}
-            metrics = copy.deepcopy(gathered[0])
-            for other in gathered[1:]:
-                metrics.merge(other)
+        metrics = gather_accumulators(self._metrics, self._distributed)
+        if metrics is None:
+            return {}
         if metrics.num_images == 0:
             logger.warning("[LesionSemanticEvaluator] received no semantic predictions to score")
         results = OrderedDict((_report_name(k), v * 100) for k, v in metrics.compute().items())

@@ -5,7 +5,6 @@ Every semantic protocol reads what :class:`~retina_d2.evaluation.LesionSemanticE
 (the ``"sem_seg"`` output, (C, H, W) lesion probabilities at the image's original size, and the
 record's per-lesion PNGs: 0 / 1, 255 = ignore) and differs only in what it computes from them.
 """
-import copy
 import logging
 import math
 import os
@@ -16,10 +15,8 @@ import cv2
 import numpy as np
 from tabulate import tabulate
 
-import detectron2.utils.comm as comm
-
 from ..instance_eval import write_metrics_json
-from ..semantic_eval import LesionSemanticEvaluator
+from ..semantic_eval import LesionSemanticEvaluator, gather_accumulators
 from ..semantic_metrics import IGNORE_VALUE
 
 __all__ = [
@@ -93,15 +90,9 @@ class SemanticProtocolEvaluator(LesionSemanticEvaluator):
         raise NotImplementedError
 
     def evaluate(self) -> Dict[str, "OrderedDict[str, float]"]:
-        metrics = self._metrics
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(self._metrics, dst=0)
-            if not comm.is_main_process():
-                return {}
-            metrics = copy.deepcopy(gathered[0])
-            for other in gathered[1:]:
-                metrics.merge(other)
+        metrics = gather_accumulators(self._metrics, self._distributed)
+        if metrics is None:
+            return {}
         if metrics.num_images == 0:
             self._log().warning("[%s] received no semantic predictions to score", self.protocol)
         results = metrics.compute()
