@@ -1,20 +1,18 @@
 """LossSwitchHook: two-stage heads switch to their stage-2 loss exactly at the configured iteration
 (or at the first LR drop) inside a real LesionTrainer (DefaultTrainer) run."""
-import json
 import sys
 from pathlib import Path
 
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.engine import hooks
 
 from retina_d2.config import get_retina_cfg
-from retina_d2.data.converters import ConvertOptions, synthetic
-from retina_d2.data.register import load_lesion_json
 from retina_d2.engine import LesionTrainer
 from retina_d2.engine.hooks import LossSwitchHook, loss_switch_iter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "modeling"))
+from tiny_dataset import registered_tiny_synthetic  # noqa: E402
 from test_semantic_net import TinyLesionTestHead, tiny_semantic_cfg  # noqa: E402  (registers it)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
@@ -25,16 +23,8 @@ DATASET = "test_loss_switch_synthetic_train"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Two tiny synthetic eyes under a name of this module, unregistered afterwards."""
-    out = tmp_path_factory.mktemp("synthetic")
-    synthetic.convert(None, out, ConvertOptions(progress=False), count=2, size=128)
-    manifest = json.loads((out / "retina_d2.json").read_text())
-    json_file = str(out / manifest["tasks"]["seg"]["train"])
-    image_root = str(out / manifest["image_root"])
-    load_lesion_json(json_file, image_root, DATASET)  # sets thing_classes, as registration does
-    DatasetCatalog.register(DATASET, lambda: load_lesion_json(json_file, image_root, DATASET))
-    yield DATASET
-    DatasetCatalog.remove(DATASET)
-    MetadataCatalog.remove(DATASET)
+    with registered_tiny_synthetic(tmp_path_factory.mktemp("synthetic"), DATASET) as name:
+        yield name
 
 
 def _stages_of_a_run(dataset, tmp_path, switch_iter, steps, max_iter=4):

@@ -3,20 +3,18 @@ optimizer (Adam's moments, which Detectron2 0.6 never saves), LR scheduler, iter
 best checkpoint's score, so a resumed run's first evaluation cannot replace model_best.pth with a
 worse model. Every saved piece loads with ``torch.load(weights_only=True)``."""
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 
-from retina_d2.data.converters import ConvertOptions, synthetic
-from retina_d2.data.register import load_lesion_json
 from retina_d2.engine import LesionTrainer
 from retina_d2.engine.hooks import LesionBestCheckpointer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "modeling"))
+from tiny_dataset import registered_tiny_synthetic  # noqa: E402
 from test_semantic_net import tiny_semantic_cfg  # noqa: E402  (registers TinyLesionTestHead)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
@@ -28,16 +26,8 @@ METRIC = "sem_seg/mAUCPR"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Two tiny synthetic eyes under a name of this module, unregistered afterwards."""
-    out = tmp_path_factory.mktemp("synthetic")
-    synthetic.convert(None, out, ConvertOptions(progress=False), count=2, size=128)
-    manifest = json.loads((out / "retina_d2.json").read_text())
-    json_file = str(out / manifest["tasks"]["seg"]["train"])
-    image_root = str(out / manifest["image_root"])
-    load_lesion_json(json_file, image_root, DATASET)  # sets thing_classes, as registration does
-    DatasetCatalog.register(DATASET, lambda: load_lesion_json(json_file, image_root, DATASET))
-    yield DATASET
-    DatasetCatalog.remove(DATASET)
-    MetadataCatalog.remove(DATASET)
+    with registered_tiny_synthetic(tmp_path_factory.mktemp("synthetic"), DATASET) as name:
+        yield name
 
 
 def _cfg(dataset, out, max_iter, checkpoint_period, eval_period=0):
