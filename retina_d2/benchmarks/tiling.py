@@ -1,7 +1,11 @@
 """
 ``tools/benchmark.py tiling``: tiled native-resolution inference (``RETINA.TILE``) beside
 whole-image inference at the same scale: seconds per image and peak memory, each variant in a
-fresh process (:func:`.measure_in_subprocess`).
+fresh process (:func:`.measure_in_subprocess`). Rows: the whole image; tiles with the model's own
+proposal and detection counts; tiles with a per-tile budget (``RETINA.TILE.PROPOSALS_PER_TILE``
+/ ``DETECTIONS_PER_TILE``: ``--tile-proposals`` / ``--tile-detections``); and SAHI, the sliced
+inference users already use, its slicing and merging around the same model and weights
+(:mod:`.sahi_rcnn`; ``--no-sahi`` leaves it out; where SAHI cannot run the row holds the error).
 
 Images: a synthetic 4288x2848 photograph (a rendered eye, upscaled, on a black camera frame) with
 a few hundred lesions 1-5 px across, and, where the HEI-MED sample exists (``--heimed-root``,
@@ -41,6 +45,11 @@ SMALL_LESION_PX = 10
 # --size: the synthetic photograph's (height, width), lesion count, and default tile / overlap.
 SIZES = {"full": ((2848, 4288), 300, 512, 64), "small": ((426, 640), 40, 256, 32)}
 _LESION_RGB = (95, 25, 12)  # dark red: microaneurysms and dot haemorrhages
+# The budgeted tiled row's (proposals, detections) per tile. A 512 px tile is 1/16 of a HEI-MED
+# photograph and 1/47 of a 4288x2848 one; the config's whole-image 1000 proposals / 256
+# detections scaled by that area would be 20-60 / 5-16, so these leave a tile several times a
+# whole image's density (a tile's lesions are not spread evenly: most tiles hold none).
+DEFAULT_BUDGET = (100, 50)
 
 
 def synthetic_photograph(height: int, width: int, lesions: int, seed: int = 0):
@@ -117,7 +126,8 @@ def small_lesion_recall(labels: np.ndarray, pred_masks, iou_threshold: float,
 
 
 def _cfg(tiled: bool, tile: int, overlap: int, min_size: int, detections: Optional[int],
-         device: str, weights: Optional[str], amp: bool = False):
+         device: str, weights: Optional[str], amp: bool = False, proposals_per_tile: int = 0,
+         detections_per_tile: int = 0):
     from ..config import get_retina_cfg
     from ..modeling.amp import autocast_dtype_name
 
@@ -131,6 +141,8 @@ def _cfg(tiled: bool, tile: int, overlap: int, min_size: int, detections: Option
         cfg.TEST.DETECTIONS_PER_IMAGE = detections
     cfg.RETINA.TILE.ENABLED = tiled
     cfg.RETINA.TILE.SIZE, cfg.RETINA.TILE.OVERLAP = tile, overlap
+    cfg.RETINA.TILE.PROPOSALS_PER_TILE = proposals_per_tile
+    cfg.RETINA.TILE.DETECTIONS_PER_TILE = detections_per_tile
     cfg.RETINA.INFERENCE.AMP = amp
     cfg.RETINA.INFERENCE.AMP_DTYPE = autocast_dtype_name(device)
     return cfg
@@ -146,12 +158,42 @@ def _labels(truth: Optional[Dict[str, str]]) -> Optional[np.ndarray]:
     return load_blobs(Path(truth["path"]))[0]
 
 
+class _SahiRunner:
+    """SAHI's sliced prediction (:mod:`.sahi_rcnn`) with the inference model's list-in,
+    list-out contract."""
+
+    def __init__(self, cfg, model, tile: int, overlap: int):
+        from .sahi_rcnn import LesionSahiModel, SlicePredictor
+
+        classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        self.detection_model = LesionSahiModel(
+            model=SlicePredictor(model, cfg.INPUT.FORMAT), device=cfg.MODEL.DEVICE,
+            # SAHI keeps what the model keeps: its default 0.3 would cut the model's 0.05.
+            confidence_threshold=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+            category_mapping={str(i): str(i) for i in range(classes)},
+        )
+        self.tile, self.overlap = tile, overlap
+        self.max_detections = cfg.TEST.DETECTIONS_PER_IMAGE
+        self.mask_on = cfg.MODEL.MASK_ON
+
+    def __call__(self, batched_inputs: List[dict]) -> List[dict]:
+        from .sahi_rcnn import sliced_instances
+
+        return [{"instances": sliced_instances(self.detection_model, inputs, self.tile,
+                                               self.overlap, self.max_detections, self.mask_on)}
+                for inputs in batched_inputs]
+
+
 def infer_images(images: List[Dict[str, Any]], tiled: bool, tile: int, overlap: int,
                  min_size: int = 0, detections: Optional[int] = None, device: str = "cpu",
-                 weights: Optional[str] = None, repeats: int = 1, amp: bool = False) -> Dict[str, Any]:
+                 weights: Optional[str] = None, repeats: int = 1, amp: bool = False,
+                 proposals_per_tile: int = 0, detections_per_tile: int = 0,
+                 sahi: bool = False) -> Dict[str, Any]:
     """Seconds per image of one variant over ``images`` (``{"file": path, "truth": ...}``), and
     the recall of small lesions when weights are given. Runs in its own process. ``amp``: under
-    autocast (RETINA.INFERENCE.AMP)."""
+    autocast (RETINA.INFERENCE.AMP). ``proposals_per_tile``, ``detections_per_tile``: the tiles'
+    budget (RETINA.TILE, 0 = the model's own). ``sahi``: SAHI slices and merges (``tile`` /
+    ``overlap`` its slices) around the untiled inference model, instead of RETINA.TILE."""
     import torch
     from detectron2.modeling import build_model
 
@@ -160,12 +202,17 @@ def infer_images(images: List[Dict[str, Any]], tiled: bool, tile: int, overlap: 
     from retina_d2.engine import LesionTrainer
     from retina_d2.modeling import LesionCheckpointer
 
+    if sahi:  # first: where SAHI cannot be imported the row says so before any model is built
+        from . import sahi_rcnn  # noqa: F401
     torch.manual_seed(0)
-    cfg = _cfg(tiled, tile, overlap, min_size, detections, device, weights, amp)
+    cfg = _cfg(tiled and not sahi, tile, overlap, min_size, detections, device, weights, amp,
+               proposals_per_tile, detections_per_tile)
     model = build_model(cfg).eval()
     if weights:
         LesionCheckpointer(model).load(weights)
     runner = LesionTrainer.build_inference_model(cfg, model).eval()
+    if sahi:
+        runner = _SahiRunner(cfg, runner, tile, overlap)
     mapper = LesionDatasetMapper(cfg, is_train=False)
     with torch.no_grad():  # warm-up on a small input: allocator and lazy inits out of the timing
         runner([{"image": torch.zeros((3, 128, 128), dtype=torch.uint8), "height": 128, "width": 128}])
@@ -199,6 +246,12 @@ def infer_images(images: List[Dict[str, Any]], tiled: bool, tile: int, overlap: 
         "pre_infer_rss_mb": pre_infer_rss / 1024,
         "threads": torch.get_num_threads(),
     }
+    if sahi:
+        import sahi as sahi_package
+
+        from .sahi_rcnn import sahi_settings
+
+        result["sahi"] = {"version": sahi_package.__version__, **sahi_settings(tile, overlap)}
     if weights:
         result.update(small_lesions=total, small_found=found,
                       small_recall=found / total if total else None)
@@ -231,9 +284,42 @@ def add_arguments(parser) -> None:
                         help="HEI-MED validation images (0: none)")
     parser.add_argument("--detections", type=int,
                         help="TEST.DETECTIONS_PER_IMAGE (default: the config's)")
+    parser.add_argument("--tile-proposals", type=int, default=DEFAULT_BUDGET[0],
+                        help="the budgeted tiled row's RETINA.TILE.PROPOSALS_PER_TILE")
+    parser.add_argument("--tile-detections", type=int, default=DEFAULT_BUDGET[1],
+                        help="the budgeted tiled row's RETINA.TILE.DETECTIONS_PER_TILE")
+    parser.add_argument("--no-sahi", action="store_true", help="leave out the SAHI row")
+    parser.add_argument("--no-synthetic", action="store_true",
+                        help="leave out the synthetic photograph (HEI-MED only)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per image")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per variant")
+
+
+def _iteration(weights: Optional[str]) -> Optional[int]:
+    """The training iteration a checkpoint was saved at (None: no weights or none recorded)."""
+    if not weights:
+        return None
+    from retina_d2.safe_load import load_checkpoint
+
+    iteration = load_checkpoint(weights).get("iteration")
+    return None if iteration is None else int(iteration)
+
+
+def _variants(args) -> List[tuple]:
+    """(row name, infer_images options) of every variant the arguments ask for."""
+    budget = (args.tile_proposals, args.tile_detections)
+    variants = [
+        ("whole image, native", {"tiled": False}),
+        ("tiled, native", {"tiled": True}),
+        (f"tiled, native, {budget[0]} proposals / {budget[1]} detections per tile",
+         {"tiled": True, "proposals_per_tile": budget[0], "detections_per_tile": budget[1]}),
+    ]
+    if not args.no_sahi:
+        variants.append(("SAHI slices (Detectron2 adapter), native", {"tiled": True, "sahi": True}))
+    if args.weights:
+        variants.append(("whole image, 1024 px", {"tiled": False, "min_size": 1024}))
+    return variants
 
 
 def run(args) -> dict:
@@ -252,30 +338,45 @@ def run(args) -> dict:
             if args.weights else
             "random weights: latency and memory only (recall of small lesions needs --weights)"
         ),
+        "weights_iteration": _iteration(args.weights),
+        "tile_budget": {"proposals_per_tile": args.tile_proposals,
+                        "detections_per_tile": args.tile_detections},
     }
+    if not args.no_sahi:
+        results["sahi_note"] = (
+            "SAHI row: SAHI's get_sliced_prediction and its Detectron2 adapter given our built "
+            "model (retina_d2/benchmarks/sahi_rcnn.py) on the mapper's network input, slices of "
+            "the tile size and overlap, no extra whole-image pass, SAHI's GREEDYNMM / IOS 0.5 "
+            "merge (forced: SAHI switches to NMS under a 0.1 model threshold), the model's own "
+            "per-image settings on each slice (its 1000 proposals and lesion merge), the merged "
+            "predictions capped at TEST.DETECTIONS_PER_IMAGE by score. SAHI turns masks into "
+            "polygons of at least 3 contour points: a prediction whose mask is 1-2 px in a line "
+            "is dropped")
     with tempfile.TemporaryDirectory(prefix="retina_d2_tiling_") as tmp:
-        image, labels = synthetic_photograph(height, width, lesions)
-        Image.fromarray(image).save(Path(tmp) / "synthetic.png")
-        np.save(Path(tmp) / "synthetic.npy", labels)
-        sources = {f"synthetic {width}x{height}": [{
-            "file": str(Path(tmp) / "synthetic.png"),
-            "truth": {"kind": "npy", "path": str(Path(tmp) / "synthetic.npy")},
-        }]}
+        sources = {}
+        if not args.no_synthetic:
+            image, labels = synthetic_photograph(height, width, lesions)
+            Image.fromarray(image).save(Path(tmp) / "synthetic.png")
+            np.save(Path(tmp) / "synthetic.npy", labels)
+            sources[f"synthetic {width}x{height}"] = [{
+                "file": str(Path(tmp) / "synthetic.png"),
+                "truth": {"kind": "npy", "path": str(Path(tmp) / "synthetic.npy")},
+            }]
         heimed = [] if args.size == "small" else _heimed_images(args.heimed_root, args.heimed_limit)
         if heimed:
             sources[f"HEI-MED val ({len(heimed)} images, native)"] = heimed
-        variants = [("whole image, native", False, 0), ("tiled, native", True, 0)]
-        if args.weights:
-            variants.append(("whole image, 1024 px", False, 1024))
+        if not sources:
+            raise SystemExit("error: no images: --no-synthetic and no HEI-MED images at "
+                             f"{args.heimed_root} (--heimed-limit {args.heimed_limit})")
         for source, images in sources.items():
-            for name, tiled, min_size in variants:
+            for name, options in _variants(args):
                 logger.info("%s: %s", source, name)
                 row = {"source": source, "variant": name, "images": len(images)}
                 row.update(measure_in_subprocess(
                     f"{__name__}:infer_images",
-                    {"images": images, "tiled": tiled, "tile": tile, "overlap": overlap,
-                     "min_size": min_size, "detections": args.detections,
-                     "device": args.device, "weights": args.weights, "repeats": args.repeats},
+                    {"images": images, "tile": tile, "overlap": overlap,
+                     "detections": args.detections, "device": args.device,
+                     "weights": args.weights, "repeats": args.repeats, **options},
                     timeout=args.timeout,
                 ))
                 results["rows"].append(row)
