@@ -55,6 +55,7 @@ from .instance_eval import (
     load_coco_gt,
     load_coco_results,
 )
+from .scored_model import scored_model
 
 __all__ = [
     "FP_RATES",
@@ -535,10 +536,11 @@ def save_froc_plots(froc: Mapping, output_dir: str) -> List[str]:
         ax.set_ylabel("sensitivity")
         ax.set_title(f"{name}: FROC {curve['froc'] * 100:.1f}% ({curve['num_lesions']} lesions)")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right")
+        # Below the axes, not on them: inside, it hid the curve's end (high FP rates).
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         path = os.path.join(output_dir, f"froc_{file_slug(name)}.png")
         with PathManager.open(path, "wb") as f:
-            figure.savefig(f, format="png")
+            figure.savefig(f, format="png", bbox_inches="tight")
         paths.append(path)
     return paths
 
@@ -594,7 +596,7 @@ class LesionFROCEvaluator(LesionPredictionCollector):
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
         """An evaluator with ``cfg.RETINA.EVAL.FROC_*`` and ``ANNOTATED_ONLY``; masks matched
         when ``MODEL.MASK_ON``, else boxes."""
-        return cls(
+        evaluator = cls(
             dataset_name,
             output_dir,
             match=cfg.RETINA.EVAL.FROC_MATCH,
@@ -603,6 +605,8 @@ class LesionFROCEvaluator(LesionPredictionCollector):
             annotated_only=cfg.RETINA.EVAL.ANNOTATED_ONLY,
             score_threshold=cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD,
         )
+        evaluator.scored_model = scored_model(cfg)  # written into eval_info.json
+        return evaluator
 
     def evaluate(self):
         gathered = self._gather_results()

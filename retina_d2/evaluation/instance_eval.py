@@ -47,6 +47,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.file_io import PathManager
 
+from .scored_model import scored_model
+
 __all__ = [
     "LesionInstanceEvaluator",
     "LesionPredictionCollector",
@@ -673,6 +675,9 @@ class LesionPredictionCollector(DatasetEvaluator):
         self._output_dir = output_dir
         self._distributed = distributed
         self._cpu_device = torch.device("cpu")
+        # The weights and iteration scored (scored_model.py), for eval_info.json; from_config
+        # sets them.
+        self.scored_model: dict = {}
 
         self._metadata = MetadataCatalog.get(dataset_name)
         if not hasattr(self._metadata, "json_file"):
@@ -739,6 +744,7 @@ class LesionPredictionCollector(DatasetEvaluator):
             "dataset": self._dataset_name,
             "gt_json": os.path.abspath(PathManager.get_local_path(self._metadata.json_file)),
             "image_root": getattr(self._metadata, "image_root", None),
+            **({"model": self.scored_model} if self.scored_model else {}),
         }
         PathManager.mkdirs(self._output_dir)
         with PathManager.open(os.path.join(self._output_dir, "eval_info.json"), "w") as f:
@@ -816,7 +822,7 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
                 max_dets,
                 max_dets,
             )
-        return cls(
+        evaluator = cls(
             dataset_name,
             tasks=tasks,
             output_dir=output_dir,
@@ -824,6 +830,8 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
             max_dets=max_dets,
             annotated_only=cfg.RETINA.EVAL.ANNOTATED_ONLY,
         )
+        evaluator.scored_model = scored_model(cfg)
+        return evaluator
 
     def evaluate(self):
         gathered = self._gather_results()

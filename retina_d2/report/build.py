@@ -4,6 +4,7 @@ What the evaluators left there decides what the page holds: ``instance_metrics.j
 ``froc.json`` and its ``froc_*.png``, ``semantic_metrics.json`` and ``pr_curves/``, any other
 ``*_metrics.json`` (grading, localization); with the predictions (``coco_instances_results.json``)
 and the ground truth (``eval_info.json``, or ``gt=``) also instance PR curves and the gallery.
+The page names the model scored (weights file and iteration) where ``eval_info.json`` records it.
 """
 import json
 import logging
@@ -23,8 +24,8 @@ from ..evaluation.instance_eval import (
     precision_recall_curves,
 )
 from .curves import save_instance_pr_curves
-from .gallery import COLOURS, draw_outcome, pick_worst_and_best, score_images
-from .page import render_page
+from .gallery import COLOURS, ImageOutcome, draw_outcome, pick_gallery, score_images
+from .page import GalleryItem, render_page
 from .paper_vs_ours import paper_vs_ours_section
 from .tables import froc_tables, metric_tables
 
@@ -32,7 +33,9 @@ __all__ = ["ReportError", "build_report", "EVAL_INFO", "REPORT_DIR", "REPORT_MAR
 
 logger = logging.getLogger(__name__)
 
-EVAL_INFO = "eval_info.json"  # written by the instance evaluators: GT file, image root, dataset
+# Written by the instance evaluators: GT file, image root, dataset, and the model scored
+# (retina_d2/evaluation/scored_model.py: weights, iteration, during_training).
+EVAL_INFO = "eval_info.json"
 REPORT_DIR = "report"
 # Written into every report folder: only a folder holding it is ever replaced by a new report.
 REPORT_MARKER = ".retina_d2_report"
@@ -122,7 +125,8 @@ def build_report(
             replaced whole; any other folder is refused, so nothing else is ever deleted.
         gt, image_root: the COCO GT file and its images' folder, when ``eval_info.json`` does
             not give them (an evaluation by ``tools/evaluate.py``, say).
-        gallery_size: images shown among the worst and among the best (0: no gallery).
+        gallery_size: images shown among the worst and among the best of the images with
+            lesions, and among the healthy eyes with false alarms (0: no gallery).
         score_threshold: predictions kept for the gallery (default: the FROC table's).
 
     Raises:
@@ -182,7 +186,7 @@ def build_report(
     try:
         page = _assemble(
             eval_dir, staging, loaded, lesions, coco_gt, results, image_root, gallery_size,
-            score_threshold, title,
+            score_threshold, title, _scored_model(info),
         )
         (staging / "index.html").write_text(page, encoding="utf-8")
         (staging / REPORT_MARKER).write_text(
@@ -301,7 +305,7 @@ def _lesion_names(loaded) -> List[str]:
 
 def _assemble(
     eval_dir, report_dir, loaded, lesions, coco_gt, results, image_root, gallery_size,
-    score_threshold, title,
+    score_threshold, title, model,
 ) -> str:
     figures_dir = report_dir / "figures"
     sections = []
@@ -349,7 +353,7 @@ def _assemble(
     if published is not None:
         sections.insert(0, published)
 
-    worst, best, note = [], [], ""
+    groups, note = [], ""
     if coco_gt is None or results is None:
         note = (
             f"No gallery: the folder has no predictions ({RESULTS}) or no ground truth "
@@ -364,28 +368,26 @@ def _assemble(
         outcomes = score_images(
             coco_gt, results, score_threshold=threshold, match=match, iou_threshold=iou
         )
-        worst_o, best_o = pick_worst_and_best(outcomes, gallery_size)
+        gallery = pick_gallery(outcomes, gallery_size)
         rule = f"mask IoU ≥ {iou}" if match == "iou" else "centre inside"
         note = (
             f"Predictions scoring ≥ {threshold}; a hit is {rule}, as in the FROC table. Images "
-            f"ranked by lesion F1 (all lesion types pooled)."
+            f"with lesions ranked by lesion F1 (all lesion types pooled); healthy eyes (no "
+            f"lesion in the ground truth) apart, {gallery.clean_healthy} of them without a "
+            f"false alarm. Each picture links to its full-resolution view."
         )
-        gallery_dir = report_dir / "gallery"
         used: Set[str] = set()
-        for picked, target in ((worst_o, worst), (best_o, best)):
-            for outcome in picked:
-                path = Path(image_root or "") / outcome.file_name
-                try:
-                    image = read_image(str(path), format="RGB")
-                except (OSError, ValueError) as e:
-                    raise ReportError(f"gallery image {path} cannot be read: {e}") from e
-                name = gallery_file_name(outcome.image_id, used)
-                png = draw_outcome(image, outcome, coco_gt, gallery_dir / name)
-                caption = (
-                    f"{Path(outcome.file_name).name}: F1 {outcome.f1:.2f}, {len(outcome.hits)} "
-                    f"found, {len(outcome.misses)} missed, {len(outcome.false_alarms)} false alarms"
-                )
-                target.append((png.relative_to(report_dir).as_posix(), caption))
+        draw = _GalleryWriter(report_dir, image_root, coco_gt, used)
+        groups = [
+            {"id": "worst", "heading": "Worst (images with lesions)",
+             "pictures": [draw(o) for o in gallery.worst], "empty": "No image has lesions."},
+            {"id": "best", "heading": "Best (images with lesions)",
+             "pictures": [draw(o) for o in gallery.best],
+             "empty": "No other image has lesions."},
+            {"id": "healthy", "heading": "False alarms on healthy eyes",
+             "pictures": [draw(o) for o in gallery.healthy],
+             "empty": "No healthy eye has a false alarm."},
+        ]
 
     config = _find_upwards(eval_dir, "config.yaml")
     env = _find_upwards(eval_dir, "env.txt")
@@ -393,10 +395,61 @@ def _assemble(
         title=title,
         eval_dir=str(eval_dir),
         sections=sections,
-        worst=worst,
-        best=best,
-        colours=COLOURS if (worst or best) else None,
+        gallery_groups=groups,
+        colours=COLOURS if groups else None,
         gallery_note=note,
+        model=model,
+        eval_info_name=EVAL_INFO,
         config_text=config.read_text() if config else None,
         env_text=env.read_text() if env else None,
     )
+
+
+class _GalleryWriter:
+    """Draws one outcome as ``gallery/<name>.png`` (900 px) and ``gallery/full/<name>.png``
+    (full resolution) and gives its gallery item."""
+
+    def __init__(self, report_dir: Path, image_root, coco_gt, used: Set[str]):
+        self.report_dir, self.image_root, self.coco_gt, self.used = (
+            report_dir, image_root, coco_gt, used
+        )
+
+    def __call__(self, outcome: ImageOutcome) -> GalleryItem:
+        path = Path(self.image_root or "") / outcome.file_name
+        try:
+            image = read_image(str(path), format="RGB")
+        except (OSError, ValueError) as e:
+            raise ReportError(f"gallery image {path} cannot be read: {e}") from e
+        name = gallery_file_name(outcome.image_id, self.used)
+        gallery_dir = self.report_dir / "gallery"
+        thumb = draw_outcome(image, outcome, self.coco_gt, gallery_dir / name,
+                             full_path=gallery_dir / "full" / name)
+        file_name = Path(outcome.file_name).name
+        if outcome.num_lesions:
+            caption = (
+                f"{file_name}: F1 {outcome.f1:.2f}, {len(outcome.hits)} found, "
+                f"{len(outcome.misses)} missed, {len(outcome.false_alarms)} false alarms"
+            )
+        else:
+            caption = f"{file_name}: healthy eye, {len(outcome.false_alarms)} false alarms"
+        return GalleryItem(
+            thumb=thumb.relative_to(self.report_dir).as_posix(),
+            full=f"gallery/full/{name}",
+            caption=caption,
+            image_id=outcome.image_id,
+        )
+
+
+def _scored_model(info: dict) -> Optional[dict]:
+    """eval_info.json's ``model`` record with its types checked; None when absent or malformed
+    (an evaluation written before it was recorded, or by tools/evaluate.py)."""
+    model = info.get("model")
+    if not isinstance(model, dict):
+        return None
+    weights, iteration = model.get("weights"), model.get("iteration")
+    if weights is not None and not isinstance(weights, str):
+        return None
+    if iteration is not None and (not isinstance(iteration, int) or isinstance(iteration, bool)):
+        return None
+    return {"weights": weights, "iteration": iteration,
+            "during_training": bool(model.get("during_training", False))}

@@ -28,10 +28,11 @@ def save_instance_pr_curves(
         axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
         axes.set_title(f"{name} ({task})")
         axes.grid(alpha=0.3)
-        axes.legend(loc="upper right", fontsize=8)
-        figure.tight_layout()
+        # Below the axes: inside, the legend covered the curves' high-precision end.
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize=8,
+                    frameon=False)
         path = out_dir / f"{task}_pr_{file_slug(name)}.png"
-        figure.savefig(path)
+        figure.savefig(path, bbox_inches="tight")
         plt.close(figure)
         paths[name] = path
     return paths

@@ -1,15 +1,18 @@
 """The report's gallery: the images a detector did worst and best on, with its hits, misses and
-false alarms drawn in distinct colours over the photograph.
+false alarms outlined in distinct colours over the photograph.
 
 Each image is scored by its lesion-level F1 at the report's score threshold, every lesion type
 pooled, with the matching rules of the FROC evaluator (:func:`~retina_d2.evaluation.match_lesions`),
-so the pictures show exactly what the FROC table counts.
+so the pictures show exactly what the FROC table counts. Only images with lesions are ranked: a
+healthy eye's F1 is 1 whenever nothing is found, so ranked with the rest the healthy images would
+fill the "best" places. Healthy eyes with false alarms are shown apart
+(:func:`pick_gallery`).
 """
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -17,8 +20,9 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from ..evaluation.froc import FALSE_POSITIVE, HIT, match_lesions
+from ..visualize import Mark, draw_marks, line_width
 
-__all__ = ["ImageOutcome", "COLOURS", "score_images", "pick_worst_and_best", "draw_outcome"]
+__all__ = ["ImageOutcome", "COLOURS", "Gallery", "score_images", "pick_gallery", "draw_outcome"]
 
 # RGB. Chosen apart for red-green colour blindness too: blue / orange / magenta.
 COLOURS = {
@@ -39,6 +43,7 @@ class ImageOutcome:
     misses: List[dict]  # GT annotations
     false_alarms: List[dict]  # predictions
     ignored: List[dict]  # GT ignore regions
+    num_lesions: int = 0  # GT lesions (ignore regions not counted): 0 = a healthy eye
 
     @property
     def f1(self) -> float:
@@ -90,58 +95,102 @@ def score_images(
             outcome.false_alarms += [p for p, o in zip(preds, found) if o == FALSE_POSITIVE]
             outcome.misses += [a for a, h in zip(lesions, hit) if not h]
             outcome.ignored += ignore
+            outcome.num_lesions += len(lesions)
         outcomes.append(outcome)
     return outcomes
 
 
-def pick_worst_and_best(outcomes: Sequence[ImageOutcome], count: int):
-    """(worst, best): up to ``count`` images each, no image in both.
+class Gallery(NamedTuple):
+    """The images the report shows: ``worst`` and ``best`` among the images with lesions,
+    ``healthy`` the healthy eyes with false alarms (most first), and how many healthy eyes had
+    none (``clean_healthy``)."""
 
-    Worst: lowest F1, then most errors; best: highest F1, then most lesions found.
+    worst: List[ImageOutcome]
+    best: List[ImageOutcome]
+    healthy: List[ImageOutcome]
+    clean_healthy: int
+
+
+def pick_gallery(outcomes: Sequence[ImageOutcome], count: int) -> Gallery:
+    """Up to ``count`` images in each group, no image in two.
+
+    Worst: lowest F1, then most errors; best: highest F1, then most lesions found; both among
+    images with at least one lesion, worst taking at most half of them. Healthy: images without
+    lesions that hold a false alarm, most false alarms first.
     """
+    with_lesions = [o for o in outcomes if o.num_lesions > 0]
+    healthy = [o for o in outcomes if o.num_lesions == 0]
     worst_order = sorted(
-        outcomes, key=lambda o: (o.f1, -(len(o.misses) + len(o.false_alarms)), o.image_id)
+        with_lesions, key=lambda o: (o.f1, -(len(o.misses) + len(o.false_alarms)), o.image_id)
     )
-    worst = worst_order[: min(count, math.ceil(len(outcomes) / 2))]
+    worst = worst_order[: min(count, math.ceil(len(with_lesions) / 2))]
     taken = {o.image_id for o in worst}
-    best_order = sorted(outcomes, key=lambda o: (-o.f1, -len(o.hits), o.image_id))
+    best_order = sorted(with_lesions, key=lambda o: (-o.f1, -len(o.hits), o.image_id))
     best = [o for o in best_order if o.image_id not in taken][:count]
-    return worst, best
+    alarmed = sorted(
+        (o for o in healthy if o.false_alarms), key=lambda o: (-len(o.false_alarms), o.image_id)
+    )
+    clean = sum(1 for o in healthy if not o.false_alarms)
+    return Gallery(worst, best, alarmed[:count], clean)
 
 
-def _contours(canvas: np.ndarray, rle: dict, colour, thickness: int) -> None:
-    mask = mask_util.decode(rle).astype(np.uint8)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(canvas, contours, -1, colour, thickness)
+def _marks(rles, kind: str) -> List[Mark]:
+    """Outcome RLEs as marks named by outcome, in its colour (empty masks left out)."""
+    marks = []
+    for rle in rles:
+        mask = mask_util.decode(rle).astype(bool)
+        ys, xs = np.nonzero(mask)
+        if not ys.size:
+            continue
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        marks.append(Mark(kind, COLOURS[kind], box, mask[box[1]:box[3], box[0]:box[2]]))
+    return marks
+
+
+def _outcome_marks(outcome: ImageOutcome, coco_gt) -> List[Mark]:
+    return (
+        _marks([coco_gt.annToRLE(a) for a in outcome.ignored], "ignored")
+        + _marks([coco_gt.annToRLE(a) for a in outcome.misses], "miss")
+        + _marks([p["segmentation"] for p in outcome.hits], "hit")
+        + _marks([p["segmentation"] for p in outcome.false_alarms], "false alarm")
+    )
 
 
 def draw_outcome(
-    image: np.ndarray, outcome: ImageOutcome, coco_gt, out_path: Path, width: int = 900
+    image: np.ndarray,
+    outcome: ImageOutcome,
+    coco_gt,
+    out_path: Path,
+    width: int = 900,
+    full_path: Optional[Path] = None,
 ) -> Path:
-    """Save the photograph with the outcome's lesions outlined, at ``width`` pixels.
+    """Save the photograph with the outcome's lesions outlined, at ``width`` pixels, and with
+    ``full_path`` also at full resolution.
 
-    Outlines are drawn at full resolution, as thick as two output pixels, before the picture is
-    shrunk: a 3-pixel microaneurysm would vanish if it were shrunk first.
+    The thumbnail's outlines are drawn at full resolution, as thick as two output pixels, before
+    the picture is shrunk (a 3-pixel microaneurysm would vanish if it were shrunk first), with a
+    ring of 5 output pixels around any lesion smaller than that. The full-resolution picture
+    has the outlines and rings of :func:`~retina_d2.visualize.draw_marks`.
     """
     if image.shape[:2] != (outcome.height, outcome.width):
         raise ValueError(
             f"{outcome.file_name} is {image.shape[1]}x{image.shape[0]} but its ground truth "
             f"says {outcome.width}x{outcome.height}"
         )
-    canvas = np.ascontiguousarray(image[..., :3]).copy()
+    marks = _outcome_marks(outcome, coco_gt)
     scale = min(1.0, width / outcome.width)
-    thickness = max(1, round(2 / scale))
-    for ann in outcome.ignored:
-        _contours(canvas, coco_gt.annToRLE(ann), COLOURS["ignored"], thickness)
-    for ann in outcome.misses:
-        _contours(canvas, coco_gt.annToRLE(ann), COLOURS["miss"], thickness)
-    for pred in outcome.hits:
-        _contours(canvas, pred["segmentation"], COLOURS["hit"], thickness)
-    for pred in outcome.false_alarms:
-        _contours(canvas, pred["segmentation"], COLOURS["false alarm"], thickness)
+    canvas = draw_marks(image, marks, legend=False, line=max(1, round(2 / scale)),
+                        ring=max(3, round(5 / scale)))
     if scale < 1:
         size = (round(outcome.width * scale), round(outcome.height * scale))
         canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_AREA)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out_path)
+    _save(canvas, out_path)
+    if full_path is not None:
+        line = line_width(outcome.height, outcome.width)
+        _save(draw_marks(image, marks, legend=False, line=line), full_path)
     return out_path
+
+
+def _save(picture: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path)

@@ -1,10 +1,13 @@
 """The HTML evaluation report: its numbers are the metrics files', its gallery shows the FROC
-matching's hits, misses and false alarms, and it renders in a real browser with every picture."""
+matching's hits, misses and false alarms (ranking only images with lesions, healthy eyes with
+false alarms apart, each picture linked to its full-resolution view), it names the model scored,
+shows every name as text, and renders in a real browser with every picture."""
 import json
 import math
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from retina_d2.evaluation import evaluate_coco_results, froc_curve, write_metric
 from retina_d2.evaluation.froc import save_froc_plots, write_froc_json
 from retina_d2.evaluation.instance_eval import load_coco_gt
 from retina_d2.report import ReportError, build_report
-from retina_d2.report.gallery import pick_worst_and_best, score_images
+from retina_d2.report.gallery import pick_gallery, score_images
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -82,7 +85,9 @@ def eval_dir(tmp_path):
     (output / "env.txt").write_text("torch 2.14.1 on a test machine\n")
     (folder / "coco_instances_results.json").write_text(json.dumps(RESULTS))
     (folder / "eval_info.json").write_text(json.dumps(
-        {"dataset": "toy_val", "gt_json": str(gt_path), "image_root": str(images)}))
+        {"dataset": "toy_val", "gt_json": str(gt_path), "image_root": str(images),
+         "model": {"weights": str(output / "model_final.pth"), "iteration": 1999,
+                   "during_training": False}}))
     write_metrics_json(evaluate_coco_results(gt_path, RESULTS), folder / "instance_metrics.json")
     froc = froc_curve(gt_path, RESULTS, score_threshold=0.35)
     write_froc_json(froc, str(folder / "froc.json"))
@@ -107,8 +112,12 @@ def test_images_are_scored_with_the_froc_rules(eval_dir):
     assert outcomes[1].misses[0]["id"] == 2  # lesion B
     assert math.isclose(outcomes[1].f1, 2 * 2 / (2 * 2 + 1 + 1))
     assert (outcomes[2].f1, outcomes[3].f1) == (1.0, 0.0)
-    worst, best = pick_worst_and_best(list(outcomes.values()), 2)
-    assert [o.image_id for o in worst] == [3, 1] and [o.image_id for o in best] == [2]
+    assert [outcomes[i].num_lesions for i in (1, 2, 3)] == [3, 1, 0]  # the ignore region: none
+    # Image 3 is healthy: its F1 of 0 (one false alarm) does not rank it among the worst, and a
+    # healthy eye with nothing found (F1 1) would never be "best".
+    gallery = pick_gallery(list(outcomes.values()), 2)
+    assert [o.image_id for o in gallery.worst] == [1] and [o.image_id for o in gallery.best] == [2]
+    assert [o.image_id for o in gallery.healthy] == [3] and gallery.clean_healthy == 0
     # A lower threshold lets the 0.1 prediction in: image 3 gains a false alarm.
     low = {o.image_id: o for o in score_images(coco_gt, RESULTS, score_threshold=0.05)}
     assert len(low[3].false_alarms) == 2
@@ -123,7 +132,8 @@ def test_report_is_written_with_tables_curves_and_gallery(eval_dir):
         assert heading in text
     assert "torch 2.14.1 on a test machine" in text and "FROC_SCORE_THRESHOLD" in text
     report = page.parent
-    assert sorted(p.name for p in (report / "gallery").iterdir()) == ["1.png", "2.png", "3.png"]
+    for folder in (report / "gallery", report / "gallery" / "full"):
+        assert sorted(p.name for p in folder.glob("*.png")) == ["1.png", "2.png", "3.png"]
     assert {p.name for p in (report / "figures").glob("segm_pr_*.png")} == {
         "segm_pr_hard_exudate.png", "segm_pr_microaneurysm.png"}
     assert (report / "figures" / "froc_hard_exudate.png").is_file()
@@ -135,7 +145,7 @@ def test_report_is_written_with_tables_curves_and_gallery(eval_dir):
     (report / "stale.png").write_bytes(b"")
     build_report(eval_dir, gallery_size=1)
     assert not (report / "stale.png").exists()
-    assert len(list((report / "gallery").iterdir())) == 2
+    assert len(list((report / "gallery").glob("*.png"))) == 3  # worst, best, healthy
 
 
 def test_broken_inputs_give_clear_errors(eval_dir, tmp_path):
@@ -166,6 +176,163 @@ def test_report_tool_exit_codes(eval_dir, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r" / "index.html").is_file()
+
+
+# --- the page, parsed ----------------------------------------------------------------------------
+
+
+class _Page(HTMLParser):
+    """What the tests read from a report page: every start tag, the title, the scored-model line,
+    and per gallery group its pictures (image id, link, thumbnail, caption)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags, self.title, self.model, self.groups = [], "", "", {}
+        self._in, self._group, self._figure = [], None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        self._in.append((tag, attrs))
+        if tag == "div" and "data-group" in attrs:
+            self._group = self.groups.setdefault(attrs["data-group"], [])
+        elif tag == "figure" and self._group is not None:
+            self._figure = {"id": attrs.get("data-image-id"), "links": [], "caption": ""}
+            self._group.append(self._figure)
+        elif tag == "a" and self._figure is not None:
+            self._figure["links"].append(attrs["href"])
+        elif tag == "img" and self._figure is not None:
+            self._figure["thumb"] = attrs["src"]
+        if tag == "img":
+            self._in.pop()  # a void element: no end tag
+
+    def handle_endtag(self, tag):
+        while self._in:
+            open_tag, attrs = self._in.pop()
+            if open_tag == "div" and "data-group" in attrs:
+                self._group = None
+            if open_tag == "figure":
+                self._figure = None
+            if open_tag == tag:
+                break
+
+    def handle_data(self, data):
+        inside = [t for t, _ in self._in]
+        if inside and inside[-1] == "title":
+            self.title += data
+        if any(t == "p" and a.get("id") == "scored-model" for t, a in self._in):
+            self.model += data
+        if self._figure is not None and "figcaption" in inside:
+            self._figure["caption"] += data
+
+
+def test_best_ranks_only_images_with_lesions_and_healthy_eyes_are_apart(eval_dir, tmp_path):
+    # Two more healthy eyes, nothing found on them: F1 1, which used to fill "best".
+    gt_path = eval_dir.parents[2] / "val.json"
+    gt = json.loads(gt_path.read_text())
+    for image_id in (4, 5):
+        name = f"eye{image_id}.png"
+        Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(
+            eval_dir.parents[2] / "images" / name)
+        gt["images"].append({"id": image_id, "file_name": name, "height": SIZE, "width": SIZE})
+    gt_path.write_text(json.dumps(gt))
+    page = _Page(build_report(eval_dir, gallery_size=4).read_text())
+    with_lesions = {a["image_id"] for a in gt["annotations"] if not a["iscrowd"]}
+    assert with_lesions == {1, 2}
+    ids = {group: [int(f["id"]) for f in figures] for group, figures in page.groups.items()}
+    assert ids == {"worst": [1], "best": [2], "healthy": [3]}
+    assert set(ids["best"]) <= with_lesions and set(ids["worst"]) <= with_lesions
+    assert "healthy eye, 1 false alarms" in page.groups["healthy"][0]["caption"]
+    text = build_report(eval_dir, gallery_size=4).read_text()
+    assert "False alarms on healthy eyes" in text and "2 of them without a false alarm" in text
+
+
+def test_thumbnails_link_to_full_resolution_pictures_that_exist(eval_dir):
+    page = build_report(eval_dir, gallery_size=2)
+    parsed = _Page(page.read_text())
+    figures = [f for group in parsed.groups.values() for f in group]
+    assert len(figures) == 3
+    for figure in figures:
+        # The picture and its caption both link to the full view, inside the report.
+        assert len(set(figure["links"])) == 1
+        full = page.parent / figure["links"][0]
+        assert full.is_file() and page.parent in full.resolve().parents
+        assert full.parent.name == "full" and figure["thumb"] == f"gallery/{full.name}"
+        assert Image.open(full).size == (SIZE, SIZE)  # the photograph's own size
+
+
+def test_full_resolution_view_of_a_large_photograph(tmp_path):
+    """A thumbnail is 900 px wide; the linked view keeps every pixel, with outlines."""
+    from retina_d2.report.gallery import draw_outcome, score_images as score
+
+    height, width = 1200, 1800
+    mask = np.zeros((height, width), bool)
+    mask[600:602, 900:902] = True  # a 2x2 microaneurysm, missed
+    gt = {"images": [{"id": 1, "file_name": "big.png", "height": height, "width": width}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": MA, "iscrowd": 0,
+                           "segmentation": encode_rle(mask), "area": 4,
+                           "bbox": [900, 600, 2, 2]}],
+          "categories": [{"id": MA, "name": "microaneurysm"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    coco_gt, _ = load_coco_gt(tmp_path / "gt.json")
+    outcome = score(coco_gt, [], score_threshold=0.5)[0]
+    image = np.full((height, width, 3), 80, np.uint8)
+    draw_outcome(image, outcome, coco_gt, tmp_path / "t.png", full_path=tmp_path / "f.png")
+    thumb, full = np.asarray(Image.open(tmp_path / "t.png")), np.asarray(Image.open(tmp_path / "f.png"))
+    assert thumb.shape == (600, 900, 3) and full.shape == (height, width, 3)
+    miss = (255, 140, 0)
+    assert (full == miss).all(axis=-1)[600:602, 900:902].all()
+    # Shrunk 2x, the missed microaneurysm is still ringed in the miss colour.
+    assert (np.abs(thumb.astype(int) - miss).sum(axis=-1) < 60).sum() >= 10
+
+
+def test_the_page_names_the_checkpoint_and_iteration_scored(eval_dir):
+    run = eval_dir.parents[1]
+    page = _Page(build_report(eval_dir).read_text())
+    assert " ".join(page.model.split()) == f"Model scored: {run / 'model_final.pth'}, iteration 1999."
+    info = json.loads((eval_dir / "eval_info.json").read_text())
+    info["model"] = {"weights": None, "iteration": 499, "during_training": True}
+    (eval_dir / "eval_info.json").write_text(json.dumps(info))
+    page = _Page(build_report(eval_dir).read_text())
+    assert "in training at iteration 499 (no checkpoint was saved" in " ".join(page.model.split())
+    del info["model"]
+    (eval_dir / "eval_info.json").write_text(json.dumps(info))
+    page = _Page(build_report(eval_dir).read_text())
+    assert "not recorded in eval_info.json" in " ".join(page.model.split())
+    info["model"] = {"weights": ["not", "a", "path"], "iteration": "x"}  # malformed: not shown
+    (eval_dir / "eval_info.json").write_text(json.dumps(info))
+    assert "not recorded" in _Page(build_report(eval_dir).read_text()).model
+
+
+def test_names_and_texts_are_shown_as_text_not_markup(eval_dir):
+    hostile = "<script>alert('x')</script>"
+    info = json.loads((eval_dir / "eval_info.json").read_text())
+    info["dataset"] = hostile
+    info["model"]["weights"] = f"/w/{hostile}.pth"
+    (eval_dir / "eval_info.json").write_text(json.dumps(info))
+    config = eval_dir.parents[1] / "config.yaml"
+    config.write_text(config.read_text() + f"# {hostile}\n")
+    text = build_report(eval_dir).read_text()
+    page = _Page(text)
+    assert "script" not in page.tags
+    assert page.title == f"Evaluation report: {hostile}"
+    assert hostile in page.model
+    assert "&lt;script&gt;" in text and "<script>" not in text
+
+
+def test_templates_ship_as_package_data():
+    import tomllib  # noqa: F401  (Python 3.11+)
+
+    from retina_d2 import report
+
+    templates = Path(report.__file__).parent / "templates"
+    shipped = {p.name for p in templates.iterdir()}
+    assert {"report.html.j2", "macros.html.j2", "report.css"} <= shipped
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["retina_d2"]
+    assert "report/templates/*" in patterns
+    assert "jinja2" in pyproject["project"]["dependencies"]
 
 
 # --- in a browser --------------------------------------------------------------------------------
@@ -208,11 +375,29 @@ def test_report_renders_in_headless_chromium(eval_dir):
             "return Array.from(document.querySelectorAll('td[data-path]')).map(td => ["
             "td.dataset.source, td.dataset.path, td.dataset.scale, td.dataset.value,"
             " td.textContent]);")
+        groups = browser.execute_script(
+            "return Array.from(document.querySelectorAll('.gallery')).map(g => ["
+            "g.dataset.group, Array.from(g.querySelectorAll('figure')).map(f =>"
+            " f.dataset.imageId)]);")
+        model = browser.find_element("id", "scored-model").text
+        links = browser.execute_script(
+            "return Array.from(document.querySelectorAll('.gallery a')).map(a =>"
+            " a.getAttribute('href'));")
+        # A full-resolution view opens in the browser at the photograph's size.
+        browser.get((page.parent / links[0]).as_uri())
+        opened = browser.execute_script(
+            "return [document.images.length, document.images[0].naturalWidth];")
     finally:
         browser.quit()
     pngs = {p.relative_to(page.parent).as_posix() for p in page.parent.rglob("*.png")}
-    assert {src for src, _, _ in images} == pngs and len(images) == len(pngs)
+    full = {p for p in pngs if p.startswith("gallery/full/")}
+    assert {src for src, _, _ in images} == pngs - full and len(images) == len(pngs - full)
     assert all(complete and width > 0 for _, complete, width in images), images
+    assert set(links) == full and opened == [1, SIZE]
+    # Best holds only images with lesions; the healthy eye with a false alarm is apart.
+    assert {g: [int(i) for i in ids] for g, ids in groups} == {
+        "worst": [1], "best": [2], "healthy": [3]}
+    assert "model_final.pth" in model and "iteration 1999" in model
 
     files = {name: json.loads((eval_dir / name).read_text()) for name in (
         "instance_metrics.json", "froc.json", "semantic_metrics.json", "grading_metrics.json")}

@@ -4,6 +4,7 @@ whatever the image ids are; its files get the umask's permissions; broken inputs
 folders are one error line naming the file."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def test_rerunning_onto_its_own_report_replaces_it(eval_dir, tmp_path):
     (out / "gallery" / "stale.png").write_bytes(b"")
     assert _tool("--eval-dir", eval_dir, "--out", out, "--gallery", "1") == (0, [])
     assert not (out / "gallery" / "stale.png").exists()
-    assert len(list((out / "gallery").iterdir())) == 2
+    # One each of worst, best and false alarms on a healthy eye, each with its full view.
+    for folder in (out / "gallery", out / "gallery" / "full"):
+        assert sorted(p.name for p in folder.glob("*.png")) == ["1.png", "2.png", "3.png"]
     # Nothing left beside it: no staging folder, no set-aside old report.
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -79,10 +82,13 @@ def test_a_report_written_before_the_marker_is_replaced_and_a_lookalike_is_not(e
     """Output folders of earlier versions hold reports without the marker: exactly index.html
     and PNGs in figures/ and gallery/. One more file of anyone else's, and it is not a report."""
     page = build_report(eval_dir, gallery_size=1)
+    # As an earlier version wrote it: no marker, no full-resolution views.
     (page.parent / REPORT_MARKER).unlink()
+    shutil.rmtree(page.parent / "gallery" / "full")
     build_report(eval_dir, gallery_size=2)
-    assert len(list((page.parent / "gallery").iterdir())) == 3
+    assert len(list((page.parent / "gallery").glob("*.png"))) == 3
     (page.parent / REPORT_MARKER).unlink()
+    shutil.rmtree(page.parent / "gallery" / "full")
     (page.parent / "figures" / "notes.txt").write_text("mine")
     with pytest.raises(ReportError, match="holds no earlier report"):
         build_report(eval_dir)
@@ -147,7 +153,8 @@ def test_gallery_pictures_of_path_like_image_ids_stay_in_the_gallery(string_ids,
     gallery = page.parent / "gallery"
     new = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     assert new and all(page.parent in p.parents for p in new), sorted(new)
-    pictures = sorted(p.name for p in gallery.iterdir())
+    pictures = sorted(p.name for p in gallery.glob("*.png"))
+    assert sorted(p.name for p in (gallery / "full").iterdir()) == pictures
     assert len(pictures) == 3 and all("/" not in n and not n.startswith(".") for n in pictures)
     assert not (tmp_path / "abs.png").exists()
     # The page shows each of them.
