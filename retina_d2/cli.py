@@ -1,10 +1,11 @@
 """``retina-d2``: one command for the toolkit's tools (``pip install -e .`` installs it).
 
-Each subcommand is the tool script of the checkout it wraps, with the same flags and help:
-``retina-d2 train ...`` is ``python tools/train_net.py ...``. The scripts stay the reference
-(Detectron2's projects ship thin ``tools/``), so the tools folder of the checkout must be
-there: an editable install, which is what the setup command makes.
+Each subcommand runs a tool module of the package (retina_d2/tools/), with the same flags and
+help as the checkout's thin script for it: ``retina-d2 train ...`` is
+``python tools/train_net.py ...``. The modules are imported by name, so the processes that
+``--num-gpus N`` / ``--num-machines N`` start can import the training function they are handed.
 """
+import importlib
 import importlib.util
 import sys
 from collections import OrderedDict
@@ -13,9 +14,8 @@ from typing import List, Optional
 
 __all__ = ["SUBCOMMANDS", "main"]
 
-TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"
-
-# subcommand -> (tool script, its entry function, what it does, an example)
+# subcommand -> (tool script, its entry function, what it does, an example); the script
+# tools/<name>.py runs the module retina_d2.tools.<name>, and so does the subcommand.
 SUBCOMMANDS = OrderedDict(
     convert=(
         "convert_dataset.py", "main", "a dataset's native masks -> per-instance COCO JSON",
@@ -38,6 +38,10 @@ SUBCOMMANDS = OrderedDict(
         "report.py", "main", "the HTML report of an evaluation folder",
         "retina-d2 report --eval-dir output/maskrcnn_synthetic/inference/synthetic_seg_val",
     ),
+    reproduce=(
+        "reproduce.py", "main", "a paper's system: convert, train, test, paper-vs-ours table",
+        "retina-d2 reproduce idrid-resunet --data-root /data/IDRiD --output runs/resunet",
+    ),
 )
 
 
@@ -51,13 +55,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def tool_module(script: str) -> str:
+    """The package module holding the logic of the tool script ``script`` (``train_net.py``)."""
+    return f"retina_d2.tools.{script[: -len('.py')]}"
+
+
 def _load_tool(script: str):
-    path = TOOLS_DIR / script
-    if not path.is_file():
-        raise SystemExit(
-            f"error: retina-d2 runs the tool scripts of a retina_d2 checkout, and {path} is "
-            "missing; install the checkout with `pip install -e .` (or `make env`)"
-        )
+    """The tool's module. tools/predict.py is not moved into the package yet: it is still run
+    from the checkout, by path (its processes need no pickling)."""
+    if script != "predict.py":
+        return importlib.import_module(tool_module(script))
+    path = Path(__file__).resolve().parents[1] / "tools" / script
     spec = importlib.util.spec_from_file_location(f"retina_d2_tools.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

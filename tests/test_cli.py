@@ -1,18 +1,37 @@
-"""The `retina-d2` console command: each subcommand is the tool script it wraps."""
+"""The `retina-d2` console command: each subcommand runs a tool module of the package, as the thin
+script tools/<name>.py does; multi-process training through it; no sys.path hacks in tools/."""
+import os
+import re
+import socket
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
-from retina_d2.cli import SUBCOMMANDS
+from retina_d2.cli import SUBCOMMANDS, tool_module
 
 REPO = Path(__file__).resolve().parents[1]
+INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 
 
-def _cli(*args, command=(sys.executable, "-m", "retina_d2.cli")):
-    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+def _cli(*args, command=(sys.executable, "-m", "retina_d2.cli"), env=None, timeout=300):
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def _retina_d2():
+    """The installed console script (what a user types), else the same entry through -m."""
+    script = Path(sys.executable).parent / "retina-d2"
+    return (str(script),) if script.is_file() else (sys.executable, "-m", "retina_d2.cli")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_help_lists_every_subcommand_with_an_example():
@@ -57,3 +76,74 @@ def test_pip_install_made_the_command():
     assert script.is_file(), f"{script} missing: reinstall with pip install -e ."
     done = _cli("--help", command=(str(script),))
     assert done.returncode == 0 and "retina-d2 train --config-file" in done.stdout
+
+
+def test_tool_scripts_are_thin_and_leave_sys_path_alone():
+    scripts = sorted((REPO / "tools").glob("*.py"))
+    assert scripts
+    for script in scripts:
+        if script.name == "predict.py":
+            continue  # still holds its logic, being reworked (sharded prediction): moved next
+        text = script.read_text()
+        # The editable install (pip install -e .) makes retina_d2 importable from anywhere.
+        assert not re.search(r"sys\.path\.(insert|append)|sys\.path\s*[+=]|site\.addsitedir",
+                             text), f"{script.name} changes sys.path"
+    for name, (script, entry, _, _) in SUBCOMMANDS.items():
+        if script == "predict.py":
+            continue  # not moved into the package yet (retina_d2/cli.py loads it by path)
+        module = tool_module(script)
+        text = (REPO / "tools" / script).read_text()
+        assert f"from {module} import" in text, f"tools/{script} does not run {module}"
+        code = [line for line in text.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+        assert len(code) <= 12, f"tools/{script} holds logic; it belongs in {module}"
+        assert callable(getattr(__import__(module, fromlist=[entry]), entry))
+
+
+def _train_env(datasets):
+    # One thread per process: two ranks on a 2-core machine.
+    return dict(os.environ, RETINA_D2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
+
+
+def _train_flags(out):
+    return ["--config-file", INSTANT, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "2",
+            "DATASETS.TEST", "()", "RETINA.EVAL.NUM_OVERLAYS", "0", "RETINA.EVAL.REPORT", "False"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path runs without CUDA only")
+def test_train_with_two_processes_writes_one_checkpoint(synthetic_datasets, tmp_path):
+    # Regression: retina-d2 loaded tools/train_net.py by file path, and launch, which pickles
+    # the training function for the processes it spawns, died with a PicklingError.
+    out = tmp_path / "run"
+    done = _cli("train", "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+                *_train_flags(out), command=_retina_d2(), env=_train_env(synthetic_datasets),
+                timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "PicklingError" not in done.stderr
+    assert "Rank of current process: 1. World size: 2" in (out / "log.txt.rank1").read_text()
+    assert sorted(p.name for p in out.rglob("*.pth")) == ["model_final.pth"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path runs without CUDA only")
+def test_train_on_two_machines_of_localhost_writes_one_checkpoint(synthetic_datasets, tmp_path):
+    out = tmp_path / "run"
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    machines = [
+        subprocess.Popen(
+            [*_retina_d2(), "train", "--num-machines", "2", "--machine-rank", str(rank),
+             "--dist-url", url, *_train_flags(out)],
+            cwd=REPO, env=_train_env(synthetic_datasets), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        finished = [machine.communicate(timeout=600) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    for machine, (_, err) in zip(machines, finished):
+        assert machine.returncode == 0, err[-3000:]
+    # Machine 1's single process is global rank 1; only rank 0 saves.
+    assert "Rank of current process: 1. World size: 2" in (out / "log.txt.rank1").read_text()
+    assert sorted(p.name for p in out.rglob("*.pth")) == ["model_final.pth"]

@@ -1,5 +1,4 @@
 """tools/evaluate.py: the documented JSON, the table, and exit code 2 naming the bad file."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,10 +16,9 @@ TOOL = REPO / "tools" / "evaluate.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from retina_d2.tools import evaluate
+
+    return evaluate
 
 
 evaluate_tool = load_tool()

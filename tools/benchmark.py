@@ -10,11 +10,8 @@ written as JSON, by default under ``benchmarks/results/``.
 """
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from retina_d2.benchmarks import main  # noqa: E402
+from retina_d2.benchmarks import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -12,12 +12,8 @@ tolerance: retina_d2/export.py. Bad input is one ``error:`` line (exit 2).
 """
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-import retina_d2  # noqa: E402,F401  (Detectron2 compat first)
-from retina_d2.export import main  # noqa: E402
+from retina_d2.export import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")

@@ -411,14 +411,10 @@ def test_layout_errors_name_the_file(tmp_path):
 
 
 def _convert_tool():
-    """tools/convert_dataset.py as a module, run in this process (a subprocess costs seconds)."""
-    import importlib.util
+    """The convert_dataset tool, run in this process (a subprocess costs seconds)."""
+    from retina_d2.tools import convert_dataset
 
-    path = REPO / "tools" / "convert_dataset.py"
-    spec = importlib.util.spec_from_file_location("convert_dataset", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return convert_dataset
 
 
 def test_command_line(tmp_path, capsys):

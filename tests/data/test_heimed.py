@@ -501,14 +501,9 @@ def test_unknown_label_is_neither_positive_nor_negative_in_evaluation(tmp_path):
 
 
 def test_command_line_stops_at_unknown_label_only_with_on_error_stop(tmp_path, capsys, caplog):
-    import importlib.util
+    # The tool run in this process (a subprocess costs seconds).
+    from retina_d2.tools import convert_dataset as tool
 
-    # tools/convert_dataset.py run in this process (a subprocess costs seconds).
-    spec = importlib.util.spec_from_file_location(
-        "convert_dataset", REPO / "tools" / "convert_dataset.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     root = tmp_path / "heimed"
     _write_sample(root, "(00000061)", _one_blob_per_label(2), ["Exudate 1", "Soft Drusen 2"])
     argv = ["heimed", "--root", str(root)]

@@ -154,11 +154,8 @@ def test_the_datasets_root_may_be_one_conversion_folder(conversion, tmp_path):
 def test_train_net_prints_one_error_line_for_an_ambiguous_dataset(
     conversion, tmp_path, monkeypatch, capsys
 ):
-    import importlib.util
+    from retina_d2.tools import train_net
 
-    spec = importlib.util.spec_from_file_location("train_net_tool", REPO / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
     root = tmp_path / "datasets"
     first = copy_as(conversion, root / "twin", TWIN)
     second = copy_as(conversion, root / "twin_old", TWIN)

@@ -230,8 +230,7 @@ def test_without_resume_the_given_weights_are_loaded(tmp_path):
 def test_train_net_resume_without_an_intact_checkpoint_is_one_error_line(
     synthetic_datasets, monkeypatch, tmp_path, capsys
 ):
-    sys.path.insert(0, str(REPO / "tools"))
-    import train_net
+    from retina_d2.tools import train_net
 
     monkeypatch.setenv("RETINA_D2_DATASETS", str(synthetic_datasets))
     _save(tmp_path, "model_final", seed=1)

@@ -1,16 +1,13 @@
 """The Mask R-CNN path learns on CPU: the loss falls over a few iterations, and the demo config
 reaches a clearly non-zero mAP50 on its synthetic validation images."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import train_net  # noqa: E402
+from retina_d2.tools import train_net  # noqa: E402
 
 from retina_d2.data.converters import ConvertOptions, synthetic  # noqa: E402
 

@@ -1,15 +1,12 @@
 """tools/train_net.py end to end on the synthetic dataset: train, checkpoint, evaluate, eval-only,
 and the errors a user meets first (bad key, unknown dataset, missing weights)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import train_net  # noqa: E402
+from retina_d2.tools import train_net  # noqa: E402
 
 
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")

@@ -293,14 +293,9 @@ def test_evaluator_from_config(registered):
 
 
 def load_evaluate_tool():
-    import importlib.util
-    from pathlib import Path
+    from retina_d2.tools import evaluate
 
-    path = Path(__file__).resolve().parents[2] / "tools" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("evaluate_tool_protocols", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return evaluate
 
 
 def test_tools_evaluate_protocol_per_image_map(tmp_path, capsys):

@@ -3,11 +3,9 @@
 scores exactly as pycocotools' COCOeval, run independently here."""
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -23,15 +21,13 @@ from retina_d2.evaluation import (
     precision_recall_curves,
 )
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "evaluate.py"
 HEIGHT, WIDTH = 40, 60
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool_validation", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from retina_d2.tools import evaluate
+
+    return evaluate
 
 
 evaluate_tool = load_tool()

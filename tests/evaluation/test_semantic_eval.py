@@ -2,7 +2,6 @@
 evaluators LesionTrainer picks, and tools/train_net.py end to end with a semantic model."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,7 @@ from retina_d2.evaluation import (
 from retina_d2.evaluation.semantic_eval import LesionSemanticEvaluator
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import train_net  # noqa: E402
+from retina_d2.tools import train_net  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 

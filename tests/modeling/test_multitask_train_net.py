@@ -2,16 +2,13 @@
 localization metric files, confusion matrices and report sections, eval-only reproducing them,
 and the IDRiD protocol (frozen lesion branch trained on a grading-only dataset)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import train_net  # noqa: E402
+from retina_d2.tools import train_net  # noqa: E402
 
 from retina_d2.data.register import load_lesion_json  # noqa: E402
 

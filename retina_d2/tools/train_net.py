@@ -1,0 +1,109 @@
+"""Train and evaluate a retina_d2 model with Detectron2's DefaultTrainer.
+
+Examples:
+    python tools/train_net.py --config-file configs/maskrcnn_eophtha.yaml
+    python tools/train_net.py --config-file configs/maskrcnn_heimed.yaml --num-gpus 2
+    python tools/train_net.py --config-file configs/maskrcnn_idrid.yaml --eval-only \\
+        MODEL.WEIGHTS output/maskrcnn_idrid/model_best.pth
+    python tools/train_net.py --eval-only MODEL.WEIGHTS output/maskrcnn_idrid/model_best.pth
+
+--eval-only without --config-file evaluates with the config stored in the checkpoint (training
+stores it, with the class names, in every checkpoint; OUTPUT_DIR on the command line says where
+the metrics go). A checkpoint saved before configs were stored needs --config-file.
+
+Weights files are read as tensors and NumPy arrays only (--trust-checkpoint for an old full
+pickle you trust). --eval-only refuses a checkpoint that sets fewer than all of the model's
+parameters (MODEL.ALLOW_PARTIAL_WEIGHTS True to accept one); training from one only warns.
+
+Datasets are the conversions found under $RETINA_D2_DATASETS (default ./datasets); see
+datasets/README.md. The run's config, environment, checkpoints (the best one as model_best.pth),
+metrics, overlay pictures and the HTML report (inference/<dataset>/report/index.html, see
+tools/report.py) go to OUTPUT_DIR.
+"""
+import os
+import sys
+
+from detectron2.engine import default_argument_parser
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from ..config import ConfigError
+# Detectron2's launch, which also runs --num-gpus N as N CPU processes where there is no CUDA.
+from ..engine import LesionTrainer, launch, setup_cfg
+from ..modeling import LesionCheckpointer
+from ..modeling.pretrained import fetch_weights
+from ..safe_load import CheckpointError
+
+
+def main(args):
+    if not args.config_file and not args.eval_only:
+        raise ConfigError(
+            "--config-file is needed to train (only --eval-only can take the config stored in "
+            "the MODEL.WEIGHTS checkpoint)"
+        )
+    cfg = setup_cfg(args.config_file, run_opts(args), args)
+    if not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        # Pretrained starts are fetched (or found missing: one error line) before anything is
+        # built; a resumed run reads its own checkpoint instead.
+        fetch_weights(cfg, training=not args.eval_only)
+    if args.eval_only:
+        model = LesionTrainer.build_model(cfg)
+        # Every parameter must come from the file (MODEL.ALLOW_PARTIAL_WEIGHTS says otherwise).
+        LesionCheckpointer.for_inference(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = LesionTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+            LesionTrainer.write_reports(cfg)
+        return results
+    trainer = LesionTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set.
+    results = getattr(trainer, "_last_eval_results", None)
+    if results and comm.is_main_process():
+        for page in LesionTrainer.write_reports(cfg):
+            print(f"\nreport: {page}")
+        print(f"\nmetrics, predictions and overlay pictures: {cfg.OUTPUT_DIR}/inference/")
+    return results
+
+
+def run_opts(args) -> list:
+    """The config overrides of the command line: its KEY VALUE pairs, then what the flags set
+    (a flag wins over the same key among the pairs)."""
+    opts = list(args.opts)
+    if args.trust_checkpoint:
+        opts += ["MODEL.TRUST_CHECKPOINT", "True"]
+    return opts
+
+
+def build_parser():
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read weights files (MODEL.WEIGHTS, MODEL.MULTITASK.LESION_WEIGHTS, --resume's last "
+        "checkpoint) that need full unpickling, which can run any code they carry: only files "
+        "you made or trust (sets MODEL.TRUST_CHECKPOINT; a warning names each such file)",
+    )
+    return parser
+
+
+def cli(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.num_gpus <= 1 and args.num_machines == 1:
+            return main(args)  # launch() would drop the results
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (FileNotFoundError, ConfigError, CheckpointError) as e:
+        # Bad config files, keys, datasets or weights: one clear line, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
