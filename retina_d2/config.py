@@ -412,6 +412,23 @@ def add_retina_config(cfg):
     cfg.RETINA.INFERENCE.AMP = False
     cfg.RETINA.INFERENCE.AMP_DTYPE = "float16"
 
+    # Reproducible training (tools/train_net.py --deterministic; needs SEED >= 0, --seed N).
+    # SEED alone already fixes every random draw: Detectron2's default_setup seeds Python,
+    # NumPy and torch with SEED + rank, the training sampler's shuffle order is drawn from that
+    # NumPy state (the same on every rank), and each loader worker reseeds from its torch seed.
+    # On the CPU that is enough for the same loss curve twice (tests/engine/test_seed.py). On
+    # CUDA it is not: cuDNN picks kernels by timing and several kernels add in whatever order
+    # threads finish. This switch also sets torch.use_deterministic_algorithms(True,
+    # warn_only=True), torch.backends.cudnn.deterministic = True and cudnn.benchmark = False
+    # (whatever CUDNN_BENCHMARK says), and CUBLAS_WORKSPACE_CONFIG=":4096:8" unless the
+    # environment sets it, which cuBLAS needs for repeatable matrix products. The cost is GPU
+    # time and memory: no cuDNN autotuning, slower deterministic kernels (scatter-add,
+    # index-add), a larger cuBLAS workspace, and RoIAlign on CUDA runs torchvision's pure-PyTorch
+    # version (compiled on first use, more memory). Ops with no deterministic CUDA kernel at all
+    # (the backward of bilinear upsampling, which the semantic heads use) print a warning naming
+    # them and stay non-deterministic rather than stopping the run.
+    cfg.RETINA.DETERMINISTIC = False
+
 
 _BASE_KEY = "_BASE_"
 

@@ -227,6 +227,11 @@ def setup_cfg(config_file: str, opts=(), args=None):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no GPU is available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
+    if cfg.RETINA.DETERMINISTIC and cfg.SEED < 0:
+        raise ConfigError(
+            f"{config_file}: RETINA.DETERMINISTIC (--deterministic) needs a seed: SEED is "
+            f"{cfg.SEED}, which draws a new one every run; pass --seed N (or SEED N)"
+        )
     cfg.freeze()
     register_all()
     _check_datasets(cfg, config_file)
@@ -237,7 +242,22 @@ def setup_cfg(config_file: str, opts=(), args=None):
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             with open(os.path.join(cfg.OUTPUT_DIR, "env.txt"), "w") as f:
                 f.write(collect_env_info())
+        # After default_setup, which seeded Python, NumPy and torch with SEED + rank and set
+        # cudnn.benchmark from CUDNN_BENCHMARK.
+        if cfg.RETINA.DETERMINISTIC:
+            make_deterministic()
     return cfg
+
+
+def make_deterministic() -> None:
+    """The switches RETINA.DETERMINISTIC stands for (retina_d2/config.py says what they cost).
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it makes its first handle, which is later than
+    this: the model and optimizer are built after setup_cfg."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: ops without a deterministic CUDA kernel warn (naming themselves) and run.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _not_converted(name: str) -> str:

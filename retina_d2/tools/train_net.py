@@ -11,6 +11,9 @@ Examples:
 stores it, with the class names, in every checkpoint; OUTPUT_DIR on the command line says where
 the metrics go). A checkpoint saved before configs were stored needs --config-file.
 
+--seed N makes a run repeatable: on the CPU two runs with the same seed give the same losses.
+On a GPU add --deterministic (RETINA.DETERMINISTIC in retina_d2/config.py: what it costs).
+
 Weights files are read as tensors and NumPy arrays only (--trust-checkpoint for an old full
 pickle you trust). --eval-only refuses a checkpoint that sets fewer than all of the model's
 parameters (MODEL.ALLOW_PARTIAL_WEIGHTS True to accept one); training from one only warns.
@@ -75,6 +78,10 @@ def run_opts(args) -> list:
     opts = list(args.opts)
     if args.trust_checkpoint:
         opts += ["MODEL.TRUST_CHECKPOINT", "True"]
+    if args.seed is not None:
+        opts += ["SEED", str(args.seed)]
+    if args.deterministic:
+        opts += ["RETINA.DETERMINISTIC", "True"]
     return opts
 
 
@@ -86,6 +93,21 @@ def build_parser():
         help="read weights files (MODEL.WEIGHTS, MODEL.MULTITASK.LESION_WEIGHTS, --resume's last "
         "checkpoint) that need full unpickling, which can run any code they carry: only files "
         "you made or trust (sets MODEL.TRUST_CHECKPOINT; a warning names each such file)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed Python, NumPy and torch with N + rank, which fixes the data order, the "
+        "augmentation and the initial weights (sets SEED; -1, Detectron2's default, draws a new "
+        "seed every run)",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic torch algorithms and cuDNN, no cuDNN autotuning, a fixed cuBLAS "
+        "workspace: what GPU runs need on top of a seed to repeat (sets RETINA.DETERMINISTIC, "
+        "whose comment says what it costs and what it cannot fix; needs SEED >= 0)",
     )
     return parser
 
