@@ -3,11 +3,13 @@
 
 Two cases, told apart by Detectron2's event storage (present only inside a training loop):
 
-- **during training** (the trainer's periodic and final evaluations): the model in memory at
-  ``storage.iter``, the iteration Detectron2 names its checkpoints by. The file holding those
-  weights is named when the periodic checkpointer wrote one at that iteration
-  (``model_<iter:07d>.pth``, or ``model_final.pth`` at the last one), which it does before the
-  evaluation hook runs; otherwise there is none, and the record says so.
+- **during training** (the trainer's periodic and final evaluations): the model in memory after
+  iteration ``storage.iter`` (a periodic evaluation runs in that iteration's ``after_step``;
+  the final one in ``after_train``, where Detectron2 has moved ``storage.iter`` on to
+  ``MAX_ITER``, so it is taken back to ``MAX_ITER - 1``, the iteration ``model_final.pth``
+  stores). The file holding those weights is named when the periodic checkpointer wrote one
+  at that iteration (``model_<iter:07d>.pth``, or ``model_final.pth`` at the last one), which
+  it does before the evaluation hook runs; otherwise there is none, and the record says so.
 - **``--eval-only``** (or any evaluation outside training): ``MODEL.WEIGHTS``, and the
   ``iteration`` stored in that checkpoint when it is a local file that holds one (read with the
   same safe loader as the weights).
@@ -51,6 +53,7 @@ def scored_model(cfg) -> dict:
     model an evaluation built from ``cfg`` now scores (module docstring)."""
     iteration = _training_iteration()
     if iteration is not None:
+        iteration = min(iteration, cfg.SOLVER.MAX_ITER - 1)
         names = [f"model_{iteration:07d}.pth"]
         if iteration >= cfg.SOLVER.MAX_ITER - 1:
             names.insert(0, "model_final.pth")

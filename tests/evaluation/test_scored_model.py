@@ -61,6 +61,11 @@ def test_during_training_names_the_iteration_and_the_checkpoint_saved_at_it(tmp_
         final = _checkpoint(tmp_path / "run" / "model_final.pth", 99)
         assert scored_model(cfg) == {"weights": str(final), "iteration": 99,
                                      "during_training": True}
+        # The final evaluation runs after training, where Detectron2 has set storage.iter to
+        # MAX_ITER: still the weights of iteration 99, as model_final.pth stores.
+        storage.iter = 100
+        assert scored_model(cfg) == {"weights": str(final), "iteration": 99,
+                                     "during_training": True}
 
 
 def test_the_evaluators_write_it_into_eval_info(registered, tmp_path):  # noqa: F811
