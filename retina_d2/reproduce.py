@@ -451,8 +451,9 @@ class Reproduction:
         checkpoint = state["stages"]["train"]["checkpoint"]
         folder = self.output / "test"
         self._say(f"scoring {self.system.test_dataset} once with {checkpoint} -> {folder}")
-        opts = self.stage_opts(self.system, folder)
-        # The test split replaces the validation split, for this evaluation only.
+        # The training stage's own overrides (a two-step system's lesion branch), then the test
+        # split in place of the validation split and the selected checkpoint.
+        opts = self.stage_opts(self.system, folder, self._training_stages()[-1][2])
         opts += ["DATASETS.TEST", repr((self.system.test_dataset,)), "MODEL.WEIGHTS", checkpoint]
         argv = ["--config-file", str(config_path(self.system, self.checkout)), "--eval-only"]
         try:

@@ -2,6 +2,7 @@
 layout (convert with the paper's options, train its config a step on the CPU, select on
 validation, score the test split once, write the paper-vs-ours table), a run killed during
 training and resumed, and one error line for each bad invocation."""
+import io
 import json
 import math
 import os
@@ -160,29 +161,37 @@ def test_reproduce_end_to_end_on_the_published_layout(system, tmp_path, monkeypa
             "seg/train": 155, "seg/val": 20, "seg/test": 20}
 
 
-def _run_reproduce(args, **kwargs):
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "tools/reproduce.py"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, OFFLINE_ENV: "1"}, **kwargs,
-    )
+def _run_reproduce(args, log: Path, **kwargs):
+    """tools/reproduce.py in a process of its own, its output to ``log`` (a pipe nobody reads
+    while waiting would fill and stall it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "tools/reproduce.py"), *args],
+            stdout=f, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, OFFLINE_ENV: "1"}, **kwargs,
+        )
+
+
+def _finish(run, log: Path):
+    run.wait(timeout=1200)  # a guard against a hang only
+    return run.returncode, log.read_text()
 
 
 @pytest.mark.slow
 def test_a_run_killed_during_training_resumes_where_it_stopped(tmp_path):
     raw = make_idrid_layout(tmp_path / "raw")
     output = tmp_path / "run"
-    opts = [*TINY, *LAYOUTS["idrid-resunet"][1],
+    opts = [*TINY, *LAYOUTS["idrid-resunet"][1], "RETINA.EVAL.REPORT", "True",
             "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "4"]
     args = ["idrid-resunet", "--data-root", str(raw), "--output", str(output), *opts]
     first_checkpoint = output / "train" / "model_0000001.pth"
     # Its own session, so that the kill takes the whole run (as a crash or a lost machine).
-    run = _run_reproduce(args, start_new_session=True)
+    run = _run_reproduce(args, tmp_path / "first.log", start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         while not first_checkpoint.is_file():
-            assert run.poll() is None, run.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+            assert run.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 15 minutes"
             time.sleep(0.05)
         os.killpg(run.pid, signal.SIGKILL)
     finally:
@@ -194,12 +203,11 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(tmp_path):
     assert not (output / "reproduce.json").exists()
 
     # Without --resume the folder is refused, untouched.
-    refused = _run_reproduce(args)
-    out, _ = refused.communicate()
-    assert refused.returncode == 2 and "pass --resume" in out
-    resumed = _run_reproduce([*args, "--resume"])
-    out, _ = resumed.communicate()
-    assert resumed.returncode == 0, out[-3000:]
+    status, out = _finish(_run_reproduce(args, tmp_path / "refused.log"), tmp_path / "refused.log")
+    assert status == 2 and "pass --resume" in out
+    status, out = _finish(_run_reproduce([*args, "--resume"], tmp_path / "resumed.log"),
+                          tmp_path / "resumed.log")
+    assert status == 0, out[-3000:]
 
     assert "convert: done" in out and "skipped" in out  # not converted again
     assert manifest.stat().st_mtime_ns == converted_at
@@ -212,11 +220,14 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(tmp_path):
     assert list(state["stages"]) == ["convert", "train", "test"]
     assert (output / "train" / "model_final.pth").is_file()
     _check_table(output, "idrid-resunet")
+    # The test split's report opens with the paper-vs-ours section.
+    page = output / "test" / "inference" / "idrid_seg_test" / "report" / "index.html"
+    assert "Paper vs ours" in page.read_text()
 
     # A finished run resumed again does nothing but write the table.
-    again = _run_reproduce([*args, "--resume"])
-    out, _ = again.communicate()
-    assert again.returncode == 0, out[-3000:]
+    status, out = _finish(_run_reproduce([*args, "--resume"], tmp_path / "again.log"),
+                          tmp_path / "again.log")
+    assert status == 0, out[-3000:]
     for stage in ("convert", "train", "test"):
         assert f"{stage}: done" in out
     assert "converting" not in out and "training configs" not in out and "scoring" not in out
@@ -326,3 +337,17 @@ def test_the_cli_lists_reproduce(capsys):
     out = capsys.readouterr().out
     for name in SYSTEMS:
         assert name in out
+
+
+def test_without_a_validation_score_the_last_model_is_scored_and_said(idrid_raw, tmp_path):
+    run = Reproduction("idrid-resunet", idrid_raw, tmp_path / "run", out=io.StringIO())
+    folder = tmp_path / "train"
+    folder.mkdir()
+    with pytest.raises(ReproduceError, match="no model_final.pth to score"):
+        run._selection(SYSTEMS["idrid-resunet"], folder)
+    (folder / "model_final.pth").write_bytes(b"")
+    record = run._selection(SYSTEMS["idrid-resunet"], folder)
+    assert record["checkpoint"] == str(folder / "model_final.pth")
+    assert record["selected_by"] is None
+    assert "argmax_dice/mDice was never a finite number on idrid_seg_val" in (
+        record["selection_note"])
