@@ -23,6 +23,7 @@ datasets/README.md. The run's config, environment, checkpoints (the best one as 
 metrics, overlay pictures and the HTML report (inference/<dataset>/report/index.html, see
 tools/report.py) go to OUTPUT_DIR.
 """
+import logging
 import os
 import sys
 
@@ -31,6 +32,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from ..config import ConfigError
+from ..data.image_io import ImageReadError
 # Detectron2's launch, which also runs --num-gpus N as N CPU processes where there is no CUDA.
 from ..engine import LesionTrainer, launch, setup_cfg
 from ..modeling import LesionCheckpointer
@@ -62,6 +64,7 @@ def main(args):
         return results
     trainer = LesionTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_NoTracebackForUnreadableImages())
     trainer.train()
     # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set.
     results = getattr(trainer, "_last_eval_results", None)
@@ -129,3 +132,25 @@ def cli(argv=None):
         # Bad config files, keys, datasets or weights: one clear line, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ImageReadError as e:
+        # A truncated or unreadable photograph met during training or evaluation.
+        print(f"error: {image_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def image_error_line(error: ImageReadError) -> str:
+    """The message naming the file. Raised in a loader worker, PyTorch re-raises it in this
+    process with the worker's traceback as its text, whose last line is the original message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else repr(error)
+    # The traceback's last line is "<module path>.ImageReadError: <message>".
+    marker = f"{type(error).__name__}: "
+    return last.split(marker, 1)[1] if marker in last else last
+
+
+class _NoTracebackForUnreadableImages(logging.Filter):
+    """Detectron2's training loop logs every exception with its traceback before re-raising it;
+    for an unreadable photograph the one line ``cli`` prints says all there is to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ImageReadError))

@@ -84,3 +84,40 @@ def test_froc_evaluator_joins_when_enabled(datasets, monkeypatch, tmp_path):
         kinds[enabled] = {type(e) for e in evaluators}
     assert LesionInstanceEvaluator in kinds[False] and LesionFROCEvaluator not in kinds[False]
     assert LesionFROCEvaluator in kinds[True]
+
+
+def test_a_truncated_training_photograph_is_one_error_line_naming_it(
+    synthetic_datasets, monkeypatch, tmp_path, capfd
+):
+    import shutil
+
+    root = tmp_path / "datasets"
+    shutil.copytree(synthetic_datasets, root)
+    images = sorted((root / "synthetic" / "raw" / "images").iterdir())
+    for image in images:  # every training photograph cut in half: the first batch meets one
+        data = image.read_bytes()
+        image.write_bytes(data[: len(data) // 2])
+    monkeypatch.setenv("RETINA_D2_DATASETS", str(root))
+    with pytest.raises(SystemExit) as stop:
+        train_net.cli(["--config-file", INSTANT, "OUTPUT_DIR", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    out, err = capfd.readouterr()
+    # (torch may warn on stderr about CUDA; only the error lines count)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-2000:]
+    assert any(image.name in errors[0] for image in images), errors[0]
+    assert "Traceback" not in out + err
+
+
+def test_a_loader_workers_image_error_becomes_its_original_line():
+    from retina_d2.data.image_io import ImageReadError
+
+    # What torch's DataLoader re-raises in the main process for an error in a worker.
+    wrapped = ImageReadError(
+        "Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nretina_d2.data.image_io.ImageReadError: '
+        "/d/eye.jpg: unreadable or truncated image\n"
+    )
+    line = train_net.image_error_line(wrapped)
+    assert line == "/d/eye.jpg: unreadable or truncated image"
+    assert train_net.image_error_line(ImageReadError("/d/a.png: no such file")) == "/d/a.png: no such file"
