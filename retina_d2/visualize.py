@@ -107,7 +107,7 @@ def _class_names(metadata) -> List[str]:
 
 def prediction_marks(instances: Instances, metadata, score_threshold: float = 0.0) -> List[Mark]:
     """The predicted lesions scoring at least ``score_threshold`` as marks: mask outlines where
-    the instances have masks, else their boxes."""
+    the instances have masks (an empty mask is left out), else their boxes."""
     instances = instances.to("cpu")
     if instances.has("scores"):
         instances = instances[instances.scores >= score_threshold]
@@ -124,6 +124,8 @@ def prediction_marks(instances: Instances, metadata, score_threshold: float = 0.
         region = _mask_region(masks[i].numpy()) if masks is not None else None
         if region is not None:
             mark.box, mark.mask = region
+        elif masks is not None:
+            continue  # a mask with no pixel: nothing of the lesion to outline (none in segm AP)
         elif boxes is not None:
             x0, y0, x1, y1 = boxes[i]
             mark.box = _clip_box(

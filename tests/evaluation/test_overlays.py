@@ -226,3 +226,17 @@ def test_overlay_names_match_predict_and_evaluator_writes_one_file_per_image(tmp
     assert _colour_mask(picture[:, W + 8:], MA).any()  # the prediction panel
     assert not _colour_mask(picture[:, :W], MA).any()  # no ground truth lesion
     assert (picture[-10:, :W] != GREY).any()  # the ground truth's legend band: "no lesion"
+
+
+def test_boxes_outline_box_only_predictions_and_empty_masks_are_left_out():
+    instances = _instances([BIG_EX, (0, (10, 10, 10, 10), 0.9)])  # the second mask is empty
+    instances.pred_boxes.tensor[1] = torch.tensor([10.0, 10.0, 40.0, 30.0])
+    assert [m.name for m in prediction_marks(instances, META)] == ["hard exudate"]
+    boxes_only = Instances((H, W))
+    boxes_only.pred_boxes = instances.pred_boxes
+    boxes_only.pred_classes = instances.pred_classes
+    boxes_only.scores = instances.scores
+    marks = prediction_marks(boxes_only, META)
+    assert [m.box for m in marks] == [(300, 100, 380, 160), (10, 10, 40, 30)]
+    picture = draw_prediction_overlay(_photo(), boxes_only, META, legend=False)
+    assert _colour_mask(picture, MA)[10, 10:40].all() and (picture[15:25, 15:35] == GREY).all()
