@@ -127,6 +127,17 @@ def add_retina_config(cfg):
     cfg.MODEL.RED_SEG.ABSENT_LOGIT = -20.0
     cfg.MODEL.RED_SEG.TOPK_NEGATIVE_RATIO = 1.0  # stage 1: hard negatives per positive pixel
     cfg.MODEL.RED_SEG.TOPK_MIN_NEGATIVES = 256  # stage 1: fewest hard negatives per image
+    # Stage 1's weighting: "none" (every selected pixel alike) or "beta" (the paper's balancing
+    # weight beta = k / (positives + k) on positives, 1 - beta on the k hard negatives).
+    cfg.MODEL.RED_SEG.TOPK_BALANCE = "none"
+    # The k schedule: the ratio falls by TOPK_NEGATIVE_RATIO / TOPK_DECAY_STEPS every
+    # TOPK_DECAY_PERIOD iterations, k(r) = k0 (1 - floor(r / period) / steps), down to k0 / steps.
+    # 0 = constant k.
+    cfg.MODEL.RED_SEG.TOPK_DECAY_PERIOD = 0
+    cfg.MODEL.RED_SEG.TOPK_DECAY_STEPS = 1
+    # Supervise every side output with the stage's loss too, beside the fused map (HED's deep
+    # supervision, the paper's per-side "supervision loss").
+    cfg.MODEL.RED_SEG.SIDE_SUPERVISION = False
 
     # Lesion-Net head (LesionNetHead): a copy-and-merge expansive path over the encoder, one
     # sigmoid map per lesion; pixel Dice, then dual Dice from LESION_SEG.LOSS_SWITCH_ITER.

@@ -107,7 +107,10 @@ def test_graham_and_fov_crop_only_where_the_config_family_says(path):
     setters = [p for p in [path] + _chain(path) if p.name not in FAMILY_BASES]
     for key in ("GRAHAM", "FOV_CROP"):
         if cfg.RETINA.PREPROCESS[key]:
-            said = [p.name for p in setters if _raw(p).get("RETINA", {}).get("PREPROCESS", {}).get(key)]
+            said = [
+                p.name for p in setters
+                if _raw(p).get("RETINA", {}).get("PREPROCESS", {}).get(key)
+            ]
             assert said, f"{path.name}: RETINA.PREPROCESS.{key} on without saying so"
 
 

@@ -329,10 +329,17 @@ def topk_balanced_bce_loss(
     *,
     negative_ratio: float = 1.0,
     min_negatives: int = 256,
+    balance: str = "none",
 ) -> torch.Tensor:
     """Red-Seg's stage-1 loss: BCE on every positive pixel plus the k hardest negatives (highest
     BCE), chosen per image and lesion, so that the millions of easy background pixels do not drown
     the few lesion pixels.
+
+    ``balance`` "beta" is the paper's balancing weight (HED's class balance over the selected
+    pixels): per image and lesion, positives weigh ``beta = k / (positives + k)`` and the k hard
+    negatives ``1 - beta``, so both sides weigh alike; an image without the lesion trains its k
+    negatives at weight 1. The sum is divided by the sum of the weights. "none": every selected
+    pixel weighs 1.
 
     ``k = max(ceil(negative_ratio * positives), min_negatives)``, capped by the number of valid
     negatives; ``min_negatives`` is what an image without the lesion trains on (its hardest
@@ -345,10 +352,14 @@ def topk_balanced_bce_loss(
         ignore: optional bool mask, (N, C, H, W) or (N, H, W).
         negative_ratio: hard negatives per positive.
         min_negatives: the fewest hard negatives per image and lesion.
+        balance: "none" or "beta" (above).
 
     Returns:
-        scalar: the summed BCE of the selected pixels divided by their number over the batch.
+        scalar: the (weighted) BCE of the selected pixels divided by their (weighted) number
+        over the batch.
     """
+    if balance not in ("none", "beta"):
+        raise ValueError(f"balance must be 'none' or 'beta', got {balance!r}")
     logits, targets, valid = _sigmoid_inputs(logits, targets, ignore)
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     valid = valid.bool()
@@ -363,8 +374,16 @@ def topk_balanced_bce_loss(
     max_k = int(k.max()) if k.numel() else 0
     hardest = torch.topk(negative_bce, max_k, dim=-1).values
     chosen = torch.arange(max_k, device=k.device) < k[..., None]
-    selected_sum = (bce * positive).sum() + (hardest * chosen).sum()
-    return selected_sum / (num_positive.sum() + k.sum()).clamp(min=1)
+    positive_sum = (bce * positive).sum(dim=(2, 3))  # (N, C)
+    negative_sum = (hardest * chosen).sum(dim=-1)
+    if balance == "none":
+        selected = positive_sum.sum() + negative_sum.sum()
+        return selected / (num_positive.sum() + k.sum()).clamp(min=1)
+    positives, k = num_positive.to(bce.dtype), k.to(bce.dtype)
+    beta = torch.where(positives > 0, k / (positives + k).clamp(min=1), torch.zeros_like(k))
+    weighted = beta * positive_sum + (1 - beta) * negative_sum
+    weights = beta * positives + (1 - beta) * k
+    return weighted.sum() / weights.sum().clamp(min=1)
 
 
 def fn_fp_loss(

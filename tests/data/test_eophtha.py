@@ -218,7 +218,8 @@ def test_command_line_flags():
     parser = argparse.ArgumentParser()
     eophtha.add_arguments(parser)
     assert vars(parser.parse_args([])) == {
-        "subset": "both", "ma_dilation": True, "split_file": None
+        "subset": "both", "ma_dilation": True, "split_file": None,
+        "ma_dilation_scale": "native", "paper_split": False,
     }
     args = parser.parse_args(["--subset", "MA", "--no-ma-dilation", "--split-file", "s.json"])
     assert (args.subset, args.ma_dilation, str(args.split_file)) == ("MA", False, "s.json")

@@ -37,7 +37,9 @@ def _lr_by_iteration(trainer):
     return {it: lr for lr, it in trainer.storage.history("lr").values()}
 
 
-def test_lr_is_reduced_after_patience_evaluations_without_improvement(dataset, tmp_path, monkeypatch):
+def test_lr_is_reduced_after_patience_evaluations_without_improvement(
+    dataset, tmp_path, monkeypatch
+):
     # Evaluations after iterations 0..4, then the final one: best 0.5 at 0; 0.4 and 0.45 are two
     # evaluations without improvement (patience 2) -> x0.1 from iteration 3 on; 0.6 improves,
     # 0.6 again does not (one evaluation: no second reduction).
@@ -49,7 +51,8 @@ def test_lr_is_reduced_after_patience_evaluations_without_improvement(dataset, t
     lrs = _lr_by_iteration(trainer)
     assert [lrs[i] for i in range(6)] == pytest.approx([1e-3] * 3 + [1e-4] * 3)
     assert hook.reductions == 1 and hook.best == 0.6
-    assert trainer.scheduler.base_lrs == pytest.approx([BASE_LR * 0.1] * len(trainer.scheduler.base_lrs))
+    base_lrs = trainer.scheduler.base_lrs
+    assert base_lrs == pytest.approx([BASE_LR * 0.1] * len(base_lrs))
 
 
 def test_min_lr_floors_the_reductions(dataset, tmp_path, monkeypatch):
@@ -92,14 +95,18 @@ def test_plateau_state_survives_resume(dataset, tmp_path, monkeypatch):
     # evaluations without improvement (patience 1: LR x0.1 from iteration 2, again from 3); the
     # final evaluation (0.3) comes after training, as Detectron2 runs it. Saved at iteration 3.
     _scripted_scores(monkeypatch, [0.5, 0.4, 0.45, 0.3])
-    first = LesionTrainer(_plateau_cfg(dataset, tmp_path, max_iter=4, patience=1, checkpoint_period=4))
+    first = LesionTrainer(
+        _plateau_cfg(dataset, tmp_path, max_iter=4, patience=1, checkpoint_period=4)
+    )
     first.train()
     hook = next(h for h in first._hooks if isinstance(h, PlateauHook))
     assert hook.reductions == 2 and hook.best == 0.5
     assert _lr_by_iteration(first)[3] == pytest.approx(BASE_LR * 1e-2)
     state = hook.state_dict()
 
-    resumed = LesionTrainer(_plateau_cfg(dataset, tmp_path, max_iter=6, patience=1, checkpoint_period=4))
+    resumed = LesionTrainer(
+        _plateau_cfg(dataset, tmp_path, max_iter=6, patience=1, checkpoint_period=4)
+    )
     again = next(h for h in resumed._hooks if isinstance(h, PlateauHook))
     assert again.state_dict() != state  # a new trainer starts from nothing
     resumed.resume_or_load(resume=True)

@@ -30,20 +30,42 @@ in one of three forms, each accepted when it names exactly one image of the chos
 * the bare stem, ``C0001885``.
 
 A NAME that matches several images is an error listing them.
+
+``--paper-split`` reproduces the Mask R-CNN paper's data: its 195 lesion images (47 EX + 148 MA;
+healthy images left out) split 155 / 20 / 20 into train / val / test. The paper lists no file
+names and DATASETS.md does not either, so no split file can be committed; the split is a
+deterministic rule instead (:func:`paper_split_samples`): within each subset the lesion images are
+ordered by the SHA-256 of their full name (``e_optha_MA/MA/<patient>/<image>``, the same on every
+machine and file system), and each subset gives test and val its share of 20 (EX 5 + MA 15),
+the rest train (EX 37 + MA 118). Like the paper's, it splits images, not patients.
+
+``--ma-dilation-scale 1024`` dilates microaneurysms as the paper did: on the image resized so its
+field of view is 1024 px, before the mask is split into instances (so neighbours closer than the
+dilation merge, as they did for the paper). That is done here at the native resolution with the
+5x5-twice square scaled by (FOV diameter / 1024), on the mask as a whole; the semantic targets
+then hold the dilated mask too. The default (``native``) dilates each instance at the photograph's
+resolution without merging instances, and leaves semantic targets undilated.
 """
+import hashlib
 import argparse
 import dataclasses
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import cv2
+import numpy as np
+
+from ..image_io import read_image
 from ..instances import EOPHTHA_MA_DILATION
+from ..preprocess import field_of_view_diameter
 from .base import (
     ConversionError,
     ConvertOptions,
     Sample,
     convert_samples,
     list_images,
+    read_mask,
     require_dir,
     split_samples,
 )
@@ -57,6 +79,7 @@ __all__ = [
     "convert",
     "find_subset_root",
     "find_annotation",
+    "paper_split_samples",
     "sample_names",
 ]
 
@@ -92,9 +115,18 @@ SUBSETS = {
 }
 
 
+# The Mask R-CNN paper's split of its 195 lesion images, and each subset's share of val / test.
+PAPER_SPLIT_SIZES = {"train": 155, "val": 20, "test": 20}
+PAPER_SPLIT_SHARES = {"EX": {"val": 5, "test": 5}, "MA": {"val": 15, "test": 15}}
+# The width the paper resized every cropped, circled eye to before dilating its masks.
+PAPER_DILATION_WIDTH = 1024
+_FOV_THRESHOLD = 20  # as RETINA.PREPROCESS.FOV_THRESHOLD
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--subset``, ``--ma-dilation/--no-ma-dilation`` and ``--split-file`` (dests ``subset``,
-    ``ma_dilation``, ``split_file``)."""
+    """``--subset``, ``--ma-dilation/--no-ma-dilation``, ``--ma-dilation-scale``,
+    ``--split-file`` and ``--paper-split`` (dests ``subset``, ``ma_dilation``,
+    ``ma_dilation_scale``, ``split_file``, ``paper_split``)."""
     parser.add_argument(
         "--subset",
         choices=("EX", "MA", "both"),
@@ -108,6 +140,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"dilate microaneurysm instances {EOPHTHA_MA_DILATION.kernel}x"
         f"{EOPHTHA_MA_DILATION.kernel}, {EOPHTHA_MA_DILATION.iterations} times, as the Mask "
         "R-CNN paper did (default: on; --dilate microaneurysm=... overrides it)",
+    )
+    parser.add_argument(
+        "--ma-dilation-scale",
+        choices=("native", "1024"),
+        default="native",
+        help="where microaneurysms are dilated: 'native' (each instance at the photograph's "
+        "resolution, neighbours never merged; semantic targets undilated) or '1024' (as the "
+        "paper: the mask as a whole at a 1024 px field of view, before instance splitting)",
+    )
+    parser.add_argument(
+        "--paper-split",
+        action="store_true",
+        help="the Mask R-CNN paper's data: its 195 lesion images only, split 155/20/20 into "
+        "train/val/test by a fixed rule (SHA-256 order within each subset; see the module "
+        "docstring); not with --split-file",
     )
     parser.add_argument(
         "--split-file",
@@ -275,6 +322,73 @@ def _subset_samples(subset_root: Path, subset: EophthaSubset) -> List[Sample]:
     return samples
 
 
+def paper_split_samples(
+    samples: List[Tuple[EophthaSubset, Path, Sample]]
+) -> Dict[str, List[Sample]]:
+    """The paper's 155 / 20 / 20 split of the lesion images of ``samples`` (healthy ones are
+    left out); see the module docstring for the rule.
+
+    Raises:
+        ConversionError: the lesion images are not the published 47 EX + 148 MA.
+    """
+    splits: Dict[str, List[Sample]] = {"train": [], "val": [], "test": []}
+    found = {}
+    for key, shares in PAPER_SPLIT_SHARES.items():
+        named = sorted(
+            (_full_name(subset, folder, sample), sample)
+            for subset, folder, sample in samples
+            if subset.key == key and sample.image.relative_to(folder).parts[0] == subset.key
+        )
+        found[key] = len(named)
+        ordered = [
+            sample
+            for _, sample in sorted(
+                named, key=lambda item: hashlib.sha256(item[0].encode()).hexdigest()
+            )
+        ]
+        splits["test"] += ordered[: shares["test"]]
+        splits["val"] += ordered[shares["test"] : shares["test"] + shares["val"]]
+        splits["train"] += ordered[shares["test"] + shares["val"] :]
+    if found != {"EX": 47, "MA": 148}:
+        raise ConversionError(
+            f"--paper-split needs the published e-ophtha lesion images (EX 47, MA 148: both "
+            f"subsets), found {found}"
+        )
+    assert {k: len(v) for k, v in splits.items()} == PAPER_SPLIT_SIZES
+    return splits
+
+
+def _full_name(subset: EophthaSubset, folder: Path, sample: Sample) -> str:
+    return f"{subset.folder}/{sample.image.relative_to(folder).with_suffix('').as_posix()}"
+
+
+def dilate_at_fov_scale(mask: np.ndarray, fov_diameter: float) -> np.ndarray:
+    """``mask`` (bool) dilated as the paper's 5x5, 2 passes on the eye resized to a 1024 px
+    field of view: one square of radius ``2 * 2 * fov_diameter / 1024`` (at least 0) at this
+    resolution."""
+    reach = EOPHTHA_MA_DILATION.iterations * (EOPHTHA_MA_DILATION.kernel - 1) // 2
+    radius = int(round(reach * fov_diameter / PAPER_DILATION_WIDTH))
+    if radius <= 0:
+        return mask.copy()
+    kernel = np.ones((2 * radius + 1,) * 2, np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+
+
+def _with_dilation_at_fov_scale(sample: Sample, lesion: str) -> Sample:
+    """``sample`` whose ``lesion`` mask is read, dilated at the paper's scale, then split into
+    instances by the conversion (a ``mask_arrays`` loader)."""
+    path = sample.masks[lesion]
+
+    def load():
+        image = read_image(str(sample.image), format="RGB")
+        h, w = image.shape[:2]
+        arr = read_mask(path, (h, w), sample.image)
+        diameter = field_of_view_diameter(image, _FOV_THRESHOLD) or float(max(h, w))
+        return {lesion: (dilate_at_fov_scale(arr > 0, diameter), None)}
+
+    return dataclasses.replace(sample, masks={}, mask_arrays=load)
+
+
 def _with_ma_dilation(options: ConvertOptions) -> ConvertOptions:
     """``options`` plus the paper's microaneurysm dilation, unless the user chose one."""
     if "microaneurysm" in options.dilation:
@@ -315,6 +429,8 @@ def convert(
     subset: str = "both",
     ma_dilation: bool = True,
     split_file: Optional[Path] = None,
+    ma_dilation_scale: str = "native",
+    paper_split: bool = False,
 ) -> dict:
     """Convert e-ophtha into ``out_dir/all.json``, or one file per split of ``split_file``.
 
@@ -327,6 +443,9 @@ def convert(
             ``options.dilation`` already names microaneurysm.
         split_file: optional JSON split file of image names (see the module docstring); without
             it every image goes to ``all.json``.
+        ma_dilation_scale: "native" or "1024" (the paper's: see the module docstring).
+        paper_split: the paper's 195 lesion images split 155 / 20 / 20
+            (:func:`paper_split_samples`).
 
     Returns:
         the summary dict of :func:`convert_samples`; in skip mode, images with a missing or
@@ -339,14 +458,35 @@ def convert(
     root = require_dir(Path(root), "the e-ophtha root (holding e_optha_EX/ and/or e_optha_MA/)")
     chosen = _chosen_subsets(root, subset)
     categories = tuple(name for name in CATEGORIES if name in {s.lesion for s, _ in chosen})
-    if ma_dilation and "microaneurysm" in categories:
+    if paper_split and split_file is not None:
+        raise ConversionError("--paper-split and --split-file are two splits: give one")
+    if ma_dilation_scale not in ("native", "1024"):
+        raise ConversionError(
+            f"--ma-dilation-scale must be native or 1024, got {ma_dilation_scale!r}"
+        )
+    at_fov_scale = ma_dilation and ma_dilation_scale != "native"
+    if at_fov_scale and "microaneurysm" in options.dilation:
+        raise ConversionError(
+            "--ma-dilation-scale 1024 is the paper's dilation; --dilate microaneurysm=... is "
+            "another: give one"
+        )
+    if ma_dilation and not at_fov_scale and "microaneurysm" in categories:
         options = _with_ma_dilation(options)
     listed = [
         (each, folder, sample)
         for each, folder in chosen
         for sample in _subset_samples(folder, each)
     ]
-    if split_file is None:
+    if at_fov_scale:
+        listed = [
+            (each, folder, _with_dilation_at_fov_scale(sample, each.lesion))
+            if each.key == "MA" and sample.masks.get(each.lesion) is not None
+            else (each, folder, sample)
+            for each, folder, sample in listed
+        ]
+    if paper_split:
+        splits = paper_split_samples(listed)
+    elif split_file is None:
         splits = {"all": [sample for _, _, sample in listed]}
     else:
         by_name, ambiguous = sample_names(listed)

@@ -15,12 +15,27 @@ Loss (on the branch channels only, 255 ignored): ``loss_stage`` 1 (default) trai
 balanced BCE (every positive + the hardest negatives), ``loss_stage`` 2 with FN+FP =
 mean (y - p)^2; ``retina_d2.engine.hooks.LossSwitchHook`` moves the head to stage 2 at
 ``MODEL.LESION_SEG.LOSS_SWITCH_ITER``.
+
+The paper (papers/red-seg-idrid.txt, an OCR whose formulas are garbled) read as follows; where
+the text cannot be read the toolkit's choice is a config key:
+
+- stage 1: ``L = -beta sum_{y=1} log p - (1 - beta) sum_{i in Y_top} log(1 - p)`` over the
+  positives and the k hardest negatives ``Y_top``, ``beta = N- / (N+ + N-)`` with N- = k
+  (``TOPK_BALANCE`` "beta");
+- k follows a step schedule, ``k(r) = k0 (1 - floor(r / S) / M)`` at iteration r: constant for
+  S iterations, then lower by k0 / M every S (``TOPK_DECAY_PERIOD`` = S, ``TOPK_DECAY_STEPS`` =
+  M, floored at k0 / M); k0 is ``TOPK_NEGATIVE_RATIO`` hard negatives per positive (the paper's k0
+  is unreadable);
+- each side output is supervised with the stage's loss beside the fused map (its Fig. 7 shows
+  the conv1-conv5 side outputs "corresponding to the supervision loss"; HED's deep supervision,
+  ``SIDE_SUPERVISION``).
 """
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
+from detectron2.utils.events import get_event_storage
 from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
@@ -100,13 +115,17 @@ class RedSegBranch(nn.Module):
         nn.init.constant_(self.fuse.weight, 1.0 / self.fuse.in_channels)
         nn.init.zeros_(self.fuse.bias)
 
-    def forward(self, features: Dict[str, torch.Tensor], image_size: Tuple[int, int]):
-        """(N, 1, H, W) logits at ``image_size``."""
+    def forward(
+        self, features: Dict[str, torch.Tensor], image_size: Tuple[int, int], with_sides=False
+    ):
+        """(N, 1, H, W) fused logits at ``image_size``; with ``with_sides``, also the side
+        outputs' (N, side_channels, H, W) logits, one per feature, finest first."""
         sides = [
             fit_to_image_size(self.sides[f](features[f]).float(), self.strides[f], image_size)
             for f in self.in_features
         ]
-        return self.fuse(torch.cat(sides, dim=1))
+        fused = self.fuse(torch.cat(sides, dim=1))
+        return (fused, sides) if with_sides else fused
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -126,6 +145,10 @@ class RedSegHead(LesionSemSegHead):
         absent_logit: float = -20.0,
         topk_negative_ratio: float = 1.0,
         topk_min_negatives: int = 256,
+        topk_balance: str = "none",
+        topk_decay_period: int = 0,
+        topk_decay_steps: int = 1,
+        side_supervision: bool = False,
     ):
         """
         Args:
@@ -136,7 +159,11 @@ class RedSegHead(LesionSemSegHead):
             branch_channels: each branch's output channel, distinct, in [0, C).
             side_channels: channels of each 1x1-conv side output.
             absent_logit: the logit of channels no branch predicts.
-            topk_negative_ratio, topk_min_negatives: of the stage-1 top-k balanced BCE.
+            topk_negative_ratio, topk_min_negatives: of the stage-1 top-k balanced BCE;
+                the ratio is k0 of the k schedule.
+            topk_balance: "none" or "beta" (the paper's balancing weight).
+            topk_decay_period, topk_decay_steps: S and M of the k schedule (period 0: k fixed).
+            side_supervision: train every side output with the stage's loss too.
         """
         super().__init__()
         if not (len(lesions) == len(branch_features) == len(branch_channels)) or not lesions:
@@ -165,6 +192,19 @@ class RedSegHead(LesionSemSegHead):
         self.absent_logit = absent_logit
         self.topk_negative_ratio = topk_negative_ratio
         self.topk_min_negatives = topk_min_negatives
+        if topk_balance not in ("none", "beta"):
+            raise ValueError(
+                f"MODEL.RED_SEG.TOPK_BALANCE must be 'none' or 'beta', got {topk_balance!r}"
+            )
+        if topk_decay_period < 0 or topk_decay_steps < 1:
+            raise ValueError(
+                f"MODEL.RED_SEG.TOPK_DECAY_PERIOD must be >= 0 and TOPK_DECAY_STEPS >= 1, got "
+                f"{topk_decay_period} and {topk_decay_steps}"
+            )
+        self.topk_balance = topk_balance
+        self.topk_decay_period = int(topk_decay_period)
+        self.topk_decay_steps = int(topk_decay_steps)
+        self.side_supervision = bool(side_supervision)
         # Set to 2 by LossSwitchHook: FN+FP instead of the top-k balanced BCE.
         self.loss_stage = 1
         self.branches = nn.ModuleList(
@@ -200,7 +240,42 @@ class RedSegHead(LesionSemSegHead):
             "absent_logit": r.ABSENT_LOGIT,
             "topk_negative_ratio": r.TOPK_NEGATIVE_RATIO,
             "topk_min_negatives": r.TOPK_MIN_NEGATIVES,
+            "topk_balance": r.TOPK_BALANCE,
+            "topk_decay_period": r.TOPK_DECAY_PERIOD,
+            "topk_decay_steps": r.TOPK_DECAY_STEPS,
+            "side_supervision": r.SIDE_SUPERVISION,
         }
+
+    def topk_ratio(self, iteration: int) -> float:
+        """k0 (1 - floor(r / S) / M) at iteration r, floored at k0 / M; k0 without a schedule."""
+        if self.topk_decay_period <= 0:
+            return self.topk_negative_ratio
+        drops = min(iteration // self.topk_decay_period, self.topk_decay_steps - 1)
+        return self.topk_negative_ratio * (1.0 - drops / self.topk_decay_steps)
+
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        targets: Optional[torch.Tensor] = None,
+        image_size: Optional[Tuple[int, int]] = None,
+    ):
+        """The head contract's forward; with ``side_supervision`` in training, the side outputs'
+        losses ("loss_side_<stage loss>", summed over sides and branches, as HED) join the
+        fused map's."""
+        if not (self.training and targets is not None and self.side_supervision):
+            return super().forward(features, targets, image_size)
+        image_size = tuple(image_size) if image_size is not None else self._default_size(features)
+        fused, sides = zip(*(b(features, image_size, with_sides=True) for b in self.branches))
+        logits = self._placed(torch.cat(fused, dim=1))
+        losses = self.losses(logits, targets)
+        side_losses = []
+        for channel, branch_sides in zip(self.branch_channels, sides):
+            target = targets[:, channel : channel + 1]
+            for side in branch_sides:
+                side_losses += list(self._stage_loss(side, target.expand_as(side)).values())
+        (name,) = losses
+        losses[name.replace("loss_", "loss_side_", 1)] = torch.stack(side_losses).sum()
+        return logits, losses
 
     def branch_logits(
         self, features: Dict[str, torch.Tensor], image_size: Tuple[int, int]
@@ -213,13 +288,17 @@ class RedSegHead(LesionSemSegHead):
     ) -> torch.Tensor:
         """(N, C, H, W) logits at ``image_size``, ``absent_logit`` on channels without a branch;
         ``image_size`` by default the finest branch feature's size times its stride."""
-        if image_size is None:
-            stride, name = min((s, f) for b in self.branches for f, s in b.strides.items())
-            image_size = tuple(s * stride for s in features[name].shape[-2:])
-        image_size = tuple(image_size)
-        branch_logits = self.branch_logits(features, image_size)
-        n = branch_logits.shape[0]
-        logits = branch_logits.new_full((n, self.num_classes) + image_size, self.absent_logit)
+        image_size = tuple(image_size) if image_size is not None else self._default_size(features)
+        return self._placed(self.branch_logits(features, image_size))
+
+    def _default_size(self, features: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+        stride, name = min((s, f) for b in self.branches for f, s in b.strides.items())
+        return tuple(s * stride for s in features[name].shape[-2:])
+
+    def _placed(self, branch_logits: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W): the branches' logits in their channels, ``absent_logit`` elsewhere."""
+        n, _, height, width = branch_logits.shape
+        logits = branch_logits.new_full((n, self.num_classes, height, width), self.absent_logit)
         logits[:, self.branch_channels] = branch_logits
         return logits
 
@@ -231,16 +310,26 @@ class RedSegHead(LesionSemSegHead):
                 f"RedSegHead has {self.num_classes} channels but the targets have "
                 f"{targets.shape[1]}"
             )
-        branch_logits = logits[:, self.branch_channels]
-        branch_targets = targets[:, self.branch_channels]
+        return self._stage_loss(logits[:, self.branch_channels], targets[:, self.branch_channels])
+
+    def _stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.loss_stage == 1:
             loss = topk_balanced_bce_loss(
-                branch_logits,
-                branch_targets,
-                negative_ratio=self.topk_negative_ratio,
+                logits,
+                targets,
+                negative_ratio=self.topk_ratio(_current_iteration()),
                 min_negatives=self.topk_min_negatives,
+                balance=self.topk_balance,
             )
             return {"loss_topk_bce": loss}
         if self.loss_stage == 2:
-            return {"loss_fn_fp": fn_fp_loss(branch_logits, branch_targets)}
+            return {"loss_fn_fp": fn_fp_loss(logits, targets)}
         raise ValueError(f"RedSegHead.loss_stage must be 1 or 2, got {self.loss_stage}")
+
+
+def _current_iteration() -> int:
+    """The trainer's iteration (Detectron2's event storage), 0 outside training."""
+    try:
+        return int(get_event_storage().iter)
+    except AssertionError:  # no storage: not inside a trainer
+        return 0
