@@ -27,9 +27,16 @@ drops lower scores before they reach this tool) and says so.
 Overlays are ``overlays/<image stem>.png``; images that share a stem (``eye.jpg`` and ``eye.png``,
 or ``Eye.png``) get ``overlays/<image name>.png`` (``eye.jpg.png``), so none overwrites another.
 An --output that cannot be written is one error line naming it (exit 2).
+
+Archives (retina_d2/engine/predict_shards.py): --num-gpus N runs N processes (one GPU each; N CPU
+processes where there is no CUDA), --num-machines / --machine-rank / --dist-url spread them over
+machines sharing --output, as in training. Each process predicts every N-th image and appends a
+JSON line per image to ``parts/rank<k>.jsonl`` once its overlay and maps are written (each file
+atomically); the results, counts and image outputs are merged from those lines at the end, in
+input order, so they are the same for any number of processes and memory stays flat.
+--resume continues a stopped run: images with a complete line are skipped.
 """
 import argparse
-import csv
 import json
 import re
 import sys
@@ -43,6 +50,7 @@ import torch  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -50,6 +58,8 @@ from retina_d2.config import has_detector  # noqa: E402
 from retina_d2.data.converters.base import IMAGE_EXTENSIONS, atomic_write  # noqa: E402
 from retina_d2.data.image_io import read_image  # noqa: E402  (16-bit: scaled, not clipped)
 from retina_d2.data.lesions import lesion  # noqa: E402
+# Sharding over processes, per-process JSON-line parts, --resume, the merge.
+from retina_d2.engine import predict_shards  # noqa: E402
 from retina_d2.modeling.components import components_to_coco, lesion_components  # noqa: E402
 from retina_d2.modeling.model_file import inference_config  # noqa: E402
 from retina_d2.predictor import LesionPredictor  # noqa: E402
@@ -89,6 +99,7 @@ def parse_args(argv=None):
         help="write each lesion's score beside it in the overlays (default: outlines in each "
         "lesion type's colour and a legend of the types found, no text per lesion)",
     )
+    predict_shards.add_arguments(p)  # --num-gpus, --num-machines, ..., --resume
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -124,22 +135,17 @@ def prepare_output(output: Path):
         raise ValueError(f"--output {output} cannot be written: {e.strerror or e}") from e
 
 
-def write_tables(output: Path, results, ids, counts, classes):
-    """The results JSON, the image id map and the lesion counts, each written atomically."""
-    with atomic_write(output / "coco_instances_results.json") as f:
-        json.dump(results, f)
-    with atomic_write(output / "images.json") as f:
-        json.dump({str(p): i for p, i in ids.items()}, f, indent=1)
-    with atomic_write(output / "lesion_counts.csv") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "image_id"] + list(classes))
-        writer.writeheader()
-        writer.writerows(counts)
-
-
 def build_predictor(args):
-    """The predictor of --weights (config: --config-file, else the checkpoint's own) and the
-    score threshold to keep; a threshold below the model's own lowers the model's (said on
-    stderr), else the detections between the two would be missing without a word."""
+    """The predictor of --weights and the score threshold to keep (:func:`model_settings`)."""
+    cfg, class_names, threshold = model_settings(args)
+    return LesionPredictor(cfg, class_names=class_names), threshold
+
+
+def model_settings(args):
+    """The config of --weights (--config-file, else the checkpoint's own), its stored class
+    names (None for an older checkpoint) and the score threshold to keep; a threshold below the
+    model's own lowers the model's (said on stderr), else the detections between the two would
+    be missing without a word."""
     opts = list(args.opts)
     if args.trust_checkpoint:
         opts += ["MODEL.TRUST_CHECKPOINT", "True"]
@@ -166,8 +172,7 @@ def build_predictor(args):
             "pixels at or above that probability (lower it with RETINA.COMPONENTS.MASK_THRESHOLD)",
             file=sys.stderr,
         )
-    predictor = LesionPredictor(cfg, class_names=info.class_names if info is not None else None)
-    return predictor, threshold
+    return cfg, (info.class_names if info is not None else None), threshold
 
 
 def component_instances(cfg, probs: torch.Tensor, threshold: float):
@@ -249,56 +254,111 @@ def predict_one(predictor, path: Path, image_id, threshold: float):
 
 def main(argv=None):
     args = parse_args(argv)
+    several = predict_shards.world_size(args) > 1
     try:
+        predict_shards.check_arguments(args)
         images = list_inputs(args.input)
         ids = image_ids(images, args.gt)
-        predictor, threshold = build_predictor(args)
+        cfg, class_names, threshold = model_settings(args)
+        # Built here whatever the number of processes: a model file that cannot be loaded is one
+        # error line before any starts (the processes build their own; this one is on the CPU).
+        predictor = LesionPredictor(_on_cpu(cfg) if several else cfg, class_names=class_names)
+        classes = predictor.class_names
         prepare_output(args.output)
+        settings = predict_shards.run_settings(
+            cfg, str(args.weights), class_names=classes, score_threshold=threshold,
+            show_scores=args.show_scores, maps=not args.no_maps,
+        )
+        todo, done = predict_shards.start_parts(
+            args.output, settings, args.resume, images, ids, args.machine_rank
+        )
     except (FileNotFoundError, ValueError, KeyError) as e:  # ConfigError, CheckpointError too
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    classes = predictor.class_names
+    except OSError as e:
+        print(f"error: cannot write into --output {args.output}: {e}", file=sys.stderr)
+        return 2
+    if done:
+        print(f"--resume: {done} of {len(images)} image(s) already predicted, {len(todo)} to go",
+              file=sys.stderr)
+    if todo:
+        if several:
+            predictor = None  # each process builds its own
+        job = (args, cfg, classes, threshold, images, ids, todo, predictor)
+        status = predict_shards.run_on_every_rank(predict_shard, job, args)
+        if status:
+            return status
+    if args.machine_rank != 0:
+        return 0  # machine 0 merges
+    try:
+        summary = predict_shards.merge_parts(args.output, images, ids, classes)
+    except (OSError, predict_shards.PartError) as e:
+        print(f"error: cannot write the results into --output {args.output}: {e}", file=sys.stderr)
+        return 2
+    if summary.missing:
+        print(f"warning: {len(summary.missing)} image(s) not predicted (unreadable: see the "
+              "warnings); --resume tries them again", file=sys.stderr)
+    if summary.others:
+        print(f"note: {summary.others} image(s) predicted in {args.output / 'parts'} are not "
+              "among --input: left out of the results", file=sys.stderr)
+    print(f"{summary.images} image(s), {summary.lesions} lesion(s) at score >= {threshold}: "
+          f"{args.output}")
+    return 1 if summary.missing and not summary.images else 0
+
+
+def _on_cpu(cfg):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def predict_shard(args, cfg, classes, threshold, images, ids, todo, predictor=None):
+    """Predict this process's share of ``todo`` (every world-size-th image from its rank's),
+    writing each image's overlay and maps, then its line in this process's part. Returns 0, or
+    2 after an error line (an output that cannot be written)."""
+    rank, world = comm.get_rank(), comm.get_world_size()
+    if predictor is None:
+        predictor = LesionPredictor(cfg, class_names=classes)
     metadata = Metadata(
         name="predict", thing_classes=classes, thing_colors=[lesion(n).color for n in classes]
     )
     overlay_files = {p: args.output / "overlays" / n for p, n in overlay_names(images).items()}
-    results, counts, per_image, failed = [], [], {}, []
-    for path in tqdm(images, desc="predict"):
-        try:
-            image, instances, found, image_outputs, probs = predict_one(
-                predictor, path, ids[path], threshold
-            )
-        except (OSError, ValueError) as e:
-            print(f"warning: {path}: unreadable image ({e}); skipped", file=sys.stderr)
-            failed.append(str(path))
-            continue
-        results += found
-        if image_outputs:
-            per_image[str(path)] = {"image_id": ids[path], **image_outputs}
-        row = {"file": path.name, "image_id": ids[path]}
-        row.update({name: int((instances.pred_classes == k).sum()) for k, name in enumerate(classes)})
-        counts.append(row)
-        overlay = draw_prediction_overlay(
-            image, instances, metadata, threshold, show_scores=args.show_scores
-        )
-        maps = args.output / "maps" / overlay_files[path].stem
-        try:
-            Image.fromarray(overlay).save(overlay_files[path])
-            if probs is not None and not args.no_maps:
-                write_maps(maps, probs, classes)
-        except OSError as e:
-            print(f"error: cannot write {e.filename or maps}: {e}", file=sys.stderr)
-            return 2
+    mine = predict_shards.share(todo, rank, world)
+    target = args.output / "parts"
     try:
-        write_tables(args.output, results, ids, counts, classes)
-        if per_image:
-            with atomic_write(args.output / "image_predictions.json") as f:
-                json.dump(per_image, f, indent=1)
+        with predict_shards.PartWriter(args.output, rank) as part:
+            target = part.path
+            progress = tqdm(mine, desc="predict" if world == 1 else f"predict {rank}/{world}",
+                            position=comm.get_local_rank())
+            for path in progress:
+                try:
+                    image, instances, found, image_outputs, probs = predict_one(
+                        predictor, path, ids[path], threshold
+                    )
+                except (OSError, ValueError) as e:
+                    print(f"warning: {path}: unreadable image ({e}); skipped", file=sys.stderr)
+                    continue
+                overlay = draw_prediction_overlay(
+                    image, instances, metadata, threshold, show_scores=args.show_scores
+                )
+                target = overlay_files[path]
+                with atomic_write(target, "wb") as f:  # a killed run leaves no half picture
+                    Image.fromarray(overlay).save(f, format="PNG")
+                if probs is not None and not args.no_maps:
+                    target = args.output / "maps" / target.stem
+                    write_maps(target, probs, classes)
+                counts = {
+                    name: int((instances.pred_classes == k).sum()) for k, name in enumerate(classes)
+                }
+                extra = {"image": image_outputs} if image_outputs else {}
+                target = part.path
+                part.write(str(path), ids[path], results=found, counts=counts, **extra)
     except OSError as e:
-        print(f"error: cannot write the results into --output {args.output}: {e}", file=sys.stderr)
+        print(f"error: cannot write {e.filename or target}: {e}", file=sys.stderr)
         return 2
-    print(f"{len(counts)} image(s), {len(results)} lesion(s) at score >= {threshold}: {args.output}")
-    return 1 if failed and not counts else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ BENCHMARKS: Dict[str, tuple] = {
                "(and their largest differences from it)"),
     "pixel-ap": ("pixel_ap", "pixel average precision of a full-size lesion map: ours (exact and "
                  "binned) beside scikit-learn's average_precision_score"),
+    "predict": ("predict", "tools/predict.py at archive scale: images/s with 1 and 2 processes "
+                "on HEI-MED photographs, peak RSS for N and 10N inputs"),
 }
 
 
