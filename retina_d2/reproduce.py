@@ -296,10 +296,11 @@ class Reproduction:
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ReproduceError(f"{self.state_file}: unreadable state ({e})") from e
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(
-            state.get("stages"), dict
-        ):
-            raise ReproduceError(f"{self.state_file}: not a reproduce state of format {STATE_FORMAT}")
+        if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT
+                and isinstance(state.get("stages"), dict)):
+            raise ReproduceError(
+                f"{self.state_file}: not a reproduce state of format {STATE_FORMAT}"
+            )
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ReproduceError(
@@ -351,10 +352,14 @@ class Reproduction:
         published_system(self.system.name)
         for system, folder, extra in self._training_stages():
             cfg = self._merged(system, self.stage_opts(system, folder, extra))
-            check_protocols(
-                cfg.RETINA.EVAL.PROTOCOLS, detector=has_detector(cfg),
-                semantic=has_semantic_head(cfg), where=f"{system.config} RETINA.EVAL.PROTOCOLS",
-            )
+            try:
+                check_protocols(
+                    cfg.RETINA.EVAL.PROTOCOLS, detector=has_detector(cfg),
+                    semantic=has_semantic_head(cfg),
+                    where=f"{system.config} RETINA.EVAL.PROTOCOLS",
+                )
+            except ValueError as e:  # an unknown protocol, or one the model cannot feed
+                raise ReproduceError(str(e)) from e
             if extra:  # the grading step's lesion branch is the first step's output
                 cfg.defrost()
                 cfg.MODEL.MULTITASK.LESION_WEIGHTS = ""
@@ -478,9 +483,11 @@ class Reproduction:
         rows = paper_vs_ours(published, test["results"], splits=_TEST_SPLITS)
         table = format_paper_vs_ours(published, rows)
         selection = _selection_text(train)
+        protocol = ("the toolkit's standard evaluators (the paper's measures are among them)"
+                    if published.protocol == "standard" else
+                    f"{published.protocol} (the paper's) beside the toolkit's standard evaluators")
         notes = [f"test split: {self.system.test_dataset}, scored once with {selection}",
-                 f"protocol: {published.protocol} (the paper's) beside the toolkit's standard "
-                 "evaluators"]
+                 f"protocol: {protocol}"]
         if self.system.note:
             notes.append(self.system.note)
         if self.opts:

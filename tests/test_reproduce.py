@@ -62,8 +62,7 @@ LAYOUTS = {
     # The CBAM pipeline's distortions drop box corners that leave the frame (albumentations'
     # keypoint path), which the 60 px fixtures' border lesions hit: reported, not ours to fix.
     "ddr-cbam-deeplab": (make_ddr_layout, [
-        "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-        "RETINA.AUG.ALBUMENTATIONS", "", "RETINA.EVAL.COMPONENT_AP_SIZE", "64",
+        "MODEL.WEIGHTS", "", "RETINA.AUG.ALBUMENTATIONS", "", "RETINA.EVAL.COMPONENT_AP_SIZE", "64",
     ]),
     "idrid-redseg": (make_idrid_layout, [
         "MODEL.WEIGHTS", "", "MODEL.VGG.WIDTH_MULT", "0.125", "INPUT.CROP.SIZE", "[48, 48]",
@@ -113,7 +112,8 @@ def _check_table(output: Path, system: str):
     assert report["selected_by"]["metric"] == state["stages"]["train"]["selected_by"]["metric"]
     assert report["test_dataset"] == SYSTEMS[system].test_dataset
     assert [p.name for p in (output / "test" / "inference").iterdir()] == [test_dir.name]
-    assert SYSTEMS[system].test_dataset not in {p.name for p in (output / "train" / "inference").iterdir()}
+    validated = {p.name for p in (output / "train" / "inference").iterdir()}
+    assert validated == {SYSTEMS[system].val_dataset}
     markdown = (output / "reproduce.md").read_text()
     assert "| metric" in markdown and "paper's figure (source)" in markdown
     for row in report["rows"]:
@@ -161,6 +161,41 @@ def test_reproduce_end_to_end_on_the_published_layout(system, tmp_path, monkeypa
             "seg/train": 155, "seg/val": 20, "seg/test": 20}
 
 
+@pytest.mark.slow
+def test_a_two_step_grading_system_trains_on_its_lesion_systems_best_model(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    raw = make_idrid_layout(tmp_path / "raw", grading=True)
+    output = tmp_path / "run"
+    status = main(["idrid-resunet-grading", "--data-root", str(raw), "--output", str(output),
+                   *TINY, *LAYOUTS["idrid-resunet"][1],
+                   "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    report = _check_table(output, "idrid-resunet-grading")
+    assert [r["metric"] for r in report["rows"]] == ["dr_grade/accuracy"]
+    # Step 1 selected its lesion model on IDRiD's lesion validation images; step 2 froze it.
+    train_cfg = (output / "train" / "config.yaml").read_text()
+    assert str(output / "lesion_train" / "model_best.pth") in train_cfg
+    assert "idrid_seg_val" in (output / "lesion_train" / "config.yaml").read_text()
+    log = (output / "train" / "log.txt").read_text()
+    assert f"tensors loaded from {output / 'lesion_train' / 'model_best.pth'}" in log
+
+
+def test_a_grading_file_loads_without_lesion_truth(tmp_path):
+    """A conversion's grading file has no categories: read under its dataset name without
+    Detectron2's category check, its records carry no (empty) annotations to filter on."""
+    from retina_d2.data.register import load_lesion_json
+
+    grading = {"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 6,
+                           "dr_grade": 3}], "annotations": [], "categories": []}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(grading))
+    (record,) = load_lesion_json(str(path), str(tmp_path), "some_grading_train")
+    assert record["dr_grade"] == 3 and "annotations" not in record
+
+
 def _run_reproduce(args, log: Path, **kwargs):
     """tools/reproduce.py in a process of its own, its output to ``log`` (a pipe nobody reads
     while waiting would fill and stall it)."""
@@ -184,7 +219,8 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(tmp_path):
     opts = [*TINY, *LAYOUTS["idrid-resunet"][1], "RETINA.EVAL.REPORT", "True",
             "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "4"]
     args = ["idrid-resunet", "--data-root", str(raw), "--output", str(output), *opts]
-    first_checkpoint = output / "train" / "model_0000001.pth"
+    # Saved and named: a checkpoint is written, then last_checkpoint points at it.
+    first_checkpoint = output / "train" / "last_checkpoint"
     # Its own session, so that the kill takes the whole run (as a crash or a lost machine).
     run = _run_reproduce(args, tmp_path / "first.log", start_new_session=True)
     try:
@@ -290,6 +326,7 @@ def test_resume_with_other_arguments_is_refused(idrid_raw, tmp_path, capsys):
     (["DATASETS.TEST", "('idrid_seg_test',)"], "DATASETS.TEST"),
     (["MODEL.DEVICE"], "odd number"),
     (["MODEL.NO_SUCH_KEY", "1"], "MODEL.NO_SUCH_KEY"),
+    (["RETINA.EVAL.PROTOCOLS", "['per_image_map']"], "scores lesion instances"),
 ])
 def test_bad_opts_are_one_line(opts, expected, idrid_raw, tmp_path, capsys):
     output = tmp_path / "run"
@@ -351,3 +388,16 @@ def test_without_a_validation_score_the_last_model_is_scored_and_said(idrid_raw,
     assert record["selected_by"] is None
     assert "argmax_dice/mDice was never a finite number on idrid_seg_val" in (
         record["selection_note"])
+
+
+def test_a_damaged_state_file_is_named(idrid_raw, tmp_path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / STATE_FILE).write_text('{"format": 1, "stages": ')
+    line = _error_of(["idrid-resunet", "--data-root", str(idrid_raw), "--output", str(output),
+                      "--resume", "MODEL.DEVICE", "cpu"], capsys)
+    assert str(output / STATE_FILE) in line and "unreadable" in line
+    (output / STATE_FILE).write_text('{"format": 7, "stages": {}}')
+    line = _error_of(["idrid-resunet", "--data-root", str(idrid_raw), "--output", str(output),
+                      "--resume", "MODEL.DEVICE", "cpu"], capsys)
+    assert "not a reproduce state of format 1" in line

@@ -66,9 +66,16 @@ def load_lesion_json(json_file: str, image_root: str, dataset_name: Optional[str
 
     ``sem_seg_files`` paths become absolute (they are stored relative to the JSON's folder).
     """
-    dicts = load_coco_json(json_file, image_root, dataset_name)
     with open(json_file) as f:
-        images = {img["id"]: img for img in json.load(f)["images"]}
+        content = json.load(f)
+    # Given a name, Detectron2 reads the categories into its metadata and fails on an empty list:
+    # a grading / localization file (no lesion classes; _register sets its metadata) is read
+    # without one.
+    dicts = load_coco_json(json_file, image_root, dataset_name if content["categories"] else None)
+    if not content["categories"]:
+        for record in dicts:  # no lesion truth, rather than "no lesions" (never filtered out)
+            record.pop("annotations", None)
+    images = {img["id"]: img for img in content["images"]}
     base = Path(json_file).resolve().parent
     for record in dicts:
         image = images[record["image_id"]]
