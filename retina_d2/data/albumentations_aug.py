@@ -104,12 +104,25 @@ class AlbumentationsTransform(Transform):
         coords = np.asarray(coords, dtype=np.float64)
         if not len(coords):
             return coords.reshape(0, 2)
-        # albumentations 2's keypoint rows: x, y, z, angle, scale.
-        keypoints = np.zeros((len(coords), 5), dtype=np.float32)
+        # albumentations 2's keypoint rows: x, y, z, angle, scale, then our row index, which it
+        # carries along: the distortions drop points they move out of the frame, and Detectron2
+        # needs one output per input (a box is 4 corners).
+        keypoints = np.zeros((len(coords), 6), dtype=np.float32)
         keypoints[:, :2] = coords - _HALF_PIXEL
         keypoints[:, 4] = 1.0
-        moved = self.transform.apply_to_keypoints(keypoints, **self.params)
-        return np.asarray(moved[:, :2], dtype=np.float64) + _HALF_PIXEL
+        keypoints[:, 5] = np.arange(len(coords))
+        moved = np.asarray(self.transform.apply_to_keypoints(keypoints, **self.params))
+        # A dropped point left the frame: it stays where it was, clipped to the frame's edge
+        # (Detectron2 clips boxes to the image; masks carry the geometry that matters).
+        out = coords.copy()
+        shape = self.params.get("shape")
+        if shape is not None:
+            out[:, 0] = np.clip(out[:, 0], 0, shape[1])
+            out[:, 1] = np.clip(out[:, 1], 0, shape[0])
+        if len(moved):
+            rows = moved[:, 5].round().astype(np.int64)
+            out[rows] = moved[:, :2].astype(np.float64) + _HALF_PIXEL
+        return out
 
     def inverse(self) -> Transform:
         raise NotImplementedError(

@@ -222,3 +222,25 @@ def test_unknown_pipeline_and_bgr_are_refused():
     with pytest.raises(ValueError, match="RGB"):
         build_albumentations("cbam_deeplab_ddr", "BGR")
     assert build_albumentations("", "BGR") == []
+
+
+class _ShiftAndDropOutside:
+    """Stands in for a distortion that moves points by +40 px in x and, as albumentations'
+    distortions do, drops those that leave the frame (keeping the extra columns)."""
+
+    def apply_to_keypoints(self, keypoints, **params):
+        moved = keypoints.copy()
+        moved[:, 0] += 40
+        return moved[moved[:, 0] < params["shape"][1]]
+
+
+def test_points_a_distortion_moves_out_of_the_frame_keep_their_row():
+    from retina_d2.data.albumentations_aug import AlbumentationsTransform
+
+    transform = AlbumentationsTransform(_ShiftAndDropOutside(), {"shape": (64, 64, 3)})
+    points = np.array([[2.0, 5.0], [50.0, 6.0], [10.0, 70.0]])
+    out = transform.apply_coords(points)
+    assert out.shape == points.shape
+    assert out[0].tolist() == [42.0, 5.0]  # moved
+    assert out[1].tolist() == [50.0, 6.0]  # dropped by the distortion: where it was, in frame
+    assert out[2].tolist() == [50.0, 70.0]  # kept by the distortion: as it moved it
