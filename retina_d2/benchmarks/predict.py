@@ -4,7 +4,8 @@
 - Throughput: ``tools/predict.py`` on the first ``--images`` HEI-MED photographs with 1 and with
   2 processes (``--num-gpus``: CPU processes with gloo on a machine without CUDA), each run in a
   fresh process: images per second of the command's ``main`` (the model's load, the processes'
-  start and the merge included; the interpreter's imports not).
+  start and the merge included; the interpreter's imports not), and once predicting (from the
+  first image's line in the parts to the last, watched by this process).
 - Memory: one process on those photographs and on ``--repeat`` times as many (the same files
   under other names, as symlinks): the peak RSS of the two runs, which streaming the results to
   JSON lines should keep flat, beside the results file each run wrote (what a list of results
@@ -19,14 +20,15 @@ weights find lesions everywhere: every run keeps all scores (``--score-threshold
 To keep the runs short on a shared 2-core machine, the photographs are copied shrunk to
 ``--size`` px on their longer side (real photographs, fewer pixels: 2196x1958 -> 256x228 by
 default; ``--memory-size``, 128 px, for the memory runs' 10x more inputs) and predicted at that
-size; the machine's load average goes into the results.
+size; the machine's load average goes into the results. Each process runs ``--threads``
+threads (default 1: on a loaded shared machine a process's second OpenMP thread mostly waits).
 """
 import csv
 import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from . import HEIMED_ROOT, REPO_ROOT, format_table, machine_info, measure_in_subprocess
 
@@ -53,6 +55,9 @@ def add_arguments(parser) -> None:
                         help="TEST.DETECTIONS_PER_IMAGE (all scores kept)")
     parser.add_argument("--weights", type=Path,
                         help="a retina_d2 checkpoint (default: random weights of " + CONFIG + ")")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OpenMP / torch threads per process (OMP_NUM_THREADS; 0: torch's "
+                        "default)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
@@ -121,7 +126,8 @@ def predict_run(weights: str, photos: str, output: str, processes: int,
     spec.loader.exec_module(tool)
     argv = ["--weights", weights, "--input", photos, "--output", output,
             "--num-gpus", str(processes), "--score-threshold", "0.0",
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", str(detections)]
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "TEST.DETECTIONS_PER_IMAGE", str(detections)]
     start = time.perf_counter()
     status = tool.main(argv)
     seconds = time.perf_counter() - start
@@ -142,15 +148,59 @@ def predict_run(weights: str, photos: str, output: str, processes: int,
     }
 
 
+class _LineWatch:
+    """Watches a predict output's parts from this process while predict runs: when each image's
+    line appeared (polled every ``period`` s, reading only what was appended)."""
+
+    def __init__(self, output: Path, period: float = 0.05):
+        import threading
+
+        self.parts, self.period = Path(output) / "parts", period
+        self.times: List[float] = []  # one per line seen, in order
+        self._read: Dict[Path, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.period):
+            self._poll()
+
+    def _poll(self) -> None:
+        now = time.perf_counter()
+        for part in sorted(self.parts.glob("rank*.jsonl")) if self.parts.is_dir() else []:
+            with open(part, "rb") as f:
+                f.seek(self._read.get(part, 0))
+                new = f.read()
+            self._read[part] = self._read.get(part, 0) + len(new)
+            self.times += [now] * new.count(b"\n")
+
+    def __enter__(self) -> "_LineWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def steady_rate(self) -> Optional[float]:
+        """Images/s from the first line to the last (the processes' start and the model loads
+        left out); None with under 2 lines apart in time."""
+        if len(self.times) < 2 or self.times[-1] <= self.times[0]:
+            return None
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
 def _measure(weights: Path, photos: Path, output: Path, processes: int, detections: int):
     logger.info("predict: %s, %d process(es)", photos, processes)
-    row = measure_in_subprocess(
-        "retina_d2.benchmarks.predict:predict_run",
-        {"weights": str(weights), "photos": str(photos), "output": str(output),
-         "processes": processes, "detections": detections},
-    )
+    with _LineWatch(output) as lines:
+        row = measure_in_subprocess(
+            "retina_d2.benchmarks.predict:predict_run",
+            {"weights": str(weights), "photos": str(photos), "output": str(output),
+             "processes": processes, "detections": detections},
+        )
     if "error" in row:
         raise RuntimeError(f"predict run failed: {row['error']}")
+    row["steady_images_per_s"] = lines.steady_rate()
     return row
 
 
@@ -159,7 +209,11 @@ def run(args) -> Dict[str, Any]:
 
     from retina_d2.data.converters.base import atomic_write
 
+    import os
+
     load_before = machine_info()["load_average"]
+    if args.threads:  # read by the measured processes' torch (and by launch's workers)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="retina_d2_bench_predict_") as tmp:
         tmp = Path(tmp)
         weights = args.weights or random_model_file(tmp / "random_maskrcnn_heimed.pth")
@@ -176,23 +230,29 @@ def run(args) -> Dict[str, Any]:
     results = {
         "benchmark": "predict",
         "model": str(args.weights) if args.weights else f"{CONFIG}, random weights (seed 0)",
-        "photographs": f"the first {args.images} HEI-MED .jpg, shrunk to {args.size} px on the "
-        f"longer side ({args.memory_size} px for the memory runs)",
+        "photographs": f"the first {args.images} HEI-MED .jpg, longer side shrunk to "
+        f"{args.size or 'native'} px ({args.memory_size or 'native'} px for the memory runs)",
         "detections_per_image": args.detections,
+        "threads_per_process": args.threads or "torch's default",
         "throughput": throughput,
         "memory": {"inputs": [few, many], "runs": memory,
                    "peak_rss_growth_mb": memory[1]["peak_rss_mb"] - memory[0]["peak_rss_mb"]},
         "machine": {**machine_info(), "load_average_before": load_before},
-        "note": "images/s of predict's main (model load, process start and merge included). "
+        "note": "images_per_s: predict's main (model load, process start and merge included); "
+        "steady_images_per_s: from the first image's line in the parts to the last (polled "
+        "every 0.05 s by the benchmark). "
         "The machine is shared: its load average (before and after) says how much of its CPUs "
-        "these runs had. Memory: one process, the same photographs repeated as symlinks.",
+        "these runs had; one thread per process, as a second OpenMP thread mostly waits for a "
+        "core there. Memory: one process, the same photographs repeated as symlinks; parts_mb "
+        "and results_mb are what a results list held in memory would have grown with.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out) as f:
         json.dump(results, f, indent=1)
     print(format_table(throughput + memory, [
         ("processes", "processes", "d"), ("images", "images", "d"),
-        ("images/s", "images_per_s", ".2f"), ("s", "seconds", ".1f"),
+        ("images/s", "images_per_s", ".2f"), ("steady images/s", "steady_images_per_s", ".2f"),
+        ("s", "seconds", ".1f"),
         ("lesions/image", "lesions_per_image", ".1f"), ("results MB", "results_mb", ".1f"),
         ("peak RSS MB", "peak_rss_mb", ".0f"),
     ]))
