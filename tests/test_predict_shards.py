@@ -252,6 +252,35 @@ def test_two_processes_give_the_single_process_results(weights, photos, single, 
         assert [r["file"] for r in lines] == files[rank::2]
 
 
+def test_two_machines_sharing_the_output_give_the_single_process_results(weights, photos,
+                                                                         single, tmp_path):
+    """--num-machines 2: two commands (here on one host, meeting at a TCP port), one process
+    each; machine 0 merges both machines' parts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tools/predict.py"), "--weights", str(weights), "--input",
+             str(photos), "--output", str(out), "--num-machines", "2", "--machine-rank",
+             str(rank), "--dist-url", f"tcp://127.0.0.1:{port}", *KEEP],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [run.communicate(timeout=900)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "8 image(s)" in logs[0] and "image(s)," not in logs[1]  # machine 0 merged
+    _same_outputs(out, single)
+    files = sorted(str(p) for p in photos.iterdir())
+    for rank in (0, 1):
+        assert [json.loads(line)["file"] for _, line in shards.complete_lines(
+            out / "parts" / f"rank{rank}.jsonl")] == files[rank::2]
+
+
 def test_killed_half_way_and_resumed_nothing_is_predicted_twice_or_lost(weights, photos, single,
                                                                        tmp_path, capsys):
     out = tmp_path / "out"
