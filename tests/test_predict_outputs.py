@@ -70,7 +70,9 @@ def test_images_sharing_a_stem_get_an_overlay_each(weights, synthetic_datasets, 
         # is a band below the photograph, whose rows come first.)
         assert overlay.shape[1:] == own.shape[1:] and overlay.shape[0] > own.shape[0]
         overlay = overlay[: own.shape[0]]
-        assert np.abs(overlay - own).mean() < np.abs(overlay - other).mean() / 2
+        # Median over pixels: lesion outlines and rings cover a share of the picture that the
+        # mean counts, but most pixels are the photograph's own.
+        assert np.median(np.abs(overlay - own)) < np.median(np.abs(overlay - other)) / 2
     counts = (tmp_path / "out" / "lesion_counts.csv").read_text().splitlines()
     assert len(counts) == 3
 
