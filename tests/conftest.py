@@ -15,3 +15,30 @@ def synthetic_datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     synthetic.convert(None, root / "synthetic", ConvertOptions(progress=False), count=6, size=192)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _loggers_left_as_found():
+    """Remove the console and file handlers a test's tool run added (Detectron2's setup_logger,
+    logging.basicConfig). They hold the stream pytest captured for that test, which is closed
+    afterwards: a later test's log lines would print '--- Logging error ---' tracebacks into the
+    stderr it checks. A user's process runs one tool and never meets this."""
+    import logging
+
+    from detectron2.utils.logger import setup_logger
+
+    def handlers():
+        loggers = [logging.getLogger()] + [
+            log for log in logging.Logger.manager.loggerDict.values()
+            if isinstance(log, logging.Logger)
+        ]
+        return {(log, h) for log in loggers for h in log.handlers}
+
+    before = handlers()
+    yield
+    for log, handler in handlers() - before:
+        if type(handler).__module__.startswith("_pytest"):
+            continue  # pytest's own capture handlers: pytest removes them
+        log.removeHandler(handler)
+        handler.close()
+    setup_logger.cache_clear()

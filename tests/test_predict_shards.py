@@ -118,6 +118,26 @@ def test_a_fresh_run_removes_only_predicts_own_files(tmp_path):
     assert json.loads((parts / "run.json").read_text()) == _settings()
 
 
+def test_temp_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    images, ids = [Path("a.png")], {Path("a.png"): 1}
+    left = [tmp_path / "overlays" / ".a.png.77a9e487.tmp", tmp_path / ".images.json.0a1b2c3d.tmp",
+            tmp_path / "maps" / "a" / ".exudate.png.deadbeef.tmp",
+            tmp_path / "parts" / ".run.json.12345678.tmp"]
+    kept = [tmp_path / "overlays" / "a.png", tmp_path / "overlays" / ".a.png.tmp",  # not ours
+            tmp_path / "overlays" / ".notes.txt.77a9e487.tmp", tmp_path / "mine.tmp",
+            tmp_path / "maps" / "a" / "exudate.png"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (tmp_path / "parts" / "run.json").write_text(json.dumps(_settings()))
+    # Machine 1 leaves them (machine 0's processes may be writing), machine 0 removes them.
+    shards.start_parts(tmp_path, _settings(), True, images, ids, 1)
+    assert all(p.exists() for p in left)
+    shards.start_parts(tmp_path, _settings(), True, images, ids, 0)
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in kept)
+
+
 def test_the_merge_is_in_input_order_whatever_wrote_the_parts(tmp_path):
     """Lines of two runs of different process counts, in any order: the merged files are those
     of the images in input order, the results file the bytes json.dump of the list writes."""

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 
 from detectron2.utils import comm
 
-from ..data.converters.base import atomic_write
+from ..data.converters.base import atomic_write, remove_interrupted_writes
 
 __all__ = [
     "PARTS_DIR",
@@ -221,6 +221,11 @@ def start_parts(output: Path, settings: Dict[str, Any], resume: bool, images: Se
     parts.mkdir(parents=True, exist_ok=True)
     run_file = parts / RUN_FILE
     if machine_rank == 0:
+        # No process writes yet (they meet in launch after this): what a killed run left half
+        # written (overlays, maps, results) can go; its image is predicted again if its line is
+        # not complete.
+        for folder in _output_folders(Path(output)):
+            remove_interrupted_writes(folder, (".png", ".json", ".csv", ".jsonl"))
         if resume:
             _check_settings(parts, settings)
         else:
@@ -234,6 +239,16 @@ def start_parts(output: Path, settings: Dict[str, Any], resume: bool, images: Se
     done = predicted(output, ids)
     todo = [p for p in images if str(p) not in done]
     return todo, len(images) - len(todo)
+
+
+def _output_folders(output: Path) -> List[Path]:
+    """The folders predict writes with atomic_write: the output, its parts (run.json), its
+    overlays, each image's maps folder."""
+    folders = [output, output / PARTS_DIR, output / "overlays"]
+    maps = output / "maps"
+    if maps.is_dir() and not maps.is_symlink():
+        folders += [maps] + sorted(p for p in maps.iterdir() if p.is_dir() and not p.is_symlink())
+    return folders
 
 
 def _check_settings(parts: Path, settings: Dict[str, Any]) -> None:

@@ -725,12 +725,29 @@ def _clean_leftovers(out_dir: Path, task_folders: Sequence[str]) -> None:
     if semantic.is_dir() and not semantic.is_symlink():
         folders += [Path(d) for d, _, _ in os.walk(semantic)]
     for folder in folders:
-        for child in folder.iterdir():
-            match = _TEMP_RE.fullmatch(child.name)
-            if (match and match["target"].endswith((".json", ".png")) and child.is_file()
-                    and not child.is_symlink()):
-                logger.info("removing %s, left by an interrupted write", child)
-                child.unlink()
+        remove_interrupted_writes(folder, (".json", ".png"))
+
+
+def remove_interrupted_writes(folder: Path, suffixes: Sequence[str]) -> List[Path]:
+    """Remove the temp files atomic_write leaves in ``folder`` when its process is killed, for
+    targets ending in one of ``suffixes`` (a name of any other shape is never touched). Call it
+    only while no other process writes there: a live writer's temp file matches too.
+
+    Returns:
+        the files removed
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return removed
+    for child in folder.iterdir():
+        match = _TEMP_RE.fullmatch(child.name)
+        if (match and match["target"].endswith(tuple(suffixes)) and child.is_file()
+                and not child.is_symlink()):
+            logger.info("removing %s, left by an interrupted write", child)
+            child.unlink()
+            removed.append(child)
+    return removed
 
 
 def _make_staging(out_dir: Path) -> Path:
