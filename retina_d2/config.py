@@ -8,7 +8,32 @@ from detectron2.config import CfgNode as CN
 
 __all__ = [
     "ConfigError",
+    "add_augmentation_config",
+    "add_cbam_deeplab_config",
+    "add_checkpoint_config",
+    "add_components_config",
+    "add_evaluation_config",
+    "add_grading_config",
+    "add_inception_config",
+    "add_inference_config",
+    "add_lesion_net_config",
+    "add_lesion_rcnn_config",
+    "add_lesion_resnet_config",
+    "add_localization_config",
+    "add_multitask_config",
+    "add_plateau_config",
+    "add_preprocess_config",
+    "add_protocol_config",
+    "add_red_seg_config",
+    "add_reproducibility_config",
+    "add_resunet_config",
     "add_retina_config",
+    "add_semantic_config",
+    "add_solver_config",
+    "add_tiling_config",
+    "add_tta_config",
+    "add_unet_encoder_config",
+    "add_vgg_config",
     "get_retina_cfg",
     "has_detector",
     "has_grading",
@@ -29,7 +54,15 @@ class ConfigError(ValueError):
 
 
 def add_retina_config(cfg):
-    """Add retina_d2's keys to a Detectron2 config (in place). Call before ``merge_from_file``."""
+    """Add retina_d2's keys to a Detectron2 config (in place). Call before ``merge_from_file``.
+
+    One ``add_*_config`` per component, each usable alone on Detectron2's ``get_cfg()``."""
+    for add_component_config in RETINA_CONFIG_COMPONENTS:
+        add_component_config(cfg)
+
+
+def add_checkpoint_config(cfg):
+    """How weights files are read and how much of the model they must set."""
     # Weights files (MODEL.WEIGHTS, MODEL.MULTITASK.LESION_WEIGHTS, --resume's last checkpoint)
     # are read as tensors, NumPy arrays and containers only (retina_d2/safe_load.py): unpickling
     # in full runs whatever code the file carries. True reads an old full pickle anyway, with a
@@ -40,9 +73,15 @@ def add_retina_config(cfg):
     # initial values. True accepts it (training from a pretrained start always does, warning).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
+
+def add_solver_config(cfg):
+    """The optimiser Detectron2 0.6 lacks (``SOLVER.OPTIMIZER``)."""
     # Detectron2 0.6 has only SGD; the e-ophtha Mask R-CNN paper trains with Adam.
     cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" or "ADAM"
 
+
+def add_lesion_resnet_config(cfg):
+    """``MODEL.LESION_RESNET``: the free-width ResNet of the CPU configs."""
     # A ResNet whose widths are free (Detectron2's ResNet pins R-18/34 to 64 res2 channels): the
     # CPU configs need a slimmer trunk than any stock depth to train in minutes.
     cfg.MODEL.LESION_RESNET = CN()
@@ -52,6 +91,44 @@ def add_retina_config(cfg):
     cfg.MODEL.LESION_RESNET.NORM = "GN"  # GN trains from scratch; frozen BN on random weights diverges
     cfg.MODEL.LESION_RESNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
+
+def add_unet_encoder_config(cfg):
+    """``MODEL.UNET_ENCODER``: ResUNet's encoder backbone."""
+    # ResUNet's encoder (retina_d2/modeling/encoders.py, build_unet_encoder_backbone): residual
+    # double-conv stages "enc1".."encN" at strides 1, 2, 4, ..., no normalisation, Kaiming init.
+    cfg.MODEL.UNET_ENCODER = CN()
+    cfg.MODEL.UNET_ENCODER.WIDTHS = [64, 128, 256, 512, 1024]  # channels per stage (U-Net's)
+    cfg.MODEL.UNET_ENCODER.DROPOUT = 0.3  # between the two convs of every block
+    cfg.MODEL.UNET_ENCODER.OUT_FEATURES = ["enc1", "enc2", "enc3", "enc4", "enc5"]
+
+
+def add_vgg_config(cfg):
+    """``MODEL.VGG``: Red-Seg's VGG16 trunk."""
+    # Red-Seg's trunk (build_vgg16_backbone): VGG16 conv1_1..conv5_3, outputs "conv1".."conv5"
+    # at strides 1..16; torchvision's published vgg16 weights load into it (MODEL.WEIGHTS).
+    cfg.MODEL.VGG = CN()
+    cfg.MODEL.VGG.WIDTH_MULT = 1.0  # multiplies VGG16's 64..512 channels (CPU configs: < 1)
+    cfg.MODEL.VGG.NORM = ""  # "" (VGG16 as published) or "GN" (trains from scratch far better)
+    cfg.MODEL.VGG.OUT_FEATURES = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+
+
+def add_inception_config(cfg):
+    """``MODEL.INCEPTION``: Lesion-Net's Inception-v3 encoder."""
+    # Lesion-Net's Inception-v3 encoder (retina_d2/modeling/inception.py,
+    # build_inception_v3_backbone): torchvision's layers and names, padded so that strides are
+    # exact; torchvision's published inception_v3 ImageNet weights load into it (MODEL.WEIGHTS).
+    cfg.MODEL.INCEPTION = CN()
+    # "FrozenBN": BN fixed at the loaded weights' statistics (fine-tuning at a few images per
+    # batch); "BN": trained with batch statistics.
+    cfg.MODEL.INCEPTION.NORM = "FrozenBN"
+    # Among Conv2d_2b_3x3 (stride 2), Conv2d_4a_3x3 (4), Mixed_5d (8), Mixed_6e (16), Mixed_7c (32).
+    cfg.MODEL.INCEPTION.OUT_FEATURES = [
+        "Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"
+    ]
+
+
+def add_lesion_rcnn_config(cfg):
+    """``MODEL.LESION_MERGE``: LesionRCNN's merging of touching predictions."""
     # LesionRCNN: predictions of a class whose masks touch become one lesion, as the converters
     # make one ground-truth lesion of each connected component (retina_d2/modeling/postprocess.py).
     cfg.MODEL.LESION_MERGE = CN()
@@ -59,6 +136,9 @@ def add_retina_config(cfg):
     cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.35  # only confident predictions merge
     cfg.MODEL.LESION_MERGE.CONNECTIVITY = 8
 
+
+def add_semantic_config(cfg):
+    """``MODEL.LESION_SEG``: what every semantic lesion head shares."""
     # Semantic lesion heads (retina_d2/modeling/semantic, chosen by MODEL.SEM_SEG_HEAD.NAME with
     # NUM_CLASSES = lesion channels, background not counted, and IGNORE_VALUE 255).
     cfg.MODEL.LESION_SEG = CN()
@@ -75,32 +155,9 @@ def add_retina_config(cfg):
     # Weight of the semantic losses in LesionRCNN's total (SemanticLesionNet's are its only ones).
     cfg.MODEL.LESION_SEG.LOSS_WEIGHT = 1.0
 
-    # ResUNet's encoder (retina_d2/modeling/encoders.py, build_unet_encoder_backbone): residual
-    # double-conv stages "enc1".."encN" at strides 1, 2, 4, ..., no normalisation, Kaiming init.
-    cfg.MODEL.UNET_ENCODER = CN()
-    cfg.MODEL.UNET_ENCODER.WIDTHS = [64, 128, 256, 512, 1024]  # channels per stage (U-Net's)
-    cfg.MODEL.UNET_ENCODER.DROPOUT = 0.3  # between the two convs of every block
-    cfg.MODEL.UNET_ENCODER.OUT_FEATURES = ["enc1", "enc2", "enc3", "enc4", "enc5"]
 
-    # Red-Seg's trunk (build_vgg16_backbone): VGG16 conv1_1..conv5_3, outputs "conv1".."conv5"
-    # at strides 1..16; torchvision's published vgg16 weights load into it (MODEL.WEIGHTS).
-    cfg.MODEL.VGG = CN()
-    cfg.MODEL.VGG.WIDTH_MULT = 1.0  # multiplies VGG16's 64..512 channels (CPU configs: < 1)
-    cfg.MODEL.VGG.NORM = ""  # "" (VGG16 as published) or "GN" (trains from scratch far better)
-    cfg.MODEL.VGG.OUT_FEATURES = ["conv1", "conv2", "conv3", "conv4", "conv5"]
-
-    # Lesion-Net's Inception-v3 encoder (retina_d2/modeling/inception.py,
-    # build_inception_v3_backbone): torchvision's layers and names, padded so that strides are
-    # exact; torchvision's published inception_v3 ImageNet weights load into it (MODEL.WEIGHTS).
-    cfg.MODEL.INCEPTION = CN()
-    # "FrozenBN": BN fixed at the loaded weights' statistics (fine-tuning at a few images per
-    # batch); "BN": trained with batch statistics.
-    cfg.MODEL.INCEPTION.NORM = "FrozenBN"
-    # Among Conv2d_2b_3x3 (stride 2), Conv2d_4a_3x3 (4), Mixed_5d (8), Mixed_6e (16), Mixed_7c (32).
-    cfg.MODEL.INCEPTION.OUT_FEATURES = [
-        "Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"
-    ]
-
+def add_resunet_config(cfg):
+    """``MODEL.RESUNET``: the ResUNet head."""
     # ResUNet head (ResUNetHead): U-Net decoder over the encoder's features, softmax over
     # background + NUM_CLASSES lesions (MODEL.LESION_SEG.ACTIVATION must be "softmax").
     cfg.MODEL.RESUNET = CN()
@@ -113,6 +170,9 @@ def add_retina_config(cfg):
     cfg.MODEL.RESUNET.FOCAL_WEIGHT = 1.0  # weight of the focal term in the loss
     cfg.MODEL.RESUNET.DICE_WEIGHT = 1.0  # weight of the soft Dice term (background excluded)
 
+
+def add_red_seg_config(cfg):
+    """``MODEL.RED_SEG``: the Red-Seg head."""
     # Red-Seg head (RedSegHead): one branch per lesion, each fusing 1x1-conv side outputs of
     # its trunk features; stage 1 top-k balanced BCE, stage 2 FN+FP (LESION_SEG.LOSS_SWITCH_ITER).
     cfg.MODEL.RED_SEG = CN()
@@ -139,6 +199,9 @@ def add_retina_config(cfg):
     # supervision, the paper's per-side "supervision loss").
     cfg.MODEL.RED_SEG.SIDE_SUPERVISION = False
 
+
+def add_lesion_net_config(cfg):
+    """``MODEL.LESION_NET``: the Lesion-Net head."""
     # Lesion-Net head (LesionNetHead): a copy-and-merge expansive path over the encoder, one
     # sigmoid map per lesion; pixel Dice, then dual Dice from LESION_SEG.LOSS_SWITCH_ITER.
     cfg.MODEL.LESION_NET = CN()
@@ -154,6 +217,9 @@ def add_retina_config(cfg):
     # denominators sum(p^2) + sum(y^2)).
     cfg.MODEL.LESION_NET.DICE = "per_lesion"
 
+
+def add_cbam_deeplab_config(cfg):
+    """``MODEL.CBAM_DEEPLAB``: the CBAM-DeepLab head."""
     # CBAM-DeepLab head (CBAMDeepLabHead): DeepLabV3+ with CBAM after ASPP and after the
     # low-level reduction, one sigmoid map per lesion.
     cfg.MODEL.CBAM_DEEPLAB = CN()
@@ -173,6 +239,9 @@ def add_retina_config(cfg):
     cfg.MODEL.CBAM_DEEPLAB.FOCAL_GAMMA = 2.0  # focal exponent
     cfg.MODEL.CBAM_DEEPLAB.BOUNDARY_BETA = 1.5  # boundary weights exp(-beta * |Sobel(target)|)
 
+
+def add_multitask_config(cfg):
+    """``MODEL.MULTITASK``: MultiTaskLesionNet's lesion branch and task backbone."""
     # MultiTaskLesionNet (retina_d2/modeling/meta_arch/multitask.py): lesions, DR / DME grading
     # and optic disc / fovea localization in one forward pass.
     cfg.MODEL.MULTITASK = CN()
@@ -194,6 +263,9 @@ def add_retina_config(cfg):
     # path or URL, as MODEL.WEIGHTS) or the backbone's own state dict. "" = its initialisation.
     cfg.MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS = ""
 
+
+def add_grading_config(cfg):
+    """``MODEL.GRADING``: DR / DME grading heads."""
     # Grading heads (retina_d2/modeling/grading.py, GRADING_HEAD_REGISTRY): one per graded task.
     cfg.MODEL.GRADING = CN()
     # Record fields graded: "dr_grade" (0-4), "dme_grade" (0-2); [] = no grading.
@@ -211,6 +283,9 @@ def add_retina_config(cfg):
     cfg.MODEL.GRADING.DROPOUT = 0.0  # before the FC layer
     cfg.MODEL.GRADING.LOSS_WEIGHT = 1.0  # of each grading task's cross-entropy
 
+
+def add_localization_config(cfg):
+    """``MODEL.LOCALIZATION``: optic disc / fovea heatmaps."""
     # Landmark localization (retina_d2/modeling/localization.py): one heatmap per landmark.
     cfg.MODEL.LOCALIZATION = CN()
     cfg.MODEL.LOCALIZATION.LANDMARKS = []  # "optic_disc", "fovea"; [] = no localization
@@ -225,7 +300,10 @@ def add_retina_config(cfg):
     cfg.MODEL.LOCALIZATION.REFINE_RADIUS = 2
     cfg.MODEL.LOCALIZATION.LOSS_WEIGHT = 1.0
 
-    cfg.RETINA = CN()
+
+def add_preprocess_config(cfg):
+    """``RETINA.PREPROCESS``: field of view, scale and contrast, train and test alike."""
+    _add_section(cfg, "RETINA")
     # Preprocessing, applied to train and test images alike (retina_d2/data/preprocess.py).
     cfg.RETINA.PREPROCESS = CN()
     # Crop the black border to the field of view (FOV) and blank what lies outside the FOV circle.
@@ -250,6 +328,10 @@ def add_retina_config(cfg):
     # which Graham's 4x contrast turns into a row of false lesions. 0 = off.
     cfg.RETINA.PREPROCESS.FRAME_MARGIN = 0.0
 
+
+def add_augmentation_config(cfg):
+    """``RETINA.AUG``: training augmentation."""
+    _add_section(cfg, "RETINA")
     # Training augmentation; every geometric op is applied to masks identically.
     cfg.RETINA.AUG = CN()
     cfg.RETINA.AUG.HFLIP = True
@@ -276,6 +358,10 @@ def add_retina_config(cfg):
     # with the image. "" = none.
     cfg.RETINA.AUG.ALBUMENTATIONS = ""
 
+
+def add_plateau_config(cfg):
+    """``RETINA.PLATEAU`` / ``RETINA.EARLY_STOP``: LR on a plateau, early stopping."""
+    _add_section(cfg, "RETINA")
     # Learning rate reduced on a plateau of the periodic validation metric
     # (retina_d2/engine/plateau.py, PyTorch's ReduceLROnPlateau driven by TEST.EVAL_PERIOD's
     # evaluations): after PATIENCE evaluations without improvement the LR is multiplied by
@@ -294,6 +380,10 @@ def add_retina_config(cfg):
     cfg.RETINA.EARLY_STOP = CN()
     cfg.RETINA.EARLY_STOP.PATIENCE = 0
 
+
+def add_tiling_config(cfg):
+    """``RETINA.TILE``: tiled inference over whole images."""
+    _add_section(cfg, "RETINA")
     # Tiled (sliding-window) inference over whole images (retina_d2/modeling/tiling.py): the
     # model sees overlapping tiles at the network input's resolution (after INPUT.MIN_SIZE_TEST;
     # with 0 the photograph's own pixels), so 1-5 px lesions are never shrunk and the network's
@@ -320,6 +410,10 @@ def add_retina_config(cfg):
     cfg.RETINA.TILE.DETECTIONS_PER_TILE = 0
     # The merged instances are capped at TEST.DETECTIONS_PER_IMAGE, as the untiled model's are.
 
+
+def add_tta_config(cfg):
+    """``TEST.AUG`` (Detectron2's switch) and ``RETINA.TTA``: test-time augmentation."""
+    _add_section(cfg, "RETINA")
     # Test-time augmentation (retina_d2/modeling/tta.py; LesionTrainer.build_inference_model puts
     # it around the tiled model): the model also runs on mirrored / quarter-turned views of each
     # image, detections are merged across views by mask and semantic maps averaged, in the
@@ -340,6 +434,10 @@ def add_retina_config(cfg):
     # between views ranks a lesion up), or "max" (the best view's, as Detectron2's NMS keeps).
     cfg.RETINA.TTA.SCORE = "mean"
 
+
+def add_components_config(cfg):
+    """``RETINA.COMPONENTS``: lesions as connected components of a semantic map."""
+    _add_section(cfg, "RETINA")
     # Lesions of a semantic model's probability maps (retina_d2/modeling/components.py): one
     # lesion per connected component, scored by its peak probability (used by
     # tools/benchmark.py heimed-exudate-cv).
@@ -355,8 +453,12 @@ def add_retina_config(cfg):
     # alarms per healthy eye); lower-scoring ones still rank in AP and FROC.
     cfg.RETINA.COMPONENTS.SCORE_THRESHOLD = 0.5
 
+
+def add_evaluation_config(cfg):
+    """``RETINA.EVAL``: the evaluators' settings, the overlays and the report."""
+    _add_section(cfg, "RETINA")
+    _add_section(cfg.RETINA, "EVAL")
     # Evaluation (retina_d2/evaluation/instance_eval.py).
-    cfg.RETINA.EVAL = CN()
     cfg.RETINA.EVAL.IOU_THRESHOLDS = [0.35, 0.5, 0.75]
     # COCOeval's default maxDets of 100 truncates images with hundreds of exudates; keep it equal
     # to MODEL.ROI_HEADS / TEST.DETECTIONS_PER_IMAGE.
@@ -391,7 +493,16 @@ def add_retina_config(cfg):
     # images with hits, misses and false alarms outlined (0: no gallery).
     cfg.RETINA.EVAL.REPORT = True
     cfg.RETINA.EVAL.REPORT_GALLERY = 4
-    # Each paper's own evaluation protocol, added beside the evaluators above
+    # A system of retina_d2/evaluation/published_figures.yaml (e.g. "eophtha-maskrcnn"): the
+    # report then shows its paper's figures beside ours. "" = none.
+    cfg.RETINA.EVAL.PUBLISHED_SYSTEM = ""
+
+
+def add_protocol_config(cfg):
+    """``RETINA.EVAL.PROTOCOLS`` and their settings: each paper's own evaluation."""
+    _add_section(cfg, "RETINA")
+    _add_section(cfg.RETINA, "EVAL")
+    # Each paper's own evaluation protocol, added beside add_evaluation_config's evaluators
     # (retina_d2/evaluation/protocols): "per_image_map" (e-ophtha Mask R-CNN: Matterport's
     # per-image mask AP at IOU_THRESHOLDS; a detector's), "argmax_dice" (ResUNet: argmax Dice /
     # IoU / pixel accuracy), "pr_operating_point" (Red-Seg: pixel precision / recall beside
@@ -411,10 +522,11 @@ def add_retina_config(cfg):
     # probability at which a pixel is lesion (components, IoU).
     cfg.RETINA.EVAL.COMPONENT_AP_SIZE = 512
     cfg.RETINA.EVAL.COMPONENT_AP_THRESHOLD = 0.5
-    # A system of retina_d2/evaluation/published_figures.yaml (e.g. "eophtha-maskrcnn"): the
-    # report then shows its paper's figures beside ours. "" = none.
-    cfg.RETINA.EVAL.PUBLISHED_SYSTEM = ""
 
+
+def add_inference_config(cfg):
+    """``RETINA.INFERENCE``: mixed-precision inference."""
+    _add_section(cfg, "RETINA")
     # Mixed-precision inference (retina_d2/modeling/amp.py), the test-time side of Detectron2's
     # SOLVER.AMP.ENABLED: evaluation and tools/predict.py run the model under torch.autocast in
     # AMP_DTYPE ("float16" on CUDA; "bfloat16" is what CPU autocast is made for). Outputs come
@@ -423,6 +535,10 @@ def add_retina_config(cfg):
     cfg.RETINA.INFERENCE.AMP = False
     cfg.RETINA.INFERENCE.AMP_DTYPE = "float16"
 
+
+def add_reproducibility_config(cfg):
+    """``RETINA.DETERMINISTIC``: deterministic kernels for reproducible training."""
+    _add_section(cfg, "RETINA")
     # Reproducible training (tools/train_net.py --deterministic; needs SEED >= 0, --seed N).
     # SEED alone already fixes every random draw: Detectron2's default_setup seeds Python,
     # NumPy and torch with SEED + rank, the training sampler's shuffle order is drawn from that
@@ -439,6 +555,43 @@ def add_retina_config(cfg):
     # (the backward of bilinear upsampling, which the semantic heads use) print a warning naming
     # them and stay non-deterministic rather than stopping the run.
     cfg.RETINA.DETERMINISTIC = False
+
+
+def _add_section(node, name: str) -> None:
+    """Give ``node`` an empty section ``name`` unless it has one: several components add keys
+    under RETINA (and RETINA.EVAL), and each must run alone."""
+    if name not in node:
+        setattr(node, name, CN())  # through yacs' checks (a frozen config refuses it)
+
+
+# Every component's keys, in the order add_retina_config adds them.
+RETINA_CONFIG_COMPONENTS = (
+    add_checkpoint_config,
+    add_solver_config,
+    add_lesion_resnet_config,
+    add_unet_encoder_config,
+    add_vgg_config,
+    add_inception_config,
+    add_lesion_rcnn_config,
+    add_semantic_config,
+    add_resunet_config,
+    add_red_seg_config,
+    add_lesion_net_config,
+    add_cbam_deeplab_config,
+    add_multitask_config,
+    add_grading_config,
+    add_localization_config,
+    add_preprocess_config,
+    add_augmentation_config,
+    add_plateau_config,
+    add_tiling_config,
+    add_tta_config,
+    add_components_config,
+    add_evaluation_config,
+    add_protocol_config,
+    add_inference_config,
+    add_reproducibility_config,
+)
 
 
 _BASE_KEY = "_BASE_"
