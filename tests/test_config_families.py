@@ -23,8 +23,6 @@ CPU_BASES = {
 # Keys only Mask R-CNN reads (Detectron2's sections) and the e-ophtha paper's preprocessing.
 MASK_RCNN_SECTIONS = ("ANCHOR_GENERATOR", "RPN", "ROI_HEADS", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
 DEMOS = ("maskrcnn_synthetic.yaml", "multitask_synthetic.yaml")
-# Another engineer's file, still on the Mask R-CNN base (its values unchanged by the split).
-NOT_YET_MOVED = {"exudate_fpnseg_heimed_cpu.yaml"}
 
 
 def _raw(path: Path) -> dict:
@@ -84,7 +82,7 @@ def test_semantic_and_multitask_bases_set_nothing_of_mask_rcnn(name):
 @pytest.mark.parametrize("path", LEAVES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_no_semantic_or_multitask_config_inherits_mask_rcnn(path):
     cfg = _merged(path)
-    if _detects(cfg) or path.name in NOT_YET_MOVED:
+    if _detects(cfg):
         return
     chain = [p.name for p in _chain(path)]
     assert not any(name.startswith("Base-MaskRCNN") for name in chain), chain
@@ -102,7 +100,7 @@ def test_graham_and_fov_crop_only_where_the_config_family_says(path):
     # A semantic or multi-task config crops the field of view or applies Graham only when a
     # file of its own (or its CPU base) says so, never by inheriting the Mask R-CNN base.
     cfg = _merged(path)
-    if _detects(cfg) or path.name in NOT_YET_MOVED:
+    if _detects(cfg):
         return
     setters = [p for p in [path] + _chain(path) if p.name not in FAMILY_BASES]
     for key in ("GRAHAM", "FOV_CROP"):
@@ -121,6 +119,21 @@ def _dataset_of(name: str) -> str:
         if dataset in stem:
             return dataset
     return stem
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_inherits_only_family_bases(path):
+    # Demos and second steps included: each states its own settings over one family's base
+    # (tests/test_config_regression.py checks a second step's frozen branch against its first).
+    # Quick schedules are a few iterations of a config they name, so they inherit that config.
+    if path.parent.name == "quick_schedules":
+        return
+    chain = [p.name for p in _chain(path)]
+    assert chain and all(name in FAMILY_BASES or name in CPU_BASES for name in chain), chain
+    # The family a config inherits is its architecture's.
+    family = [name for name in chain if name in FAMILY_BASES]
+    assert len(family) == 1, chain
+    assert _merged(path).MODEL.META_ARCHITECTURE == FAMILY_BASES[family[0]], chain
 
 
 @pytest.mark.parametrize("path", LEAVES, ids=lambda p: str(p.relative_to(CONFIGS)))
