@@ -1,4 +1,6 @@
-"""``add_retina_config``: every config key retina_d2 adds to Detectron2's, with its default;
+"""``add_retina_config``: every config key retina_d2 adds to Detectron2's, with its default,
+composed of one ``add_*_config`` per component (backbone, head, meta-architecture, data,
+inference or evaluation step), each of which can also be applied alone;
 ``read_config_yaml`` / ``merge_config``: config files read with YAML's safe loader only."""
 import os
 import re
