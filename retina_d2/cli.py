@@ -2,14 +2,13 @@
 
 Each subcommand runs a tool module of the package (retina_d2/tools/), with the same flags and
 help as the checkout's thin script for it: ``retina-d2 train ...`` is
-``python tools/train_net.py ...``. The modules are imported by name, so the processes that
-``--num-gpus N`` / ``--num-machines N`` start can import the training function they are handed.
+``python tools/train_net.py ...``. The modules are imported by name, never loaded from tools/ by
+path, so the processes that ``--num-gpus N`` / ``--num-machines N`` start (train, predict) can
+import the function they are handed.
 """
 import importlib
-import importlib.util
 import sys
 from collections import OrderedDict
-from pathlib import Path
 from typing import List, Optional
 
 __all__ = ["SUBCOMMANDS", "main"]
@@ -61,15 +60,10 @@ def tool_module(script: str) -> str:
 
 
 def _load_tool(script: str):
-    """The tool's module. tools/predict.py is not moved into the package yet: it is still run
-    from the checkout, by path (its processes need no pickling)."""
-    if script != "predict.py":
-        return importlib.import_module(tool_module(script))
-    path = Path(__file__).resolve().parents[1] / "tools" / script
-    spec = importlib.util.spec_from_file_location(f"retina_d2_tools.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The tool's module, imported by name from the package (never loaded from tools/ by file
+    path): the processes of --num-gpus / --num-machines import the functions they are handed
+    (``train_net.main``, ``predict.predict_shard``) by module and name."""
+    return importlib.import_module(tool_module(script))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

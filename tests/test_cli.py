@@ -1,5 +1,7 @@
 """The `retina-d2` console command: each subcommand runs a tool module of the package, as the thin
-script tools/<name>.py does; multi-process training through it; no sys.path hacks in tools/."""
+script tools/<name>.py does; multi-process training and prediction through it; no sys.path hacks
+in tools/."""
+import json
 import os
 import re
 import socket
@@ -82,15 +84,11 @@ def test_tool_scripts_are_thin_and_leave_sys_path_alone():
     scripts = sorted((REPO / "tools").glob("*.py"))
     assert scripts
     for script in scripts:
-        if script.name == "predict.py":
-            continue  # still holds its logic, being reworked (sharded prediction): moved next
         text = script.read_text()
         # The editable install (pip install -e .) makes retina_d2 importable from anywhere.
         assert not re.search(r"sys\.path\.(insert|append)|sys\.path\s*[+=]|site\.addsitedir",
                              text), f"{script.name} changes sys.path"
     for name, (script, entry, _, _) in SUBCOMMANDS.items():
-        if script == "predict.py":
-            continue  # not moved into the package yet (retina_d2/cli.py loads it by path)
         module = tool_module(script)
         text = (REPO / "tools" / script).read_text()
         assert f"from {module} import" in text, f"tools/{script} does not run {module}"
@@ -110,18 +108,49 @@ def _train_flags(out):
             "DATASETS.TEST", "()", "RETINA.EVAL.NUM_OVERLAYS", "0", "RETINA.EVAL.REPORT", "False"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path runs without CUDA only")
-def test_train_with_two_processes_writes_one_checkpoint(synthetic_datasets, tmp_path):
-    # Regression: retina-d2 loaded tools/train_net.py by file path, and launch, which pickles
-    # the training function for the processes it spawns, died with a PicklingError.
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def two_process_run(synthetic_datasets, tmp_path_factory):
+    """``retina-d2 train --num-gpus 2`` on the instant config: its output folder and the run."""
+    out = tmp_path_factory.mktemp("two_processes") / "run"
     done = _cli("train", "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
                 *_train_flags(out), command=_retina_d2(), env=_train_env(synthetic_datasets),
                 timeout=600)
+    return out, done
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path runs without CUDA only")
+def test_train_with_two_processes_writes_one_checkpoint(two_process_run):
+    # Regression: retina-d2 loaded tools/train_net.py by file path, and launch, which pickles
+    # the training function for the processes it spawns, died with a PicklingError.
+    out, done = two_process_run
     assert done.returncode == 0, done.stderr[-3000:]
     assert "PicklingError" not in done.stderr
     assert "Rank of current process: 1. World size: 2" in (out / "log.txt.rank1").read_text()
     assert sorted(p.name for p in out.rglob("*.pth")) == ["model_final.pth"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path runs without CUDA only")
+def test_predict_with_two_processes_predicts_every_image_once(two_process_run,
+                                                               synthetic_datasets, tmp_path):
+    # Regression: retina-d2 loaded tools/predict.py by file path, so the spawned processes could
+    # not import the predict_shard function they were handed by name.
+    run, trained = two_process_run
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    photos = sorted((synthetic_datasets / "synthetic/raw/images").glob("*.png"))
+    out = tmp_path / "predicted"
+    done = _cli("predict", "--weights", str(run / "model_final.pth"), "--input",
+                str(photos[0].parent), "--output", str(out), "--num-gpus", "2", "--dist-url",
+                f"tcp://127.0.0.1:{_free_port()}", command=_retina_d2(),
+                env=_train_env(synthetic_datasets), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "PicklingError" not in done.stderr
+    # Each process wrote its part, and together they hold every photograph once.
+    files = [json.loads(line)["file"] for rank in (0, 1)
+             for line in (out / "parts" / f"rank{rank}.jsonl").read_text().splitlines()]
+    assert sorted(files) == sorted(str(p) for p in photos)
+    rows = (out / "lesion_counts.csv").read_text().splitlines()[1:]  # the merge: one per image
+    assert sorted(row.split(",")[0] for row in rows) == [p.name for p in photos]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [p.name for p in photos]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path runs without CUDA only")

@@ -266,7 +266,7 @@ def test_detectron2_export_imports_without_caffe2():
 def test_benchmark_writes_latency_and_differences(files, tmp_path, monkeypatch):
     """tools/benchmark.py export, cut to the semantic instant config and one photograph."""
 
-    from retina_d2.benchmarks import export as bench
+    from benchmarks import export as bench
 
     monkeypatch.setattr(bench, "MODELS", {"semantic instant": str(Path(SEMANTIC).relative_to(REPO))})
     monkeypatch.setattr(bench, "_photographs", lambda count, scratch: files["photos"][:count])

@@ -26,12 +26,9 @@ from retina_d2.safe_load import (
     UntrustedCheckpointError,
     load_checkpoint,
 )
+from retina_d2.tools import predict, train_net
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-import predict  # noqa: E402
-import train_net  # noqa: E402
 
 INSTANT = REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml"
 

@@ -409,8 +409,8 @@ def run_on_every_rank(function: Callable[..., Optional[int]], args: tuple, launc
     One process runs ``function`` here, in this process. Several are started with
     :func:`retina_d2.engine.launch` (Detectron2's; gloo on the CPU) and return once every one,
     on every machine, has ended ``function``.
-    ``function`` may belong to a tool script loaded by path, which the started processes could
-    not import by name: they load it from its file.
+    ``function`` must be importable by module and name (as ``retina_d2.tools.predict``'s
+    ``predict_shard`` is): the started processes unpickle it by that reference.
     """
     if world_size(launch_args) == 1:
         return function(*args) or 0
@@ -425,36 +425,16 @@ def run_on_every_rank(function: Callable[..., Optional[int]], args: tuple, launc
             num_machines=launch_args.num_machines,
             machine_rank=launch_args.machine_rank,
             dist_url=launch_args.dist_url,
-            args=(_reference(function), args),
+            args=(function, args),
         )
     except mp.ProcessExitedException as e:  # its error line is printed already
         return e.exit_code if e.exit_code and e.exit_code > 0 else 1
     return 0
 
 
-def _reference(function) -> Tuple[str, str, str]:
-    """(module name, module file, function name): enough to find ``function`` in a new process."""
-    # Its globals, not sys.modules: a module loaded by path need not be registered there.
-    file = function.__globals__.get("__file__") or ""
-    return function.__module__, file, function.__qualname__
-
-
-def _call(reference: Tuple[str, str, str], args: tuple) -> None:
-    """Run the referenced function in a started process; a non-zero status is its exit code."""
-    import importlib
-    import importlib.util
-
-    name, file, qualname = reference
-    module = sys.modules.get(name)  # "__main__": a script's, re-run by multiprocessing
-    if module is None:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    status = getattr(module, qualname)(*args)
+def _call(function: Callable[..., Optional[int]], args: tuple) -> None:
+    """Run ``function(*args)`` in a started process; a non-zero status is its exit code."""
+    status = function(*args)
     if status:
         sys.exit(status)  # launch stops the other processes of this machine
     # Every process of every machine is done before any returns: machine 0 merges after this.

@@ -3,6 +3,6 @@
 (``train_net``: ``cli(argv)``), which parses the tool's flags and returns its exit code.
 
 Living in the package, the tools are importable by name, which is what lets ``launch`` hand
-``train_net.main`` to the processes of ``--num-gpus N`` / ``--num-machines N`` (it pickles the
-function by module and name).
+``train_net.main`` and ``predict.predict_shard`` to the processes of ``--num-gpus N`` /
+``--num-machines N`` (it pickles the function by module and name).
 """

@@ -18,11 +18,9 @@ import retina_d2
 from retina_d2 import LesionPredictor, load_model
 from retina_d2.config import ConfigError, get_retina_cfg, merge_config
 from retina_d2.safe_load import CheckpointError
+from retina_d2.tools import train_net
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import train_net  # noqa: E402
 
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 # Three iterations of training score low: keep every detection, so there is something to compare.

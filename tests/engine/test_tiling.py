@@ -1,7 +1,6 @@
 """Tiled inference (retina_d2/modeling/tiling.py): the grid covers the image, a lesion cut by seams
 comes back as one instance, semantic maps blend as worked out by hand, results land in the
 original frame, and a real LesionRCNN gives its untiled output where the image fits one tile."""
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -493,8 +492,7 @@ def test_trainer_wraps_the_model_only_when_tiling_is_enabled(rcnn):
 def test_eval_only_with_tiling_runs_through_the_evaluators(tmp_path, monkeypatch):
     """train_net --eval-only with RETINA.TILE.ENABLED: the trainer's test runs the tiles through
     Detectron2's inference_on_dataset and the instance evaluator."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import train_net
+    from retina_d2.tools import train_net
 
     from retina_d2.data.converters import ConvertOptions, synthetic
 

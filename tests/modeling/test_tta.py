@@ -2,7 +2,6 @@
 maps checked against hand-worked cases), a model that sees each view alike gives its plain output
 after merging, detections merge by mask as worked out by hand, semantic maps average, the wrapper
 composes with tiling, and tools/train_net.py --eval-only runs with it on and off."""
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -636,8 +635,7 @@ def test_a_training_model_is_passed_through():
 @pytest.fixture()
 def train_net(synthetic_datasets, monkeypatch):
     monkeypatch.setenv("RETINA_D2_DATASETS", str(synthetic_datasets))
-    sys.path.insert(0, str(REPO / "tools"))
-    import train_net
+    from retina_d2.tools import train_net
 
     return train_net
 

@@ -1,7 +1,7 @@
 """tools/benchmark.py heimed-semantic: the schedule each head is trained on, and the latency probe
 on a semantic head (the full run trains for about forty CPU minutes: a benchmark, not a test)."""
-from retina_d2.benchmarks.heimed_semantic import HEADS, REPO_ROOT, scaled_schedule
-from retina_d2.benchmarks.infer import infer_latency
+from benchmarks.heimed_semantic import HEADS, REPO_ROOT, scaled_schedule
+from benchmarks.infer import infer_latency
 
 
 def _as_dict(opts):

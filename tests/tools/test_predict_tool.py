@@ -8,14 +8,11 @@ from pathlib import Path
 import pytest
 from pycocotools.coco import COCO
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from retina_d2.data.converters import ConvertOptions, synthetic
+from retina_d2.modeling import tiling
+from retina_d2.tools import predict, train_net
 
-import predict  # noqa: E402
-import train_net  # noqa: E402
-
-from retina_d2.data.converters import ConvertOptions, synthetic  # noqa: E402
-from retina_d2.modeling import tiling  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 

@@ -65,7 +65,7 @@ def synthetic_photograph(height: int, width: int, lesions: int, seed: int = 0):
     """
     import cv2
 
-    from ..data.synthetic import image_rng, render_fundus
+    from retina_d2.data.synthetic import image_rng, render_fundus
 
     rng = np.random.default_rng(seed)
     eye = render_fundus(image_rng(seed, 0), size=max(128, height // 4), healthy=True).image
@@ -128,8 +128,8 @@ def small_lesion_recall(labels: np.ndarray, pred_masks, iou_threshold: float,
 def _cfg(tiled: bool, tile: int, overlap: int, min_size: int, detections: Optional[int],
          device: str, weights: Optional[str], amp: bool = False, proposals_per_tile: int = 0,
          detections_per_tile: int = 0):
-    from ..config import get_retina_cfg
-    from ..modeling.amp import autocast_dtype_name
+    from retina_d2.config import get_retina_cfg
+    from retina_d2.modeling.amp import autocast_dtype_name
 
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(REPO_ROOT / CONFIG))
@@ -153,7 +153,7 @@ def _labels(truth: Optional[Dict[str, str]]) -> Optional[np.ndarray]:
         return None
     if truth["kind"] == "npy":
         return np.load(truth["path"])
-    from ..data.converters.heimed import load_blobs
+    from retina_d2.data.converters.heimed import load_blobs
 
     return load_blobs(Path(truth["path"]))[0]
 
@@ -345,7 +345,7 @@ def run(args) -> dict:
     if not args.no_sahi:
         results["sahi_note"] = (
             "SAHI row: SAHI's get_sliced_prediction and its Detectron2 adapter given our built "
-            "model (retina_d2/benchmarks/sahi_rcnn.py) on the mapper's network input, slices of "
+            "model (benchmarks/sahi_rcnn.py) on the mapper's network input, slices of "
             "the tile size and overlap, no extra whole-image pass, SAHI's GREEDYNMM / IOS 0.5 "
             "merge (forced: SAHI switches to NMS under a 0.1 model threshold), the model's own "
             "per-image settings on each slice (its 1000 proposals and lesion merge), the merged "

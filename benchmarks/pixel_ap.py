@@ -13,7 +13,7 @@ HEI-MED image) are timed on the same synthetic map:
   10,000 bins, the two histograms added (``SemanticLesionMetrics._add_pixels``), then the AP of
   the histograms. Its memory does not grow with the test set, which neither exact way offers.
 
-Each variant runs in a fresh process (:func:`~retina_d2.benchmarks.measure_in_subprocess`), so
+Each variant runs in a fresh process (:func:`~benchmarks.measure_in_subprocess`), so
 its peak memory is its own; the time is the median of ``--repeats`` runs after one warm-up.
 """
 import statistics

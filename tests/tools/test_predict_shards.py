@@ -14,12 +14,9 @@ import pytest
 from PIL import Image
 
 from retina_d2.engine import predict_shards as shards
+from retina_d2.tools import predict, train_net
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-import predict  # noqa: E402
-import train_net  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 
@@ -168,28 +165,25 @@ def test_the_merge_is_in_input_order_whatever_wrote_the_parts(tmp_path):
     }
 
 
-def test_a_function_of_a_script_loaded_by_path_runs_in_a_started_process(tmp_path):
-    """retina-d2 loads tools/predict.py by path, unregistered: a started process, which cannot
-    import it by name, loads it from its file."""
-    import importlib.util
+def test_the_shard_function_is_pickled_by_name_and_its_status_is_the_exit_code(tmp_path):
+    """Regression: retina-d2 loaded tools/predict.py by file path, so the started processes could
+    not import the function they were handed. It is the package's now: pickled by module and
+    name, it is the same function where it is unpickled; _call runs it there."""
+    import pickle
 
-    script = tmp_path / "some_tool.py"
-    script.write_text("def work(folder, status):\n"
-                      "    open(folder + '/ran', 'w').write(__name__)\n"
-                      "    return status\n")
-    spec = importlib.util.spec_from_file_location("unregistered_tools.some_tool", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    reference = shards._reference(module.work)
-    assert reference == ("unregistered_tools.some_tool", str(script), "work")
-    try:
-        shards._call(reference, (str(tmp_path), 0))
-        assert (tmp_path / "ran").read_text() == "unregistered_tools.some_tool"
-        with pytest.raises(SystemExit) as exited:
-            shards._call(reference, (str(tmp_path), 2))
-        assert exited.value.code == 2
-    finally:
-        sys.modules.pop("unregistered_tools.some_tool", None)
+    function = pickle.loads(pickle.dumps(predict.predict_shard))
+    assert function is predict.predict_shard
+    assert function.__module__ == "retina_d2.tools.predict"
+    shards._call(_write_status, (str(tmp_path), 0))
+    assert (tmp_path / "ran").read_text() == "0"
+    with pytest.raises(SystemExit) as exited:
+        shards._call(_write_status, (str(tmp_path), 2))
+    assert exited.value.code == 2 and (tmp_path / "ran").read_text() == "2"
+
+
+def _write_status(folder, status):
+    Path(folder, "ran").write_text(str(status))
+    return status
 
 
 def test_launch_flags_are_checked():
@@ -348,42 +342,3 @@ def test_a_cut_last_line_is_dropped_and_its_image_predicted_again(weights, photo
     assert json.loads(part.read_bytes().splitlines()[-1])["file"] == last
     assert len(_part_lines(out)) == 8
     _same_outputs(out, single)
-
-
-# --- tools/benchmark.py predict's inputs
-
-
-def test_benchmark_model_file_predicts_alone_and_inputs_repeat(tmp_path):
-    """The random-weight model file carries HEI-MED's classes and config (load_model needs
-    nothing else); the memory run's inputs are symlinks, --repeat per photograph."""
-    import numpy as np
-
-    from retina_d2 import load_model
-    from retina_d2.benchmarks import predict as bench
-    from retina_d2.data.converters.heimed_io import HEIMED_CATEGORIES
-
-    model = load_model(bench.random_model_file(tmp_path / "random.pth"))
-    assert model.class_names == list(HEIMED_CATEGORIES)
-    outputs = model(np.full((64, 80, 3), 90, np.uint8))
-    assert outputs["instances"].image_size == (64, 80)
-    photos = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
-    for photo in photos:
-        photo.write_bytes(b"jpeg")
-    assert bench._repeated(photos, tmp_path / "many", 3) == 6
-    links = sorted((tmp_path / "many").iterdir())
-    assert [p.name for p in links[:2]] == ["r000_a.jpg", "r000_b.jpg"]
-    assert all(p.is_symlink() and p.resolve() in photos for p in links)
-
-
-def test_benchmark_photographs_are_heimed_shrunk(tmp_path):
-    from retina_d2.benchmarks import HEIMED_ROOT
-    from retina_d2.benchmarks import predict as bench
-
-    if not HEIMED_ROOT.is_dir():
-        pytest.skip(f"the HEI-MED sample is not at {HEIMED_ROOT}")
-    made = bench.shrunk_photographs(HEIMED_ROOT, tmp_path, 2, 128)
-    assert [p.name for p in made] == [p.name for p in sorted(HEIMED_ROOT.glob("*.jpg"))[:2]]
-    for photo in made:
-        with Image.open(photo) as image, Image.open(HEIMED_ROOT / photo.name) as source:
-            assert max(image.size) == 128
-            assert abs(image.size[0] / image.size[1] - source.size[0] / source.size[1]) < 0.02

@@ -116,14 +116,11 @@ def _repeated(photos: List[Path], folder: Path, times: int) -> int:
 
 def predict_run(weights: str, photos: str, output: str, processes: int,
                 detections: int) -> Dict[str, Any]:
-    """``tools/predict.py``'s ``main`` on ``photos`` (runs in the measured process)."""
-    import importlib.util
+    """``tools/predict.py``'s ``main`` (retina_d2.tools.predict) on ``photos`` (runs in the
+    measured process)."""
     import os
 
-    script = REPO_ROOT / "tools" / "predict.py"
-    spec = importlib.util.spec_from_file_location("retina_d2_bench_tools.predict", script)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from retina_d2.tools import predict as tool
     argv = ["--weights", weights, "--input", photos, "--output", output,
             "--num-gpus", str(processes), "--score-threshold", "0.0",
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
@@ -194,7 +191,7 @@ def _measure(weights: Path, photos: Path, output: Path, processes: int, detectio
     logger.info("predict: %s, %d process(es)", photos, processes)
     with _LineWatch(output) as lines:
         row = measure_in_subprocess(
-            "retina_d2.benchmarks.predict:predict_run",
+            "benchmarks.predict:predict_run",
             {"weights": str(weights), "photos": str(photos), "output": str(output),
              "processes": processes, "detections": detections},
         )

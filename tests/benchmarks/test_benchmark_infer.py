@@ -1,7 +1,7 @@
 """tools/benchmark.py infer runs end to end (tiny size) and writes its results file."""
 import json
 
-from retina_d2.benchmarks import main
+from benchmarks import main
 
 
 def test_infer_benchmark_smoke(tmp_path):

@@ -7,13 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
-from retina_d2.benchmarks import BENCHMARKS, build_parser
-from retina_d2.benchmarks.heimed_localization import (
+from benchmarks import BENCHMARKS, build_parser
+from benchmarks.heimed_localization import (
     CONFIG,
     brightest_region_center,
     floor_rows,
 )
-from retina_d2.benchmarks.heimed_semantic import scaled_schedule
+from benchmarks.heimed_semantic import scaled_schedule
 from retina_d2.data.synthetic import image_rng, render_fundus
 
 DISC_DIAMETER_512 = 512 / 7  # the synthetic disc is 1/7 of the image wide

@@ -1,4 +1,4 @@
-"""The training-free exudate floor (retina_d2/benchmarks/exudate_floor.py): it finds a known bright
+"""The training-free exudate floor (benchmarks/exudate_floor.py): it finds a known bright
 blob and not the optic disc on a drawn eye, and it is computed and scored on real HEI-MED images
 (skipped without ../shared)."""
 import json
@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from retina_d2.benchmarks import HEIMED_ROOT, REPO_ROOT
-from retina_d2.benchmarks.exudate_floor import (
+from benchmarks import HEIMED_ROOT, REPO_ROOT
+from benchmarks.exudate_floor import (
     FLOOR_NAME,
     add_floor_ratios,
     bright_lesion_candidates,

@@ -11,7 +11,7 @@ import pytest
 import retina_d2  # noqa: F401  (patches Detectron2 0.6 before it is imported)
 from retina_d2.evaluation import evaluate_coco_results, froc_curve, froc_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "evaluate.py"
 
 

@@ -23,7 +23,7 @@ from detectron2.structures import Boxes, Instances
 from sahi.models.detectron2 import Detectron2DetectionModel
 from sahi.predict import get_sliced_prediction
 
-from ..modeling.tiling import instances_in_frame
+from retina_d2.modeling.tiling import instances_in_frame
 
 __all__ = ["LesionSahiModel", "SlicePredictor", "sahi_settings", "sliced_instances"]
 

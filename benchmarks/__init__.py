@@ -1,5 +1,21 @@
 """
-Benchmarks behind ``tools/benchmark.py``: one module per subcommand.
+The checkout's benchmarks, one module per subcommand::
+
+    python tools/benchmark.py convert          # from any folder
+    python -m benchmarks convert               # the same, from the checkout root
+
+Why they are not in the ``retina_d2`` package: they measure this checkout, not an installed
+toolkit. They read its ``configs/``, the HEI-MED sample beside it (``../shared``), write
+``benchmarks/results/`` and run its ``tools/*.py`` in subprocesses, none of which a wheel has.
+So the wheel ships ``retina_d2`` only (pyproject.toml), and this package imports ``retina_d2``
+as any user code does.
+
+How ``benchmarks`` is found without touching ``sys.path``: it is a top-level package of the
+checkout, importable wherever the checkout root is on the import path. ``python -m`` puts the
+current folder there; the tests get it from pytest's ``pythonpath`` (pyproject.toml);
+``tools/benchmark.py`` runs ``python -m benchmarks`` with the checkout on ``PYTHONPATH``, as
+:func:`measure_in_subprocess` does for every measured child. The editable install cannot carry
+it: setuptools maps the same packages into the editable install and into the wheel.
 
 A benchmark module defines ``add_arguments(parser)`` (its own flags) and ``run(args) -> dict``
 (measures, writes its results file, returns the results). To add one, write the module and add
@@ -23,6 +39,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+# Before any benchmark module imports Detectron2 (here and in every measured child): retina_d2
+# bridges Detectron2 0.6 to today's NumPy/Pillow and a missing detectron2._C (retina_d2/compat.py).
+import retina_d2  # noqa: F401
+
 __all__ = [
     "BENCHMARKS",
     "HEIMED_ROOT",
@@ -36,8 +56,8 @@ __all__ = [
     "train_or_score",
 ]
 
-# The checkout this package lives in: default places of data beside it and of results in it.
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The checkout these benchmarks live in: default places of data beside it and of results in it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Subcommand -> (module in this package, one-line description).
 BENCHMARKS: Dict[str, tuple] = {
@@ -85,7 +105,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         argparse.ArgumentParser: a parser whose result carries ``benchmark`` (the subcommand).
     """
     parser = argparse.ArgumentParser(
-        description="retina_d2 benchmarks; each writes JSON results under benchmarks/results/."
+        prog="tools/benchmark.py",  # the documented command (python -m benchmarks is the same)
+        description="retina_d2 benchmarks; each writes JSON results under benchmarks/results/.",
     )
     subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     chosen = next((a for a in argv if a in BENCHMARKS), None)
@@ -145,11 +166,12 @@ def measure_in_subprocess(
         result_path = Path(tmp) / "result.json"
         log_path = Path(tmp) / "child.log"
         command = [
-            sys.executable, "-c", "from retina_d2.benchmarks import _child_main; _child_main()",
+            sys.executable, "-c", "from benchmarks import _child_main; _child_main()",
             target, json.dumps(kwargs), str(result_path),
         ]
         start = time.perf_counter()
-        # The child must import this checkout's retina_d2 whatever its cwd and install state.
+        # The child must import this checkout's benchmarks and retina_d2 whatever its cwd and
+        # install state.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p

@@ -103,7 +103,7 @@ def run(args) -> dict:
         metrics_file = run_dir / "inference" / "heimed_seg_val" / "semantic_metrics.json"
         metrics = json.loads(metrics_file.read_text())["sem_seg"]
         speed = measure_in_subprocess(
-            "retina_d2.benchmarks.infer:infer_latency",
+            "benchmarks.infer:infer_latency",
             {"config": config, "size": 1024, "repeats": args.latency_repeats},
         )
         rows.append({

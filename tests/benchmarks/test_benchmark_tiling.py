@@ -11,8 +11,8 @@ from detectron2.structures import Boxes, Instances
 from scipy import ndimage
 from torch import nn
 
-from retina_d2.benchmarks import main, measure_in_subprocess
-from retina_d2.benchmarks.tiling import small_lesion_recall, synthetic_photograph
+from benchmarks import main, measure_in_subprocess
+from benchmarks.tiling import small_lesion_recall, synthetic_photograph
 
 HAS_SAHI = importlib.util.find_spec("sahi") is not None
 needs_sahi = pytest.mark.skipif(
@@ -116,12 +116,12 @@ class MarkedLesions(nn.Module):
 
 @needs_sahi
 def test_sahi_slices_and_merges_around_our_model_into_the_original_frame():
-    """SAHI's slicing and merging (retina_d2/benchmarks/sahi_rcnn.py) with a model whose answer
+    """SAHI's slicing and merging (benchmarks/sahi_rcnn.py) with a model whose answer
     is known: 4 lesions in a 96x120 network input cut from a 130x150 photograph at (10, 20);
     SAHI's slices of 64 sharing 16 px start at columns 0, 48, 56 (its last slice flush with the
     border) and rows 0, 32. A lesion seen whole by several slices comes back once; the masks land
     in the photograph's frame, shifted by the FOV crop."""
-    from retina_d2.benchmarks.sahi_rcnn import LesionSahiModel, SlicePredictor, sliced_instances
+    from benchmarks.sahi_rcnn import LesionSahiModel, SlicePredictor, sliced_instances
 
     lesions = [  # (x0, y0, x1, y1) in the network input, score
         ((5, 5, 10, 9), 90),  # the top-left slice only
@@ -158,7 +158,7 @@ def test_sahi_slices_and_merges_around_our_model_into_the_original_frame():
 
 @needs_sahi
 def test_the_sahi_adapter_wants_a_built_model_and_class_names():
-    from retina_d2.benchmarks.sahi_rcnn import LesionSahiModel, SlicePredictor
+    from benchmarks.sahi_rcnn import LesionSahiModel, SlicePredictor
 
     with pytest.raises(NotImplementedError, match="built model"):
         LesionSahiModel(device="cpu", category_mapping={"0": "a"})
@@ -177,7 +177,7 @@ def test_the_sahi_row_reports_why_sahi_cannot_run(tmp_path, monkeypatch):
 
     Image.fromarray(image).save(tmp_path / "eye.png")
     row = measure_in_subprocess(
-        "retina_d2.benchmarks.tiling:infer_images",
+        "benchmarks.tiling:infer_images",
         {"images": [{"file": str(tmp_path / "eye.png")}], "tiled": True, "tile": 128,
          "overlap": 16, "detections": 5, "sahi": True},
         timeout=600,

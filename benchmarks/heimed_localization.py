@@ -109,7 +109,7 @@ def floor_rows(records: Sequence[dict], image_root: Path, radii: Sequence[float]
     ``optic_disc_center``: name and :func:`localization_metrics` of each."""
     import cv2
 
-    from ..evaluation.localization_eval import localization_metrics
+    from retina_d2.evaluation.localization_eval import localization_metrics
 
     distances = {"brightest region (no training)": [], "image centre (no training)": []}
     for record in records:

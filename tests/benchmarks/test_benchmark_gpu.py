@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from retina_d2.benchmarks import main
+from benchmarks import main
 
 INSTANT = "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml"
 

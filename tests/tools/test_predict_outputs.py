@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from retina_d2.tools import predict, train_net
 
-import predict  # noqa: E402
-import train_net  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from retina_d2.benchmarks import HEIMED_ROOT, main
-from retina_d2.benchmarks.tta import VARIANTS, _add_differences
+from benchmarks import HEIMED_ROOT, main
+from benchmarks.tta import VARIANTS, _add_differences
 
 
 def test_differences_are_taken_from_the_off_row():

@@ -42,8 +42,8 @@ CONFIGS = ("configs/maskrcnn_idrid.yaml", "configs/maskrcnn_heimed.yaml")
 
 
 def _cfg(config: str, device: str, amp: bool, output_dir: str):
-    from ..config import get_retina_cfg
-    from ..modeling.amp import autocast_dtype_name
+    from retina_d2.config import get_retina_cfg
+    from retina_d2.modeling.amp import autocast_dtype_name
 
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(REPO_ROOT / config))
@@ -86,8 +86,8 @@ def train_speed(config: str, datasets: str, amp: bool, iterations: int, warmup: 
         raise ValueError(f"need warmup >= 1 and iterations >= 1, got {warmup} and {iterations}")
     from detectron2.engine import HookBase
 
-    from ..data.register import register_all
-    from ..engine import LesionTrainer
+    from retina_d2.data.register import register_all
+    from retina_d2.engine import LesionTrainer
 
     class StepClock(HookBase):
         # The wall time between consecutive step ends: data, forward, backward, optimizer.
@@ -134,8 +134,8 @@ def infer_speed(config: str, amp: bool, images: List[str], passes: int = 20,
     import torch
     from detectron2.modeling import build_model
 
-    from ..data.mapper import LesionDatasetMapper
-    from ..engine import LesionTrainer
+    from retina_d2.data.mapper import LesionDatasetMapper
+    from retina_d2.engine import LesionTrainer
 
     cfg = _cfg(config, device, amp, output_dir="")
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def _tiling_rows(args, tmp: Path) -> List[Dict[str, Any]]:
             row = {"task": "infer", "config": "configs/maskrcnn_heimed.yaml", "amp": amp,
                    "source": f"synthetic {width}x{height}", "variant": name}
             row.update(measure_in_subprocess(
-                "retina_d2.benchmarks.tiling:infer_images",
+                "benchmarks.tiling:infer_images",
                 {"images": images, "tiled": tiled, "tile": tile, "overlap": overlap,
                  "device": args.device, "amp": amp, "repeats": 3},
                 timeout=args.timeout,
@@ -224,7 +224,7 @@ def _tiling_rows(args, tmp: Path) -> List[Dict[str, Any]]:
 def run(args) -> dict:
     import json
 
-    from ..data.converters.base import write_json_atomic
+    from retina_d2.data.converters.base import write_json_atomic
 
     results = {"benchmark": "gpu", "device": args.device, "machine": machine_info(), "rows": [],
                "note": "random weights; train rows include data loading (DATALOADER.NUM_WORKERS "

@@ -98,7 +98,7 @@ def predict_variant(config: str, weights: str, datasets: str, gt_file: str, imag
     from detectron2.modeling import build_model
 
     os.environ["RETINA_D2_DATASETS"] = datasets
-    from retina_d2.config import has_detector
+    from retina_d2.modeling.outputs import has_detector
     from retina_d2.data.converters.base import write_json_atomic
     from retina_d2.data.mapper import LesionDatasetMapper
     from retina_d2.engine.trainer import LesionTrainer, setup_cfg
@@ -201,7 +201,7 @@ def run(args) -> dict:
         predictions = work / f"predictions_{name.replace('+', '_')}.json"
         logger.info("predicting %d images with TTA %s", len(gt["images"]), name)
         inference = measure_in_subprocess(
-            "retina_d2.benchmarks.tta:predict_variant",
+            "benchmarks.tta:predict_variant",
             {"config": str(config), "weights": str(weights), "datasets": str(datasets),
              "gt_file": str(gt_file), "image_root": str(image_root),
              "out_file": str(predictions), "opts": [*args.opts, *VARIANTS[name]]},

@@ -3,7 +3,7 @@
 DESIGN.md's floor: green-channel background subtraction, the optic disc suppressed, connected
 components as instances. Exudates are the brightest small structures of the green channel once
 the slow illumination is divided out; the optic disc is brighter and larger, so it is found
-(:func:`~retina_d2.benchmarks.heimed_localization.brightest_region_center`) and blanked.
+(:func:`~benchmarks.heimed_localization.brightest_region_center`) and blanked.
 
 :func:`bright_lesion_candidates` gives one photograph's lesions (mask, box, score);
 :func:`floor_coco_results` runs it over a COCO ground truth's images and returns COCO results that
@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from ..data.preprocess import _wide_gaussian_blur, field_of_view_box
+from retina_d2.data.preprocess import _wide_gaussian_blur, field_of_view_box
 
 __all__ = ["FloorParams", "bright_lesion_candidates", "floor_coco_results"]
 
@@ -178,7 +178,7 @@ def floor_row(gt_file: Path, image_root: Path, lesion: str = "hard exudate",
     import json
     import time
 
-    from ..evaluation.instance_eval import evaluate_coco_results
+    from retina_d2.evaluation.instance_eval import evaluate_coco_results
 
     gt = json.loads(Path(gt_file).read_text())
     ids = [c["id"] for c in gt["categories"] if c["name"] == lesion]

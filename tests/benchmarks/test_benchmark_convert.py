@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from retina_d2.benchmarks import BENCHMARKS, main
-from retina_d2.benchmarks.convert import VARIANTS
+from benchmarks import BENCHMARKS, main
+from benchmarks.convert import VARIANTS
 
-HEIMED_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heimed"
+HEIMED_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "heimed"
 
 
 @pytest.mark.skipif(
@@ -41,6 +41,6 @@ def test_every_benchmark_module_has_its_entry_points():
     import importlib
 
     for name, (module, description) in BENCHMARKS.items():
-        benchmark = importlib.import_module(f"retina_d2.benchmarks.{module}")
+        benchmark = importlib.import_module(f"benchmarks.{module}")
         assert callable(benchmark.add_arguments) and callable(benchmark.run), name
         assert description, name

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from retina_d2.benchmarks import HEIMED_ROOT, REPO_ROOT, main
-from retina_d2.benchmarks.heimed_exudate_cv import (
+from benchmarks import HEIMED_ROOT, REPO_ROOT, main
+from benchmarks.heimed_exudate_cv import (
     CONFIG,
     THRESHOLDS,
     at_threshold,

@@ -6,8 +6,8 @@ import json
 import pytest
 from sklearn.metrics import average_precision_score
 
-from retina_d2.benchmarks import build_parser
-from retina_d2.benchmarks.pixel_ap import VARIANTS, run, synthetic_lesion_map, time_variant
+from benchmarks import build_parser
+from benchmarks.pixel_ap import VARIANTS, run, synthetic_lesion_map, time_variant
 
 
 def test_synthetic_map_has_lesions_scoring_higher():

@@ -382,7 +382,7 @@ def run(args) -> dict:
         image_root = read_manifest(conversion)[1]
         predictions = fold_dir / "predictions.json"
         inference = measure_in_subprocess(
-            "retina_d2.benchmarks.heimed_exudate_cv:predict_fold",
+            "benchmarks.heimed_exudate_cv:predict_fold",
             {"config": str(config), "weights": str(run_dir / "model_final.pth"),
              "datasets": str(fold_dir / "datasets"), "gt_file": str(gt_file),
              "image_root": str(image_root), "out_file": str(predictions),
