@@ -37,18 +37,9 @@ __all__ = [
     "add_unet_encoder_config",
     "add_vgg_config",
     "get_retina_cfg",
-    "has_detector",
-    "has_grading",
-    "has_localization",
-    "has_semantic_head",
-    "lesion_architecture",
     "merge_config",
     "read_config_yaml",
-    "trains_lesions",
 ]
-
-# The meta-architecture of retina_d2/modeling/meta_arch/multitask.py.
-MULTITASK_ARCHITECTURE = "MultiTaskLesionNet"
 
 
 class ConfigError(ValueError):
@@ -130,9 +121,10 @@ def add_inception_config(cfg):
 
 
 def add_lesion_rcnn_config(cfg):
-    """``MODEL.LESION_MERGE``: LesionRCNN's merging of touching predictions."""
-    # LesionRCNN: predictions of a class whose masks touch become one lesion, as the converters
-    # make one ground-truth lesion of each connected component (retina_d2/modeling/postprocess.py).
+    """``MODEL.LESION_MERGE``: merging of touching predicted lesions."""
+    # The inference pipeline's last step, once, for a model that predicts instances
+    # (retina_d2/modeling/inference.py): predictions of a class whose masks touch become one
+    # lesion, as the converters make one ground-truth lesion of each connected component.
     cfg.MODEL.LESION_MERGE = CN()
     cfg.MODEL.LESION_MERGE.ENABLED = False
     cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.35  # only confident predictions merge
@@ -716,48 +708,3 @@ def get_retina_cfg():
     cfg = get_cfg()
     add_retina_config(cfg)
     return cfg
-
-
-def lesion_architecture(cfg) -> str:
-    """The meta-architecture that predicts lesions: ``MODEL.META_ARCHITECTURE``, or for
-    MultiTaskLesionNet its lesion branch (``MODEL.MULTITASK.LESION_ARCHITECTURE``, "" = none)."""
-    if cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE:
-        return cfg.MODEL.MULTITASK.LESION_ARCHITECTURE
-    return cfg.MODEL.META_ARCHITECTURE
-
-
-def has_semantic_head(cfg) -> bool:
-    """Whether the model of ``cfg`` has a semantic lesion head: SemanticLesionNet, or LesionRCNN
-    with ``MODEL.LESION_SEG.ENABLED`` (alone or as MultiTaskLesionNet's lesion branch). Its mapper
-    then loads semantic targets and its trainer evaluates them."""
-    arch = lesion_architecture(cfg)
-    return arch == "SemanticLesionNet" or (bool(arch) and bool(cfg.MODEL.LESION_SEG.ENABLED))
-
-
-def has_detector(cfg) -> bool:
-    """Whether the model of ``cfg`` predicts lesion instances (a LesionRCNN, alone or as
-    MultiTaskLesionNet's lesion branch)."""
-    return lesion_architecture(cfg) not in ("", "SemanticLesionNet")
-
-
-def trains_lesions(cfg) -> bool:
-    """Whether training needs lesion targets: a lesion branch that is not frozen."""
-    frozen = (
-        cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE and cfg.MODEL.MULTITASK.LESION_FROZEN
-    )
-    return bool(lesion_architecture(cfg)) and not frozen
-
-
-def has_grading(cfg) -> bool:
-    """Whether the model of ``cfg`` grades (MultiTaskLesionNet with MODEL.GRADING.TASKS)."""
-    return (
-        cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE and len(cfg.MODEL.GRADING.TASKS) > 0
-    )
-
-
-def has_localization(cfg) -> bool:
-    """Whether the model of ``cfg`` finds landmarks (MODEL.LOCALIZATION.LANDMARKS)."""
-    return (
-        cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE
-        and len(cfg.MODEL.LOCALIZATION.LANDMARKS) > 0
-    )

@@ -14,9 +14,16 @@ The input ``image`` is float32 (3, H, W) in INPUT.FORMAT's channel order, after 
 test-time preprocessing (field-of-view crop, resize, Graham / CLAHE); H and W may vary. What stays
 in Python is what the eager model does around the network, by the same functions:
 :class:`ExportedLesionModel` runs the mapper of the exported ``config.yaml``, then pastes masks into
-the photograph's frame (``LesionRCNN._postprocess``: rescale, field-of-view offset), merges
-touching lesions (MODEL.LESION_MERGE, :func:`merge_connected_lesions`) and turns semantic logits
-into probabilities in the photograph's frame (:func:`semantic_outputs`).
+the photograph's frame (:func:`~retina_d2.modeling.meta_arch.lesion_rcnn.detections_in_frame`:
+rescale, field-of-view offset), merges touching lesions (MODEL.LESION_MERGE, the inference
+pipeline's :class:`~retina_d2.modeling.inference.LesionMerging`) and turns semantic logits into
+probabilities in the photograph's frame (:func:`semantic_outputs`). The eager model it is checked
+against runs through :func:`~retina_d2.modeling.inference.build_inference_model`, as evaluation
+and prediction do.
+
+What is exportable is asked of the model's class (:mod:`retina_d2.modeling.outputs`): a model
+that follows the lesion-model contract (:mod:`retina_d2.modeling.meta_arch.contract`, whose
+``forward_features`` is the traced network) and returns only instances and lesion maps.
 
 Refused with one line naming the key: MultiTaskLesionNet (its grading and landmark outputs are
 decoded into per-task Python dicts), RETINA.TILE.ENABLED (tiling is a Python loop of whole-model
@@ -47,7 +54,7 @@ import numpy as np
 import torch
 from detectron2.structures import Boxes, Instances
 
-from .config import MULTITASK_ARCHITECTURE, ConfigError, get_retina_cfg, merge_config
+from .config import ConfigError, get_retina_cfg, merge_config
 from .data.converters.base import atomic_write
 from .safe_load import CheckpointError
 
@@ -61,6 +68,7 @@ __all__ = [
     "check_exportable",
     "compare_outputs",
     "export_model",
+    "exportable_architectures",
     "load_eager_model",
     "main",
 ]
@@ -75,7 +83,8 @@ CONFIG_FILE = "config.yaml"
 MANIFEST_MARKER = "retina_d2_export"
 # RoIAlign with half-pixel coordinates (Detectron2's aligned=True) needs opset 16.
 ONNX_OPSET = 17
-EXPORTABLE = ("LesionRCNN", "SemanticLesionNet")
+# The outputs an exported network carries (what Python code outside the graph can decode).
+_EXPORTED_OUTPUT_TYPES = ("instances", "sem_seg")
 # The checkpoint key under which training stores class names and config (modeling/model_file.py).
 _MODEL_INFO_KEY = "retina_d2"
 
@@ -115,15 +124,24 @@ def export_config(config_file: str, opts: Sequence[str] = ()):
 
 def check_exportable(cfg) -> None:
     """Raise ExportError naming the reason when the config's model cannot be exported as-is."""
+    from .modeling.meta_arch.contract import is_lesion_branch
+    from .modeling.outputs import meta_architecture, output_types
+
     arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == MULTITASK_ARCHITECTURE:
+    try:
+        cls = meta_architecture(cfg)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    decoded = sorted(output_types(cfg) - set(_EXPORTED_OUTPUT_TYPES))
+    if decoded:
         raise ExportError(
-            f"MODEL.META_ARCHITECTURE {arch}: not exported (its grades and landmarks are decoded "
+            f"MODEL.META_ARCHITECTURE {arch}: not exported (its outputs {decoded} are decoded "
             "into per-task Python dicts); export its lesion branch's own config and weights"
         )
-    if arch not in EXPORTABLE:
+    if not is_lesion_branch(cls):
         raise ExportError(
-            f"MODEL.META_ARCHITECTURE {arch}: not exported; exportable: {', '.join(EXPORTABLE)}"
+            f"MODEL.META_ARCHITECTURE {arch}: not exported; exportable: "
+            f"{', '.join(exportable_architectures())}"
         )
     refused = {
         "RETINA.TILE.ENABLED": (cfg.RETINA.TILE.ENABLED, "tiled inference is a Python loop of "
@@ -157,39 +175,48 @@ def load_eager_model(cfg, weights: str):
     return model, (list(names) if names else None)
 
 
+def exportable_architectures() -> List[str]:
+    """The registered meta-architectures that can be exported: those that follow the lesion-model
+    contract, whose raw outputs are instances and lesion maps."""
+    from .modeling.meta_arch.contract import lesion_branch_choices
+
+    return lesion_branch_choices()
+
+
 # --- the traced network ---------------------------------------------------------------------
 
 
 def output_names(cfg) -> List[str]:
-    """The exported network's outputs, in order (module docstring)."""
-    if cfg.MODEL.META_ARCHITECTURE == "SemanticLesionNet":
-        return ["sem_seg_logits"]
-    names = ["boxes", "scores", "classes"]
-    if cfg.MODEL.MASK_ON:
-        names.append("mask_probs")
-    if cfg.MODEL.LESION_SEG.ENABLED:
+    """The exported network's outputs, in order (module docstring), from what the model of
+    ``cfg`` returns."""
+    from .modeling.outputs import INSTANCES, SEM_SEG, output_types
+
+    types = output_types(cfg)
+    names = []
+    if INSTANCES in types:
+        names += ["boxes", "scores", "classes"] + (["mask_probs"] if cfg.MODEL.MASK_ON else [])
+    if SEM_SEG in types:
         names.append("sem_seg_logits")
     return names
 
 
 def _network_outputs(model, batched_inputs) -> Tuple[torch.Tensor, ...]:
     """The model's inference up to (not including) its postprocessing, as a tuple of tensors in
-    :func:`output_names` order: the function TracingAdapter traces."""
+    :func:`output_names` order: the function TracingAdapter traces. The network is the model's
+    ``forward_features`` (the lesion-model contract) after its backbone."""
     images = model.preprocess_image(batched_inputs)
     features = model.backbone(images.tensor)
-    padded_size = tuple(images.tensor.shape[-2:])
-    if not hasattr(model, "roi_heads"):  # SemanticLesionNet
-        logits, _ = model.sem_seg_head(features, None, padded_size)
-        return (logits,)
-    proposals, _ = model.proposal_generator(images, features, None)
-    results, _ = model.roi_heads(images, features, proposals, None)
-    instances = results[0]
-    outputs = [instances.pred_boxes.tensor, instances.scores, instances.pred_classes]
-    if instances.has("pred_masks"):
-        outputs.append(instances.pred_masks)
-    if model.sem_seg_head is not None:
-        logits, _ = model.sem_seg_head(features, None, padded_size)
-        outputs.append(logits)
+    raw, _ = model.forward_features(
+        batched_inputs, images, features, with_losses=False, with_predictions=True
+    )
+    outputs = []
+    if "instances" in raw:
+        instances = raw["instances"][0]
+        outputs += [instances.pred_boxes.tensor, instances.scores, instances.pred_classes]
+        if instances.has("pred_masks"):
+            outputs.append(instances.pred_masks)
+    if "sem_seg" in raw:
+        outputs.append(raw["sem_seg"])
     return tuple(outputs)
 
 
@@ -291,9 +318,9 @@ _NETWORKS = {"torchscript": _TorchScriptNetwork, "onnx": _OnnxNetwork}
 def postprocess(cfg, raw: Sequence[torch.Tensor], inputs: dict) -> dict:
     """The exported network's raw outputs for the mapped ``inputs`` -> what the eager model
     returns for them: "instances" in the photograph's frame and / or "sem_seg" probabilities."""
-    from .modeling.meta_arch.lesion_rcnn import LesionRCNN
+    from .modeling.inference import build_lesion_merging
+    from .modeling.meta_arch.lesion_rcnn import detections_in_frame
     from .modeling.meta_arch.semantic_net import semantic_outputs
-    from .modeling.postprocess import merge_connected_lesions
 
     named = dict(zip(output_names(cfg), raw))
     image_size = tuple(inputs["image"].shape[-2:])
@@ -305,12 +332,10 @@ def postprocess(cfg, raw: Sequence[torch.Tensor], inputs: dict) -> dict:
         instances.pred_classes = named["classes"]
         if "mask_probs" in named:
             instances.pred_masks = named["mask_probs"]
-        output = LesionRCNN._postprocess([instances], [inputs], [image_size])[0]
-        if cfg.MODEL.LESION_MERGE.ENABLED:
-            output["instances"] = merge_connected_lesions(
-                output["instances"], cfg.MODEL.LESION_MERGE.SCORE_THRESH,
-                cfg.MODEL.LESION_MERGE.CONNECTIVITY,
-            )
+        output = detections_in_frame([instances], [inputs], [image_size])[0]
+        merging = build_lesion_merging(cfg, None)  # the inference pipeline's last step
+        if merging is not None:
+            output = merging.merge_outputs([output])[0]
     if "sem_seg_logits" in named:
         output["sem_seg"] = semantic_outputs(
             named["sem_seg_logits"], [inputs], [image_size], cfg.MODEL.LESION_SEG.ACTIVATION
@@ -540,6 +565,11 @@ def export_model(cfg, weights: str, fmt: str, output: Path,
         mapped = [mapper({"file_name": str(p)}) for p in files]
         sample_names = [p.name if sample_images else f"synthetic fundus {p.stem[-1]}" for p in files]
     image = mapped[0]["image"].float()
+    # The eager reference: what evaluation and prediction run (check_exportable leaves only the
+    # lesion merge of the inference pipeline's steps).
+    from .modeling.inference import build_inference_model
+
+    eager_model = build_inference_model(cfg, model).eval()
     with torch.no_grad():
         data = _torchscript_bytes(model, image) if fmt == "torchscript" else _onnx_bytes(
             model, image, names
@@ -547,7 +577,7 @@ def export_model(cfg, weights: str, fmt: str, output: Path,
         network = _NETWORKS[fmt](data)
         checks = []
         for name, inputs in zip(sample_names, mapped):
-            eager = model([inputs])[0]
+            eager = eager_model([inputs])[0]
             exported = postprocess(cfg, network(inputs["image"].float()), inputs)
             check = compare_outputs(eager, exported, tolerance)
             check.update(image=name, input_size=list(inputs["image"].shape[-2:]))
@@ -617,10 +647,10 @@ def _postprocessing_steps(cfg, names) -> List[str]:
     steps = []
     if "boxes" in names:
         steps.append("rescale to the field-of-view crop and paste into the photograph's frame "
-                     "(LesionRCNN._postprocess)")
+                     "(retina_d2.modeling.meta_arch.lesion_rcnn.detections_in_frame)")
         if cfg.MODEL.LESION_MERGE.ENABLED:
             steps.append(f"merge touching lesions scoring >= {cfg.MODEL.LESION_MERGE.SCORE_THRESH} "
-                         "(MODEL.LESION_MERGE, retina_d2.modeling.postprocess)")
+                         "(MODEL.LESION_MERGE, retina_d2.modeling.inference.LesionMerging)")
     if "sem_seg_logits" in names:
         steps.append(f"semantic logits -> {cfg.MODEL.LESION_SEG.ACTIVATION} probabilities in the "
                      "photograph's frame (semantic_outputs)")

@@ -45,13 +45,13 @@ from detectron2.data import detection_utils as utils
 from detectron2.modeling import build_model
 from PIL import Image, ImageOps
 
-from .config import has_detector, has_semantic_head
 from .data.image_io import to_8bit
 from .data.lesions import lesion
 from .data.mapper import LesionDatasetMapper
 from .modeling import LesionCheckpointer
 from .modeling.inference import build_inference_model
 from .modeling.model_file import inference_config, read_model_info
+from .modeling.outputs import has_detector, has_semantic_head
 
 __all__ = ["LesionPredictor", "load_model"]
 

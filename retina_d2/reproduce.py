@@ -346,7 +346,7 @@ class Reproduction:
         raw dataset can give the splits."""
         from .evaluation.protocols import check_protocols
         from .evaluation.published import published_system
-        from .config import has_detector, has_semantic_head
+        from .modeling.outputs import has_detector, has_semantic_head
         from .modeling.pretrained import fetch_weights
 
         published_system(self.system.name)

@@ -19,6 +19,7 @@ from detectron2.structures import Boxes, Instances
 from retina_d2 import export
 from retina_d2.config import get_retina_cfg, merge_config
 from retina_d2.data.synthetic import image_rng, render_fundus
+from retina_d2.modeling.inference import build_inference_model
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick_schedules"
@@ -76,7 +77,9 @@ def _export(files, config, weights, fmt, folder, opts, photos=True):
 
 
 def _eager(cfg, weights, photo):
-    model, _ = export.load_eager_model(cfg, weights)
+    # What evaluation and prediction run: the model through the inference pipeline, whose last
+    # step merges touching lesions (MODEL.LESION_MERGE).
+    model = build_inference_model(cfg, export.load_eager_model(cfg, weights)[0]).eval()
     mapper = export._mapper(cfg)
     with torch.no_grad():
         return model([mapper({"file_name": photo})])[0]
@@ -123,7 +126,8 @@ def test_torchscript_detector_equals_eager(files, tmp_path):
     sizes = [tuple(c["input_size"]) for c in manifest["checked_on"]]
     assert len(set(sizes)) == 3, sizes  # three input sizes, one trace
     exported = export.ExportedLesionModel(tmp_path)
-    model, _ = export.load_eager_model(cfg, files["detector"])
+    network, _ = export.load_eager_model(cfg, files["detector"])
+    model = build_inference_model(cfg, network).eval()  # as evaluation and prediction run it
     for photo in files["photos"]:
         inputs = exported.mapper({"file_name": photo})
         with torch.no_grad():
@@ -137,7 +141,7 @@ def test_torchscript_detector_equals_eager(files, tmp_path):
         assert torch.equal(ours.pred_masks, eager.pred_masks)
     # The check is not vacuous: a model whose box regression moved is reported.
     with torch.no_grad():
-        model.roi_heads.box_predictor.bbox_pred.bias += 0.5
+        network.roi_heads.box_predictor.bbox_pred.bias += 0.5
         inputs = exported.mapper({"file_name": files["photos"][0]})
         moved = export.compare_outputs(model([inputs])[0], exported.predict_mapped(inputs))
     assert any("box differs" in p for p in moved["problems"]), moved

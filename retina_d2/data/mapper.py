@@ -40,13 +40,9 @@ from fvcore.transforms.transform import (
 )
 from scipy import ndimage
 
-from ..config import (
-    has_detector,
-    has_localization,
-    has_semantic_head,
-    lesion_architecture,
-    trains_lesions,
-)
+# What the model outputs and trains on is asked of its registered class (retina_d2/modeling/
+# outputs.py imports Detectron2's registry only, nothing of this package's data code).
+from ..modeling.outputs import INSTANCES, LANDMARKS, SEM_SEG, output_types, training_targets
 from .image_io import read_image
 from .instances import decode_segmentation_region
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
@@ -147,23 +143,23 @@ class LesionDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        # The lesion branch decides the lesion targets; a frozen one (MultiTaskLesionNet) takes
-        # none, so grading-only datasets can train the other tasks.
-        semantic_only = lesion_architecture(cfg) == "SemanticLesionNet"
+        # The model's class decides the targets (retina_d2/modeling/outputs.py); a frozen lesion
+        # branch (MultiTaskLesionNet) takes none, so grading-only datasets can train the other
+        # tasks. Instance masks are read only for a model that predicts instances.
+        targets = training_targets(cfg)
+        masks = cfg.MODEL.MASK_ON and INSTANCES in output_types(cfg)
         return {
             "is_train": is_train,
             "augmentations": build_preprocess(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
-            "use_instance_mask": cfg.MODEL.MASK_ON and not semantic_only,
+            "use_instance_mask": masks,
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
-            "recompute_boxes": cfg.MODEL.MASK_ON and not semantic_only,
-            "instance_targets": has_detector(cfg) and trains_lesions(cfg),
+            "recompute_boxes": masks,
+            "instance_targets": INSTANCES in targets,
             "semantic_classes": (
-                semantic_classes(cfg.DATASETS.TRAIN)
-                if is_train and has_semantic_head(cfg) and trains_lesions(cfg)
-                else None
+                semantic_classes(cfg.DATASETS.TRAIN) if is_train and SEM_SEG in targets else None
             ),
-            "landmark_targets": is_train and has_localization(cfg),
+            "landmark_targets": is_train and LANDMARKS in targets,
             "crop_min_visible": cfg.RETINA.AUG.CROP_MIN_VISIBLE,
         }
 

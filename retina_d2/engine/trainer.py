@@ -15,18 +15,7 @@ from detectron2.utils.logger import setup_logger
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config import (
-    MULTITASK_ARCHITECTURE,
-    ConfigError,
-    get_retina_cfg,
-    has_detector,
-    has_grading,
-    has_localization,
-    has_semantic_head,
-    lesion_architecture,
-    merge_config,
-    trains_lesions,
-)
+from ..config import ConfigError, get_retina_cfg, merge_config
 from ..data.mapper import LesionDatasetMapper
 from ..data.register import register_all
 from ..evaluation import LesionFROCEvaluator, LesionInstanceEvaluator, OverlayEvaluator
@@ -37,6 +26,15 @@ from ..evaluation.semantic_eval import LesionSemanticEvaluator
 from ..modeling import LesionCheckpointer
 from ..modeling.inference import build_inference_model
 from ..modeling.model_file import inference_config, model_info_of, opt_value
+from ..modeling.outputs import (
+    GRADES,
+    LESION_PRESENCE,
+    has_detector,
+    has_localization,
+    has_semantic_head,
+    output_types,
+    trains_lesions,
+)
 from ..modeling.pretrained import part_weights
 from .hooks import LesionBestCheckpointer, LossSwitchHook
 from .plateau import EarlyStop, PlateauHook, uses_plateau
@@ -190,8 +188,8 @@ def _task_evaluators(cfg, dataset_name, output_folder, lesion_truth: bool):
     """MultiTaskLesionNet's evaluators: grades and lesion classification (image-level lesion
     presence, where the dataset has lesion truth), and landmark distances."""
     evaluators = []
-    multitask = cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE
-    if has_grading(cfg) or (multitask and lesion_architecture(cfg) and lesion_truth):
+    outputs = output_types(cfg)
+    if GRADES in outputs or (LESION_PRESENCE in outputs and lesion_truth):
         evaluators.append(LesionGradingEvaluator.from_config(cfg, dataset_name, output_folder))
     if has_localization(cfg):
         evaluators.append(

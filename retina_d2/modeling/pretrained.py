@@ -392,18 +392,13 @@ PART_KEYS = {"task_backbone.": "MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS"}
 
 
 def part_weights(cfg) -> Dict[str, str]:
-    """{name prefix: weights} of the model parts that start from weights of their own:
-    MultiTaskLesionNet's grading CNN (``MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS``)."""
-    from ..config import MULTITASK_ARCHITECTURE
+    """{name prefix: weights} of the model parts that start from weights of their own, as the
+    model's class gives them (``part_weights(cfg)``: MultiTaskLesionNet's grading CNN,
+    ``MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS``); {} for a class without parts of its own."""
+    from .outputs import meta_architecture
 
-    node = cfg.MODEL.MULTITASK
-    if (
-        cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE
-        and node.TASK_BACKBONE
-        and node.TASK_BACKBONE_WEIGHTS
-    ):
-        return {"task_backbone.": node.TASK_BACKBONE_WEIGHTS}
-    return {}
+    parts = getattr(meta_architecture(cfg), "part_weights", None)
+    return dict(parts(cfg)) if parts is not None else {}
 
 
 def fetch_weights(cfg, training: bool = True) -> Dict[str, str]:

@@ -34,11 +34,11 @@ test-time FOV crop and resize; with ``INPUT.MIN_SIZE_TEST: 0`` the photograph's 
    returned masks do not: Detectron2's Instances hold each mask at the full frame (N x H x W), as
    the untiled model's do, and on the CPU those masks, not the network, set the peak host memory
    of a large photograph (``tools/benchmark.py tiling``: peak RSS about the same tiled and whole).
-6. Lesion merging (``MODEL.LESION_MERGE``, :func:`merge_connected_lesions`) runs once, on the
-   whole image's instances in the original frame, as LesionRCNN runs it on an untiled image. The
-   wrapped model's own merge is switched off for the tiles: merged per tile, the two halves of a
-   plaque cut by a seam would meet only through step 3's IoU, which pieces that merely touch do
-   not reach.
+6. Lesion merging (``MODEL.LESION_MERGE``) is not the tiling's: it is the inference pipeline's
+   last step (:class:`~retina_d2.modeling.inference.LesionMerging`), which runs once on the
+   assembled image's instances in the original frame, as on an untiled image's. The models
+   never merge, so the tiles are unmerged: merged per tile, the two halves of a plaque cut by a
+   seam would meet only through step 3's IoU, which pieces that merely touch do not reach.
 
 The wrapper lives beside the meta-architectures because it is one: the same inputs and outputs,
 usable wherever the model is (Detectron2's ``inference_on_dataset``, the trainer's ``test``).
@@ -59,9 +59,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 from torchvision.ops import box_iou
 
-from ..config import has_detector
-from .meta_arch.lesion_rcnn import LesionRCNN, paste_into_frame
-from .postprocess import merge_connected_lesions
+from .meta_arch.lesion_rcnn import paste_into_frame
 
 __all__ = ["TiledInference", "instances_in_frame", "seam_weights", "tile_budget", "tile_grid"]
 
@@ -341,21 +339,6 @@ def _nearest_span(origin: int, length: int, scale: float, limit: int):
 
 
 @contextlib.contextmanager
-def _tiles_unmerged(model: nn.Module):
-    """Switch off the lesion merge of every LesionRCNN in ``model`` (through DDP or autocast
-    wrappers) while it runs on tiles; the wrapper merges the assembled image instead."""
-    rcnns = [m for m in model.modules() if isinstance(m, LesionRCNN)]
-    thresholds = [m.merge_score_threshold for m in rcnns]
-    for m in rcnns:
-        m.merge_score_threshold = None
-    try:
-        yield
-    finally:
-        for m, threshold in zip(rcnns, thresholds):
-            m.merge_score_threshold = threshold
-
-
-@contextlib.contextmanager
 def tile_budget(model: nn.Module, proposals: Optional[int], detections: Optional[int]):
     """Replace, while the block runs, the test-time proposal count of every Detectron2 RPN in
     ``model`` (``post_nms_topk``, ``MODEL.RPN.POST_NMS_TOPK_TEST``) by ``proposals`` and the
@@ -394,8 +377,6 @@ class TiledInference(nn.Module):
         merge_iou: float = 0.5,
         batch_size: int = 1,
         max_detections: Optional[int] = None,
-        merge_score_threshold: Optional[float] = None,
-        merge_connectivity: int = 8,
         proposals_per_tile: int = 0,
         detections_per_tile: int = 0,
     ):
@@ -409,11 +390,6 @@ class TiledInference(nn.Module):
             batch_size: tiles per forward pass.
             max_detections: keep at most this many merged instances per image (highest scores);
                 None or 0: all.
-            merge_score_threshold: with a value, the whole image's instances of a class scoring
-                at least this whose masks touch become one lesion (:func:`merge_connected_lesions`,
-                LesionRCNN's argument of the same name); None: no merge. The wrapped model's own
-                merge never runs on tiles (module docstring, step 6).
-            merge_connectivity: 8 or 4, how masks touch.
             proposals_per_tile: RPN proposals each tile keeps (:func:`tile_budget`); 0: the
                 model's own ``POST_NMS_TOPK_TEST``.
             detections_per_tile: detections each tile's box predictor keeps; 0: the model's own
@@ -442,18 +418,12 @@ class TiledInference(nn.Module):
         self.merge_iou = float(merge_iou)
         self.batch_size = int(batch_size)
         self.max_detections = max_detections or None
-        self.merge_score_threshold = merge_score_threshold
-        self.merge_connectivity = merge_connectivity
         self.proposals_per_tile = int(proposals_per_tile)
         self.detections_per_tile = int(detections_per_tile)
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module):
         tile = cfg.RETINA.TILE
-        # The merge LesionRCNN (alone or as MultiTaskLesionNet's branch) applies untiled. A
-        # semantic-only model has no instances to merge.
-        merge = cfg.MODEL.LESION_MERGE
-        merges = merge.ENABLED and has_detector(cfg)
         return {
             "model": model,
             "tile_size": tile.SIZE,
@@ -461,8 +431,6 @@ class TiledInference(nn.Module):
             "merge_iou": tile.MERGE_IOU,
             "batch_size": tile.BATCH_SIZE,
             "max_detections": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "merge_score_threshold": merge.SCORE_THRESH if merges else None,
-            "merge_connectivity": merge.CONNECTIVITY,
             "proposals_per_tile": tile.PROPOSALS_PER_TILE,
             "detections_per_tile": tile.DETECTIONS_PER_TILE,
         }
@@ -480,7 +448,7 @@ class TiledInference(nn.Module):
         if self.training:
             return self.model(batched_inputs)
         budget = tile_budget(self.model, self.proposals_per_tile, self.detections_per_tile)
-        with torch.no_grad(), _tiles_unmerged(self.model), budget:
+        with torch.no_grad(), budget:
             return [self._infer_one(inputs) for inputs in batched_inputs]
 
     def _infer_one(self, inputs: dict) -> dict:
@@ -517,12 +485,7 @@ class TiledInference(nn.Module):
                     weights[y0:y1, x0:x1] += w
         result = {}
         if pieces is not None:
-            instances = self._merged_instances(pieces, tiles, (net_h, net_w), inputs)
-            if self.merge_score_threshold is not None:
-                instances = merge_connected_lesions(
-                    instances, self.merge_score_threshold, self.merge_connectivity
-                )
-            result["instances"] = instances
+            result["instances"] = self._merged_instances(pieces, tiles, (net_h, net_w), inputs)
         if semantic is not None:
             result["sem_seg"] = self._semantic_in_frame(semantic / weights, (net_h, net_w), inputs)
         return result

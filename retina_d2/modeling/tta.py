@@ -30,17 +30,17 @@ or :class:`AutocastInference` around either) with the same inputs and outputs:
    (``score="mean"``: a lesion every view finds keeps its score, one found by one view of four
    drops to a quarter of it) or the leader's (``"max"``, Detectron2's NMS). At most
    ``max_detections`` lesions are kept, best first.
-5. The lesions are pasted into the original frame (the field-of-view shift) and lesion merging
-   (``MODEL.LESION_MERGE``, :func:`merge_connected_lesions`) runs once, on them, as LesionRCNN runs
-   it on its own output. The wrapped models' own merges (a LesionRCNN's, a TiledInference's) are
-   switched off while the views run: merged per view, the pieces of a plaque would be compared
-   across views as wholes of different shapes.
+5. The lesions are pasted into the original frame (the field-of-view shift). Lesion merging
+   (``MODEL.LESION_MERGE``) is the inference pipeline's last step
+   (:class:`~retina_d2.modeling.inference.LesionMerging`), after this one, so it runs once, on the
+   merged lesions; the views are unmerged (merged per view, the pieces of a plaque would be
+   compared across views as wholes of different shapes).
 
-Order with tiling (``LesionTrainer.build_inference_model``): the augmentation wraps the tiled
-model, so each view is one whole tiled inference at native resolution and the views are merged in
-the photograph's frame, where a lesion split by a tile seam is already whole. Masks are kept
-cropped to their lesion between the views, so memory grows with one view's output plus the lesions,
-not with the number of views.
+Order with tiling (:func:`~retina_d2.modeling.inference.build_inference_model`): the augmentation
+wraps the tiled model, so each view is one whole tiled inference at native resolution and the
+views are merged in the photograph's frame, where a lesion split by a tile seam is already whole.
+Masks are kept cropped to their lesion between the views, so memory grows with one view's output
+plus the lesions, not with the number of views.
 """
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -51,10 +51,9 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 from torchvision.ops import box_iou
 
-from ..config import MULTITASK_ARCHITECTURE, ConfigError, has_detector
-from .meta_arch.lesion_rcnn import LesionRCNN, paste_into_frame
-from .postprocess import merge_connected_lesions
-from .tiling import TiledInference
+from ..config import ConfigError
+from .meta_arch.lesion_rcnn import paste_into_frame
+from .outputs import output_types
 
 __all__ = ["TestTimeAugmentation", "View", "tta_views", "undo_view_boxes", "undo_view_map",
            "view_image"]
@@ -229,8 +228,6 @@ class TestTimeAugmentation(nn.Module):
         merge_iou: float = 0.5,
         score: str = "mean",
         max_detections: Optional[int] = None,
-        merge_score_threshold: Optional[float] = None,
-        merge_connectivity: int = 8,
     ):
         """
         Args:
@@ -241,10 +238,6 @@ class TestTimeAugmentation(nn.Module):
             score: a merged lesion's score, "mean" over all views or "max" (module docstring).
             max_detections: keep at most this many merged lesions per image (highest scores);
                 None or 0: all.
-            merge_score_threshold: with a value, the merged lesions of a class scoring at least
-                this whose masks touch become one lesion (:func:`merge_connected_lesions`); None:
-                no merge. The wrapped models' own merges never run on the views.
-            merge_connectivity: 8 or 4, how masks touch.
         """
         super().__init__()
         if not views:
@@ -258,29 +251,24 @@ class TestTimeAugmentation(nn.Module):
         self.merge_iou = float(merge_iou)
         self.score = score
         self.max_detections = max_detections or None
-        self.merge_score_threshold = merge_score_threshold
-        self.merge_connectivity = merge_connectivity
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module):
-        if cfg.MODEL.META_ARCHITECTURE == MULTITASK_ARCHITECTURE:
-            # Its grades, lesion presence and landmarks would need merges of their own (a landmark
+        unmerged = sorted(output_types(cfg) - set(_MERGED_OUTPUTS))
+        if unmerged:
+            # Grades, lesion presence and landmarks would need merges of their own (a landmark
             # turns with the view); averaging them is not what a user asked for by a flip.
             raise ConfigError(
-                "TEST.AUG.ENABLED: test-time augmentation supports LesionRCNN and "
-                "SemanticLesionNet; MultiTaskLesionNet (grades, landmarks) is not supported: set "
-                "TEST.AUG.ENABLED False"
+                f"TEST.AUG.ENABLED: test-time augmentation merges {list(_MERGED_OUTPUTS)} across "
+                f"views; {cfg.MODEL.META_ARCHITECTURE} also returns {unmerged}, which is not "
+                "supported: set TEST.AUG.ENABLED False"
             )
-        merge = cfg.MODEL.LESION_MERGE
-        merges = merge.ENABLED and has_detector(cfg)
         return {
             "model": model,
             "views": tta_views(cfg.TEST.AUG.FLIP, list(cfg.RETINA.TTA.ROTATIONS)),
             "merge_iou": cfg.RETINA.TTA.MERGE_IOU,
             "score": cfg.RETINA.TTA.SCORE,
             "max_detections": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "merge_score_threshold": merge.SCORE_THRESH if merges else None,
-            "merge_connectivity": merge.CONNECTIVITY,
         }
 
     def forward(self, batched_inputs: List[dict]):
@@ -296,7 +284,7 @@ class TestTimeAugmentation(nn.Module):
         """
         if self.model.training:
             return self.model(batched_inputs)
-        with torch.no_grad(), _merges_off(self.model):
+        with torch.no_grad():
             return [self._infer_one(inputs) for inputs in batched_inputs]
 
     def _infer_one(self, inputs: dict) -> dict:
@@ -336,10 +324,6 @@ class TestTimeAugmentation(nn.Module):
             instances = self._merged_instances(pieces, (crop_h, crop_w))
             if fov_box is not None:
                 instances = paste_into_frame(instances, (x0, y0, x1, y1), height, width)
-            if self.merge_score_threshold is not None:
-                instances = merge_connected_lesions(
-                    instances, self.merge_score_threshold, self.merge_connectivity
-                )
             result["instances"] = instances
         if total is not None:
             probs = (total / len(self.views)).to(map_dtype)
@@ -451,22 +435,3 @@ class TestTimeAugmentation(nn.Module):
                 leader[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = pieces.masks[i]
         count = len(group)
         return (x0, y0, x1, y1), (2 * votes > count) | ((2 * votes == count) & leader)
-
-
-class _merges_off:
-    """Switch off the lesion merge of every LesionRCNN and TiledInference inside ``model``
-    (through DDP or autocast wrappers) while the views run; the wrapper merges once instead."""
-
-    def __init__(self, model: nn.Module):
-        self.modules = [m for m in model.modules() if isinstance(m, (LesionRCNN, TiledInference))]
-        self.thresholds: List[Optional[float]] = []
-
-    def __enter__(self):
-        self.thresholds = [m.merge_score_threshold for m in self.modules]
-        for m in self.modules:
-            m.merge_score_threshold = None
-
-    def __exit__(self, *exc):
-        for m, threshold in zip(self.modules, self.thresholds):
-            m.merge_score_threshold = threshold
-        return False

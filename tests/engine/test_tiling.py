@@ -13,6 +13,7 @@ from torch import nn
 
 from retina_d2.config import get_retina_cfg
 from retina_d2.engine import LesionTrainer
+from retina_d2.modeling.inference import LesionMerging
 from retina_d2.modeling.tiling import TiledInference, tile_grid
 
 REPO = Path(__file__).resolve().parents[2]
@@ -264,10 +265,10 @@ HALVES = {
 @pytest.mark.parametrize("merge", [True, False])
 def test_the_lesion_merge_joins_touching_halves_from_different_tiles(merge):
     image = torch.arange(28, dtype=torch.uint8).repeat(3, 8, 1)  # channel 0: the column
-    model = TiledInference(
-        model=FixedTilePredictions(HALVES), tile_size=16, overlap=4,
-        merge_score_threshold=0.3 if merge else None,
-    ).eval()
+    model = TiledInference(model=FixedTilePredictions(HALVES), tile_size=16, overlap=4)
+    if merge:  # the pipeline's last step, on the assembled image
+        model = LesionMerging(model=model, score_threshold=0.3)
+    model = model.eval()
     instances = model([{"image": image}])[0]["instances"]
     got = [
         (round(float(s), 4), b.tolist())
@@ -422,64 +423,59 @@ def test_tiled_lesion_rcnn_over_many_tiles_keeps_the_output_contract(rcnn):
 
 
 def test_a_merging_lesion_rcnn_is_merged_over_the_whole_image_not_per_tile(rcnn, monkeypatch):
-    """MODEL.LESION_MERGE with tiles: the model's merge is off for the tiles (and back on after),
-    the wrapper merges the assembled image once, and where the image fits one tile the result is
-    the untiled merged one."""
-    from retina_d2.modeling import tiling
-    from retina_d2.modeling.meta_arch import lesion_rcnn
+    """MODEL.LESION_MERGE with tiles: the tiles are not merged (the model never merges), the
+    pipeline's last step merges the assembled image once, and where the image fits one tile the
+    result is the untiled merged one."""
+    from retina_d2.modeling import inference
 
     cfg, model = rcnn
     cfg = cfg.clone()
     cfg.MODEL.LESION_MERGE.ENABLED = True
     cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.0
-    monkeypatch.setattr(model, "merge_score_threshold", 0.0)  # as build_model(cfg) sets it
-    calls = {"model": 0, "wrapper": 0}
+    merged_images = []
+    merge = inference.merge_connected_lesions
 
-    def spy(module, key):
-        merge = module.merge_connected_lesions
+    def counted(instances, *args, **kwargs):
+        merged_images.append(instances.image_size)
+        return merge(instances, *args, **kwargs)
 
-        def counted(*args, **kwargs):
-            calls[key] += 1
-            return merge(*args, **kwargs)
-
-        monkeypatch.setattr(module, "merge_connected_lesions", counted)
-
-    spy(lesion_rcnn, "model")
-    spy(tiling, "wrapper")
+    monkeypatch.setattr(inference, "merge_connected_lesions", counted)
     with torch.no_grad():
-        whole = model([_photo_inputs()])[0]["instances"]
-    assert calls == {"model": 1, "wrapper": 0}
+        unmerged = model([_photo_inputs()])[0]["instances"]
+    whole = merge(unmerged, 0.0)
+    assert merged_images == [] and len(whole) != len(unmerged)  # the merge changes them
     one_tile = LesionTrainer.build_inference_model(cfg, model).eval()
-    assert one_tile.merge_score_threshold == 0.0
+    assert isinstance(one_tile, LesionMerging) and isinstance(one_tile.model, TiledInference)
+    assert (one_tile.score_threshold, one_tile.connectivity) == (0.0, 8)
     got = one_tile([_photo_inputs()])[0]["instances"]
-    assert calls == {"model": 1, "wrapper": 1}
-    assert model.merge_score_threshold == 0.0  # the model merges again outside the tiles
+    assert merged_images == [(130, 150)]  # once, in the photograph's frame
     assert len(whole) > 0
     assert torch.equal(whole.pred_boxes.tensor, got.pred_boxes.tensor)
     assert torch.equal(whole.scores, got.scores)
     assert torch.equal(whole.pred_masks, got.pred_masks)
 
     cfg.RETINA.TILE.SIZE, cfg.RETINA.TILE.OVERLAP = 64, 16
-    TiledInference(cfg, model).eval()([_photo_inputs()])
-    assert calls == {"model": 1, "wrapper": 2}  # six tiles, one merge
+    LesionTrainer.build_inference_model(cfg, model).eval()([_photo_inputs()])
+    assert merged_images == [(130, 150)] * 2  # six tiles, one merge
 
 
 def test_only_a_detector_config_merges_the_tiled_image():
     cfg = get_retina_cfg()
-    assert TiledInference(cfg, nn.Identity()).merge_score_threshold is None
-    cfg.MODEL.META_ARCHITECTURE = "LesionRCNN"
+    cfg.RETINA.TILE.ENABLED = True
     cfg.MODEL.LESION_MERGE.ENABLED = True
     cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.25
     cfg.MODEL.LESION_MERGE.CONNECTIVITY = 4
-    tiled = TiledInference(cfg, nn.Identity())
-    assert (tiled.merge_score_threshold, tiled.merge_connectivity) == (0.25, 4)
+    cfg.MODEL.META_ARCHITECTURE = "LesionRCNN"
+    merging = LesionTrainer.build_inference_model(cfg, nn.Identity())
+    assert isinstance(merging.model, TiledInference)
+    assert (merging.score_threshold, merging.connectivity) == (0.25, 4)
     # MultiTaskLesionNet merges what its LesionRCNN branch detects, as LesionRCNN does...
     cfg.MODEL.META_ARCHITECTURE = "MultiTaskLesionNet"
     cfg.MODEL.MULTITASK.LESION_ARCHITECTURE = "LesionRCNN"
-    assert TiledInference(cfg, nn.Identity()).merge_score_threshold == 0.25
+    assert isinstance(LesionTrainer.build_inference_model(cfg, nn.Identity()), LesionMerging)
     # ...and a semantic lesion branch has no instances to merge.
     cfg.MODEL.MULTITASK.LESION_ARCHITECTURE = "SemanticLesionNet"
-    assert TiledInference(cfg, nn.Identity()).merge_score_threshold is None
+    assert isinstance(LesionTrainer.build_inference_model(cfg, nn.Identity()), TiledInference)
 
 
 def test_trainer_wraps_the_model_only_when_tiling_is_enabled(rcnn):

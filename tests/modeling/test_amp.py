@@ -12,6 +12,7 @@ import retina_d2.modeling  # noqa: F401  (registration)
 from retina_d2.config import get_retina_cfg
 from retina_d2.engine import LesionTrainer
 from retina_d2.modeling.amp import AutocastInference, outputs_to_float32
+from retina_d2.modeling.inference import LesionMerging
 from retina_d2.modeling.tiling import TiledInference
 
 INSTANT = Path(__file__).resolve().parents[2] / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml"
@@ -86,14 +87,15 @@ def test_inference_runs_in_half_precision_and_returns_float32(model, tiled):
 
 
 def test_lesion_merging_takes_half_precision_predictions(model):
-    # LESION_MERGE runs inside the model's inference, so under autocast its inputs are bfloat16.
-    model.merge_score_threshold, model.merge_connectivity = 0.0, 8
-    try:
-        runner = LesionTrainer.build_inference_model(_cfg(True), model)
-        with torch.no_grad():
-            out = runner([_inputs()])[0]["instances"]
-    finally:
-        model.merge_score_threshold = None
+    # LESION_MERGE is the pipeline's last step, around the autocast step: it merges the bfloat16
+    # predictions, cast back to float32.
+    cfg = _cfg(True)
+    cfg.MODEL.LESION_MERGE.ENABLED = True
+    cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.0
+    runner = LesionTrainer.build_inference_model(cfg, model)
+    assert isinstance(runner, LesionMerging) and isinstance(runner.model, AutocastInference)
+    with torch.no_grad():
+        out = runner([_inputs()])[0]["instances"]
     # Merged lesions of one class are disjoint (random weights' raw masks overlap heavily).
     assert len(out) > 0 and out.scores.dtype == torch.float32
     for cls in out.pred_classes.unique():

@@ -16,6 +16,7 @@ from retina_d2.data.converters import ConvertOptions, synthetic
 from retina_d2.data.mapper import LesionDatasetMapper
 from retina_d2.data.preprocess import FieldOfViewCrop
 from retina_d2.data.register import load_lesion_json
+from retina_d2.modeling.inference import build_inference_model
 from retina_d2.modeling.meta_arch.multitask import MultiTaskLesionNet, load_lesion_weights
 from retina_d2.modeling.meta_arch.semantic_net import SemanticLesionNet
 
@@ -229,8 +230,9 @@ def test_without_lesion_maps_presence_is_the_best_instance_score_per_class(recor
 
 
 def test_lesion_merge_applies_to_the_detector_branch(records):
-    # MODEL.LESION_MERGE as LesionRCNN applies it: touching confident masks of one class become one
-    # lesion, so the merged lesions of a class are disjoint; without it random weights' masks overlap.
+    # MODEL.LESION_MERGE, the inference pipeline's last step, as for a lone LesionRCNN: touching
+    # confident masks of one class become one lesion, so the merged lesions of a class are
+    # disjoint; without it random weights' masks overlap.
     opts = ("MODEL.LESION_SEG.ENABLED", "False", "MODEL.GRADING.NAME", "PlainGradingHead",
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.LESION_MERGE.SCORE_THRESH", "0.0")
     mapper = LesionDatasetMapper(
@@ -240,7 +242,8 @@ def test_lesion_merge_applies_to_the_detector_branch(records):
 
     def overlapping_pairs(merge: bool):
         torch.manual_seed(0)
-        model = build_model(_cfg(INSTANT, *opts, "MODEL.LESION_MERGE.ENABLED", str(merge))).eval()
+        cfg = _cfg(INSTANT, *opts, "MODEL.LESION_MERGE.ENABLED", str(merge))
+        model = build_inference_model(cfg, build_model(cfg)).eval()
         with torch.no_grad():
             instances = model([inputs])[0]["instances"]
         pairs = 0

@@ -49,10 +49,13 @@ def test_touching_confident_predictions_of_a_class_become_one_lesion():
         merge_connected_lesions(inst, 0.35, connectivity=6)
 
 
-def test_lesion_rcnn_merges_when_configured():
+def test_the_inference_pipeline_merges_a_lesion_rcnn_when_configured():
+    """MODEL.LESION_MERGE is build_inference_model's last step: the model's own output is
+    Detectron2's instances as they are; the pipeline merges them once."""
     from detectron2.modeling import build_model
 
     from retina_d2.config import get_retina_cfg
+    from retina_d2.modeling.inference import build_inference_model
 
     cfg = get_retina_cfg()
     cfg.merge_from_file("configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
@@ -62,13 +65,16 @@ def test_lesion_rcnn_merges_when_configured():
     plain = build_model(cfg).eval()
     cfg.MODEL.LESION_MERGE.ENABLED = True
     cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.0
-    merging = build_model(cfg).eval()
-    merging.load_state_dict(plain.state_dict())
+    model = build_model(cfg).eval()
+    model.load_state_dict(plain.state_dict())
     image = torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)
     with torch.no_grad():
         raw = plain([{"image": image, "height": 128, "width": 128}])[0]["instances"]
-        got = merging([{"image": image, "height": 128, "width": 128}])[0]["instances"]
+        unmerged = model([{"image": image, "height": 128, "width": 128}])[0]["instances"]
+        got = build_inference_model(cfg, model)([{"image": image, "height": 128,
+                                                  "width": 128}])[0]["instances"]
     assert len(raw) > 1
+    assert torch.equal(unmerged.pred_masks, raw.pred_masks)  # the model itself never merges
     expected = merge_connected_lesions(raw, 0.0)
     assert len(got) == len(expected) <= len(raw)
     torch.testing.assert_close(got.scores, expected.scores)

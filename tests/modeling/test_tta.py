@@ -14,6 +14,7 @@ from torch import nn
 
 from retina_d2.config import ConfigError, get_retina_cfg
 from retina_d2.engine import LesionTrainer
+from retina_d2.modeling.inference import LesionMerging
 from retina_d2.modeling.meta_arch.lesion_rcnn import paste_into_frame
 from retina_d2.modeling.postprocess import merge_connected_lesions
 from retina_d2.modeling.tiling import TiledInference
@@ -201,9 +202,9 @@ def test_a_model_that_sees_every_view_alike_gives_its_plain_output_on_an_asymmet
     crop = _scene(20, 30, ASYMMETRIC)
     inputs = {"image": crop, "height": 40, "width": 50, "fov_box": [7, 11, 37, 31]}
     plain = VisibleLesions()([inputs])[0]["instances"]
-    augmented = _tta(
-        VisibleLesions(), views=ALL_VIEWS, merge_score_threshold=0.5 if merge else None
-    )
+    augmented = _tta(VisibleLesions(), views=ALL_VIEWS)
+    if merge:  # the pipeline's last step, after the views are merged
+        augmented = LesionMerging(model=augmented, score_threshold=0.5).eval()
     merged = augmented([inputs])[0]["instances"]
     if merge:
         plain = merge_connected_lesions(plain, 0.5)
@@ -510,10 +511,9 @@ def test_one_view_of_a_lesion_rcnn_is_its_plain_output(rcnn):
 
 def test_a_flipped_lesion_rcnn_merges_the_two_views_once(rcnn, monkeypatch):
     """Flip TTA on a real LesionRCNN with LESION_MERGE: each lesion is a detection of the image or
-    of its mirror (mirrored back), the maps are the mean of both, the merge runs once (the model's
-    own switched off meanwhile and on again after)."""
-    from retina_d2.modeling import tta
-    from retina_d2.modeling.meta_arch import lesion_rcnn
+    of its mirror (mirrored back), the maps are the mean of both, the merge runs once, after the
+    views are merged (the pipeline's last step; the model never merges)."""
+    from retina_d2.modeling import inference
 
     cfg, model = rcnn
     cfg = cfg.clone()
@@ -521,18 +521,14 @@ def test_a_flipped_lesion_rcnn_merges_the_two_views_once(rcnn, monkeypatch):
     cfg.MODEL.LESION_MERGE.ENABLED = True
     cfg.MODEL.LESION_MERGE.SCORE_THRESH = 0.99  # nothing of random weights: the merge is a no-op
     runner = LesionTrainer.build_inference_model(cfg, model).eval()
-    assert runner.merge_score_threshold == 0.99
-    monkeypatch.setattr(model, "merge_score_threshold", 0.99)  # as build_model(cfg) sets it
-    calls = {"model": 0, "wrapper": 0}
-    for module, key in ((lesion_rcnn, "model"), (tta, "wrapper")):
-        merge = module.merge_connected_lesions
-        monkeypatch.setattr(
-            module, "merge_connected_lesions",
-            lambda *a, _m=merge, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1) or _m(*a, **k),
-        )
+    assert isinstance(runner, LesionMerging) and isinstance(runner.model, TTA)
+    assert runner.score_threshold == 0.99
+    calls = []
+    merge = inference.merge_connected_lesions
+    monkeypatch.setattr(inference, "merge_connected_lesions",
+                        lambda *a, **k: calls.append(1) or merge(*a, **k))
     got = runner([_photo_inputs()])[0]
-    assert calls == {"model": 0, "wrapper": 1}
-    assert model.merge_score_threshold == 0.99
+    assert calls == [1]
 
     inputs = _photo_inputs()
     crop = {"image": inputs["image"], "height": 64, "width": 96}
@@ -592,12 +588,8 @@ def test_the_config_switches_and_refusals():
     cfg.MODEL.META_ARCHITECTURE = "LesionRCNN"
     cfg.RETINA.TTA.ROTATIONS = [1, 2, 3]
     cfg.RETINA.TTA.SCORE = "max"
-    cfg.MODEL.LESION_MERGE.ENABLED = True
     wrapper = TTA(cfg, nn.Identity())
     assert wrapper.views == ALL_VIEWS and wrapper.score == "max"
-    assert wrapper.merge_score_threshold == cfg.MODEL.LESION_MERGE.SCORE_THRESH
-    cfg.MODEL.META_ARCHITECTURE = "SemanticLesionNet"  # no instances to merge
-    assert TTA(cfg, nn.Identity()).merge_score_threshold is None
     cfg.RETINA.TTA.SCORE = "median"
     with pytest.raises(ConfigError, match="RETINA.TTA.SCORE"):
         TTA(cfg, nn.Identity())

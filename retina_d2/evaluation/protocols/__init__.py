@@ -71,7 +71,7 @@ def build_protocol_evaluators(cfg, dataset_name: str, output_folder=None) -> lis
     Raises:
         ValueError: an unknown protocol, or one the model's outputs cannot feed.
     """
-    from ...config import has_detector, has_semantic_head
+    from ...modeling.outputs import has_detector, has_semantic_head
 
     names = list(cfg.RETINA.EVAL.PROTOCOLS)
     check_protocols(

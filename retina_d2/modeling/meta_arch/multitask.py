@@ -5,10 +5,13 @@ The network of the Lesion-Net paper (Wei et al., ICPR 2020: a lesion-segmentatio
 maps attend a grading network) plus the ResUNet report's landmark localization, on top of the
 project's lesion models:
 
-* the lesion branch (``MODEL.MULTITASK.LESION_ARCHITECTURE``) is a :class:`LesionRCNN`
-  (instances, and lesion maps with ``MODEL.LESION_SEG.ENABLED``), a :class:`SemanticLesionNet`
-  (lesion maps) or nothing; it trains with the other tasks or stays frozen
-  (``LESION_FROZEN``, optionally loaded from a lesion-only run's ``LESION_WEIGHTS``);
+* the lesion branch (``MODEL.MULTITASK.LESION_ARCHITECTURE``) is any class registered in
+  ``META_ARCH_REGISTRY`` that follows the lesion-model contract
+  (:mod:`~retina_d2.modeling.meta_arch.contract`): a LesionRCNN (instances, and lesion maps with
+  ``MODEL.LESION_SEG.ENABLED``), a SemanticLesionNet (lesion maps); or nothing. It is built from
+  the registry and run only through the contract's calls, so it computes what it computes alone.
+  It trains with the other tasks or stays frozen (``LESION_FROZEN``, optionally loaded from a
+  lesion-only run's ``LESION_WEIGHTS``);
 * one grading head per ``MODEL.GRADING.TASKS`` entry (:mod:`retina_d2.modeling.grading`) on
   ``MODEL.GRADING.IN_FEATURE``, reading the lesion maps where it uses them;
 * a :class:`~retina_d2.modeling.localization.LandmarkHeatmapHead` for
@@ -28,11 +31,10 @@ classification, or the best instance score per class without maps), "dr_grade" /
 """
 import contextlib
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
@@ -40,7 +42,6 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from ...config import MULTITASK_ARCHITECTURE
 from ...safe_load import CheckpointError, UnreadableCheckpointError, load_checkpoint
 from ..grading import (
     GRADE_COUNTS,
@@ -50,20 +51,35 @@ from ..grading import (
     grading_loss,
 )
 from ..localization import LandmarkHeatmapHead, to_original_frame
-from ..postprocess import merge_connected_lesions
-from .lesion_rcnn import LesionRCNN
-from .semantic_net import (
-    SemanticLesionNet,
-    batch_semantic_targets,
-    check_activation,
-    semantic_outputs,
-)
+from ..outputs import GRADES, LANDMARKS, LESION_PRESENCE, SEM_SEG, meta_architecture
+from .contract import is_lesion_branch, lesion_branch_choices
+from .semantic_net import check_activation
 
-__all__ = ["LESION_ARCHITECTURES", "MultiTaskLesionNet", "load_lesion_weights"]
+__all__ = ["MultiTaskLesionNet", "lesion_branch_class", "load_lesion_weights"]
 
 logger = logging.getLogger(__name__)
 
-LESION_ARCHITECTURES = {"LesionRCNN": LesionRCNN, "SemanticLesionNet": SemanticLesionNet, "": None}
+
+def lesion_branch_class(cfg) -> Optional[type]:
+    """The class of MultiTaskLesionNet's lesion branch, ``MODEL.MULTITASK.LESION_ARCHITECTURE``
+    looked up in ``META_ARCH_REGISTRY`` ("" = no branch: None).
+
+    Raises:
+        ValueError: naming the registered classes that follow the lesion-model contract
+            (:mod:`~retina_d2.modeling.meta_arch.contract`), when the name is not one of them.
+    """
+    name = cfg.MODEL.MULTITASK.LESION_ARCHITECTURE
+    if not name:
+        return None
+    choices = lesion_branch_choices()
+    if name not in choices:
+        raise ValueError(
+            f"MODEL.MULTITASK.LESION_ARCHITECTURE must be one of {[''] + choices} (the "
+            f"registered lesion models), got {name!r}"
+        )
+    cls = meta_architecture(cfg, "MODEL.MULTITASK.LESION_ARCHITECTURE", name)
+    assert is_lesion_branch(cls)
+    return cls
 
 
 def load_lesion_weights(lesion_model: nn.Module, path: str, trust: bool = False) -> None:
@@ -121,6 +137,8 @@ class MultiTaskLesionNet(nn.Module):
         self,
         *,
         lesion_model: Optional[nn.Module],
+        lesion_outputs: Sequence[str] = (),
+        lesion_classes: int = 0,
         backbone: Optional[Backbone] = None,
         task_backbone: Optional[Backbone] = None,
         grading_heads: Optional[Dict[str, nn.Module]] = None,
@@ -135,7 +153,14 @@ class MultiTaskLesionNet(nn.Module):
     ):
         """
         Args:
-            lesion_model: a LesionRCNN or SemanticLesionNet (the lesion branch), or None.
+            lesion_model: the lesion branch, a model following the lesion-model contract
+                (:mod:`~retina_d2.modeling.meta_arch.contract`: LesionRCNN, SemanticLesionNet),
+                or None.
+            lesion_outputs: what the branch returns (its class's ``output_types``):
+                :data:`~retina_d2.modeling.outputs.SEM_SEG` makes lesion maps for the grading
+                heads; :data:`~retina_d2.modeling.outputs.INSTANCES` alone gives lesion presence
+                from the instances.
+            lesion_classes: the branch's lesion classes (the length of "lesion_presence").
             backbone: the shared backbone when there is no lesion branch (else the branch's).
             task_backbone: a backbone of grading and localization's own, or None (shared).
             grading_heads: graded record field ("dr_grade", "dme_grade") -> grading head.
@@ -154,6 +179,8 @@ class MultiTaskLesionNet(nn.Module):
             )
         check_activation(sem_seg_activation, "sem_seg_activation")
         self.lesion_model = lesion_model
+        self.lesion_outputs = frozenset(lesion_outputs if lesion_model is not None else ())
+        self.lesion_classes = int(lesion_classes)
         self.backbone = backbone
         self.task_backbone = task_backbone
         self.grading_heads = nn.ModuleDict(grading_heads or {})
@@ -166,7 +193,7 @@ class MultiTaskLesionNet(nn.Module):
         self.sem_seg_activation = sem_seg_activation
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        if self.grading_heads and self._lesion_head() is None:
+        if self.grading_heads and SEM_SEG not in self.lesion_outputs:
             needing = [
                 t for t, h in self.grading_heads.items() if getattr(h, "uses_lesion_maps", True)
             ]
@@ -183,16 +210,11 @@ class MultiTaskLesionNet(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         node = cfg.MODEL.MULTITASK
-        if node.LESION_ARCHITECTURE not in LESION_ARCHITECTURES:
-            raise ValueError(
-                f"MODEL.MULTITASK.LESION_ARCHITECTURE must be one of "
-                f"{sorted(LESION_ARCHITECTURES)}, got {node.LESION_ARCHITECTURE!r}"
-            )
-        if node.LESION_ARCHITECTURE == MULTITASK_ARCHITECTURE:
-            raise ValueError("MODEL.MULTITASK.LESION_ARCHITECTURE cannot be MultiTaskLesionNet")
-        lesion_class = LESION_ARCHITECTURES[node.LESION_ARCHITECTURE]
+        lesion_class = lesion_branch_class(cfg)
         lesion_model = backbone = None
+        lesion_outputs = frozenset()
         if lesion_class is not None:
+            lesion_outputs = frozenset(lesion_class.output_types(cfg))
             lesion_model = lesion_class(cfg)
             if node.LESION_WEIGHTS and not cfg.MODEL.WEIGHTS:
                 # With MODEL.WEIGHTS (a multi-task checkpoint: --eval-only, fine-tuning) the
@@ -232,8 +254,15 @@ class MultiTaskLesionNet(nn.Module):
         landmark_head = None
         if cfg.MODEL.LOCALIZATION.LANDMARKS:
             landmark_head = LandmarkHeatmapHead(cfg, task_shapes)
+        # Lesion presence has a channel per lesion map, or per detected class without maps.
+        lesion_classes = (
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES if SEM_SEG in lesion_outputs
+            else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        )
         return {
             "lesion_model": lesion_model,
+            "lesion_outputs": lesion_outputs,
+            "lesion_classes": lesion_classes,
             "backbone": backbone,
             "task_backbone": task_backbone,
             "grading_heads": grading_heads,
@@ -246,6 +275,39 @@ class MultiTaskLesionNet(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
+
+    @classmethod
+    def output_types(cls, cfg) -> FrozenSet[str]:
+        """The lesion branch's outputs and lesion presence (with a branch), grades (with
+        ``MODEL.GRADING.TASKS``), landmarks (with ``MODEL.LOCALIZATION.LANDMARKS``)."""
+        branch = lesion_branch_class(cfg)
+        types = set()
+        if branch is not None:
+            types |= set(branch.output_types(cfg)) | {LESION_PRESENCE}
+        if cfg.MODEL.GRADING.TASKS:
+            types.add(GRADES)
+        if cfg.MODEL.LOCALIZATION.LANDMARKS:
+            types.add(LANDMARKS)
+        return frozenset(types)
+
+    @classmethod
+    def training_targets(cls, cfg) -> FrozenSet[str]:
+        """The lesion branch's targets unless it is frozen (``MODEL.MULTITASK.LESION_FROZEN``),
+        grades and landmarks for those tasks."""
+        branch = lesion_branch_class(cfg)
+        targets = set()
+        if branch is not None and not cfg.MODEL.MULTITASK.LESION_FROZEN:
+            targets |= set(branch.training_targets(cfg))
+        return frozenset(targets | (set(cls.output_types(cfg)) & {GRADES, LANDMARKS}))
+
+    @classmethod
+    def part_weights(cls, cfg) -> Dict[str, str]:
+        """{name prefix: weights} of the parts that start from weights of their own: the task
+        backbone (``MODEL.MULTITASK.TASK_BACKBONE_WEIGHTS``)."""
+        node = cfg.MODEL.MULTITASK
+        if node.TASK_BACKBONE and node.TASK_BACKBONE_WEIGHTS:
+            return {"task_backbone.": node.TASK_BACKBONE_WEIGHTS}
+        return {}
 
     @property
     def device(self) -> torch.device:
@@ -263,9 +325,6 @@ class MultiTaskLesionNet(nn.Module):
             self.lesion_model.eval()
         return self
 
-    def _lesion_head(self) -> Optional[nn.Module]:
-        return getattr(self.lesion_model, "sem_seg_head", None)
-
     def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
         """Normalise, pad (to every backbone's divisibility) and batch the input images."""
         divisibility = max(
@@ -280,44 +339,6 @@ class MultiTaskLesionNet(nn.Module):
         if self.sem_seg_activation == "sigmoid":
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=1)[:, 1:]
-
-    def _lesion_branch(self, batched_inputs, images: ImageList, features, with_losses: bool):
-        """Run the lesion branch on the shared features.
-
-        Returns:
-            (lesion logits or None, loss dict (with_losses), detections (LesionRCNN, inference)
-            or None).
-        """
-        losses: Dict[str, torch.Tensor] = {}
-        detections = None
-        model = self.lesion_model
-        if isinstance(model, LesionRCNN):
-            if with_losses:
-                gt = [x["instances"].to(self.device) for x in batched_inputs]
-                proposals, proposal_losses = model.proposal_generator(images, features, gt)
-                _, detector_losses = model.roi_heads(images, features, proposals, gt)
-                losses.update(detector_losses)
-                losses.update(proposal_losses)
-            elif not self.training:
-                proposals, _ = model.proposal_generator(images, features, None)
-                detections, _ = model.roi_heads(images, features, proposals, None)
-        head = self._lesion_head()
-        if head is None:
-            return None, losses, detections
-        targets = None
-        if with_losses:
-            targets = batch_semantic_targets(
-                batched_inputs, self.device, self.shared_backbone.size_divisibility
-            )
-            # ImageList pads to the largest divisibility of both backbones; the targets follow.
-            pad_h = images.tensor.shape[-2] - targets.shape[-2]
-            pad_w = images.tensor.shape[-1] - targets.shape[-1]
-            if pad_h or pad_w:
-                targets = F.pad(targets, (0, pad_w, 0, pad_h), value=255)
-        logits, sem_losses = head(features, targets, tuple(images.tensor.shape[-2:]))
-        weight = getattr(model, "sem_seg_loss_weight", 1.0)
-        losses.update({k: v * weight for k, v in sem_losses.items()})
-        return logits, losses, detections
 
     def forward(self, batched_inputs: List[dict]):
         """
@@ -334,11 +355,15 @@ class MultiTaskLesionNet(nn.Module):
         frozen = contextlib.nullcontext() if not self.lesion_frozen else torch.no_grad()
         with frozen:
             features = self.shared_backbone(images.tensor)
-            logits, losses, detections = (None, {}, None)
+            raw, losses = {}, {}
             if self.lesion_model is not None:
-                logits, losses, detections = self._lesion_branch(
-                    batched_inputs, images, features, train_lesions
+                # The branch's own network after the shared backbone (the lesion-model contract);
+                # detections only at inference, where they are returned.
+                raw, losses = self.lesion_model.forward_features(
+                    batched_inputs, images, features, with_losses=train_lesions,
+                    with_predictions=not self.training,
                 )
+        logits = raw.get("sem_seg")
         task_features = features
         if self.task_backbone is not None:
             task_features = self.task_backbone(images.tensor)
@@ -361,34 +386,19 @@ class MultiTaskLesionNet(nn.Module):
                 weight = self.landmark_loss_weight
                 losses.update({k: v * weight for k, v in landmark_losses.items()})
             return losses
-        return self._outputs(
-            batched_inputs, images, logits, lesion_maps, detections, grades, heatmaps
-        )
+        return self._outputs(batched_inputs, images, raw, lesion_maps, grades, heatmaps)
 
-    def _outputs(self, batched_inputs, images, logits, lesion_maps, detections, grades, heatmaps):
+    def _outputs(self, batched_inputs, images, raw, lesion_maps, grades, heatmaps):
         """The per-image inference dicts (module docstring)."""
-        if detections is not None:
-            outputs = LesionRCNN._postprocess(detections, batched_inputs, images.image_sizes)
-            # MODEL.LESION_MERGE as the lesion-only LesionRCNN applies it, so a multi-task run
-            # scores the same lesions (its branch's own inference is not the path taken here).
-            branch = self.lesion_model
-            if branch.merge_score_threshold is not None:
-                for output in outputs:
-                    output["instances"] = merge_connected_lesions(
-                        output["instances"], branch.merge_score_threshold, branch.merge_connectivity
-                    )
-        else:
-            outputs = [{} for _ in batched_inputs]
-        if logits is not None:
-            probs = semantic_outputs(
-                logits, batched_inputs, images.image_sizes, self.sem_seg_activation
-            )
-            for output, prob, maps, (h, w) in zip(outputs, probs, lesion_maps, images.image_sizes):
-                output["sem_seg"] = prob
+        outputs = [{} for _ in batched_inputs]
+        if self.lesion_model is not None:
+            outputs = self.lesion_model.postprocess(raw, batched_inputs, images.image_sizes)
+        if lesion_maps is not None:
+            for output, maps, (h, w) in zip(outputs, lesion_maps, images.image_sizes):
                 # Lesion-Net's lesion classification: each map's global max (padding excluded).
                 output["lesion_presence"] = maps[:, :h, :w].amax(dim=(-2, -1))
-        elif detections is not None:
-            num_classes = self.lesion_model.roi_heads.num_classes
+        elif "instances" in raw:
+            num_classes = self.lesion_classes
             for output in outputs:
                 instances = output["instances"]
                 presence = torch.zeros(num_classes, device=self.device)

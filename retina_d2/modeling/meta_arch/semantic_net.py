@@ -7,7 +7,7 @@ semantic head contract: ``head(features, targets, image_size) -> (logits, losses
 inference returns ``[{"sem_seg": (C, height, width) float probabilities}]`` in the original
 image's frame, honouring the mapper's ``fov_box`` as LesionRCNN does.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,14 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
+from ..outputs import SEM_SEG
+
 __all__ = [
     "ACTIVATIONS",
     "check_activation",
     "SemanticLesionNet",
     "batch_semantic_targets",
+    "padded_semantic_targets",
     "semantic_outputs",
     "semantic_postprocess",
 ]
@@ -125,6 +128,24 @@ def batch_semantic_targets(
     return ImageList.from_tensors(targets, size_divisibility, _TARGET_PAD_VALUE).tensor
 
 
+def padded_semantic_targets(
+    batched_inputs: List[dict], images: ImageList, device: torch.device
+) -> torch.Tensor:
+    """:func:`batch_semantic_targets` padded (with 255, ignore) to the batch of ``images``: the
+    input images are as large as their targets, and a composite model pads its images to the
+    largest divisibility of its backbones, which a branch's targets must follow.
+
+    Returns:
+        uint8 (N, C, H, W) on ``device``, (H, W) that of ``images.tensor``.
+    """
+    targets = batch_semantic_targets(batched_inputs, device, 0)
+    pad_h = images.tensor.shape[-2] - targets.shape[-2]
+    pad_w = images.tensor.shape[-1] - targets.shape[-1]
+    if pad_h or pad_w:
+        targets = F.pad(targets, (0, pad_w, 0, pad_h), value=_TARGET_PAD_VALUE)
+    return targets
+
+
 @META_ARCH_REGISTRY.register()
 class SemanticLesionNet(nn.Module):
     """Backbone + semantic lesion head; see the module docstring."""
@@ -175,6 +196,16 @@ class SemanticLesionNet(nn.Module):
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
+    @classmethod
+    def output_types(cls, cfg) -> FrozenSet[str]:
+        """Lesion maps."""
+        return frozenset({SEM_SEG})
+
+    @classmethod
+    def training_targets(cls, cfg) -> FrozenSet[str]:
+        """Semantic targets."""
+        return frozenset({SEM_SEG})
+
     def forward(self, batched_inputs: List[dict]):
         """
         Args:
@@ -188,14 +219,40 @@ class SemanticLesionNet(nn.Module):
         """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        padded_size = tuple(images.tensor.shape[-2:])
+        raw, losses = self.forward_features(
+            batched_inputs, images, features, with_losses=self.training,
+            with_predictions=not self.training,
+        )
         if self.training:
-            targets = batch_semantic_targets(
-                batched_inputs, self.device, self.backbone.size_divisibility
-            )
-            _, losses = self.sem_seg_head(features, targets, padded_size)
             return losses
-        logits, _ = self.sem_seg_head(features, None, padded_size)
-        probs = semantic_outputs(logits, batched_inputs, images.image_sizes, self.activation)
-        return [{"sem_seg": p} for p in probs]
+        return self.postprocess(raw, batched_inputs, images.image_sizes)
 
+    def forward_features(
+        self,
+        batched_inputs: List[dict],
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        *,
+        with_losses: bool,
+        with_predictions: bool,
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """The head on the backbone's features (the lesion-model contract,
+        :mod:`~retina_d2.modeling.meta_arch.contract`).
+
+        Returns:
+            (raw, losses): ``raw["sem_seg"]``, the logits at the padded size (always: the maps
+            are the model's only output); the head's losses with ``with_losses``.
+        """
+        targets = None
+        if with_losses:
+            targets = padded_semantic_targets(batched_inputs, images, self.device)
+        logits, losses = self.sem_seg_head(features, targets, tuple(images.tensor.shape[-2:]))
+        return {"sem_seg": logits}, (losses if with_losses else {})
+
+    def postprocess(
+        self, raw: Dict[str, torch.Tensor], batched_inputs: List[dict], image_sizes
+    ) -> List[Dict[str, torch.Tensor]]:
+        """``raw`` of :meth:`forward_features` to one {"sem_seg": (C, height, width)
+        probabilities} per image in the original frame (the lesion-model contract)."""
+        probs = semantic_outputs(raw["sem_seg"], batched_inputs, image_sizes, self.activation)
+        return [{"sem_seg": p} for p in probs]
