@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from retina_d2.tools import train_net
+
 REPO = Path(__file__).resolve().parents[2]
-from retina_d2.tools import train_net  # noqa: E402
-
-
 INSTANT = str(REPO / "configs/quick_schedules/maskrcnn_synthetic_instant_test.yaml")
 
 
