@@ -4,7 +4,7 @@ under the paper's protocol and the toolkit's standard one, and set ours beside t
 figures.
 
 Each system of :data:`SYSTEMS` names its converter (and the options the paper needs), its config
-(relative to the checkout), its validation and test datasets, its paper's protocols and its key in
+(a file of the paper configs folder, ``--configs``), its validation and test datasets, its paper's protocols and its key in
 ``retina_d2/evaluation/published_figures.yaml``. A run's folder (``--output``)::
 
     reproduce_state.json   the stages done (convert, [lesion_train,] train, test), written
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
-    "CHECKOUT",
+    "DEFAULT_CONFIGS",
     "STATE_FILE",
     "PaperSystem",
     "ReproduceError",
@@ -46,9 +46,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The checkout this package was installed from (``pip install -e .``): the paper configs live in
-# its configs/ folder, which is not part of the installed package.
-CHECKOUT = Path(__file__).resolve().parents[1]
+# Where the paper configs are looked for unless --configs says: the configs/ folder of the
+# checkout the command runs in (relative to the current folder). The package never looks beside
+# itself: an installed wheel has no configs, and a user's own copy of them works the same way.
+DEFAULT_CONFIGS = Path("configs")
 STATE_FILE = "reproduce_state.json"
 STATE_FORMAT = 1
 # Keys reproduce sets itself in every stage (the user's opts may not).
@@ -84,7 +85,7 @@ class PaperSystem:
 
     name: str  # the command's SYSTEM and the key of its figures in published_figures.yaml
     converter: str  # retina_d2.data.converters.CONVERTER_MODULES key
-    config: str  # relative to the checkout
+    config: str  # file name in the configs folder (--configs)
     val_dataset: str  # model selection (the config's DATASETS.TEST)
     test_dataset: str  # scored once with the selected checkpoint
     protocols: Tuple[str, ...] = ()  # the paper's own, added to RETINA.EVAL.PROTOCOLS
@@ -104,59 +105,58 @@ def _system(*args, **kwargs) -> Tuple[str, PaperSystem]:
     return system.name, system
 
 
-# SYSTEM -> how to reproduce it. Configs are the checkout's paper configs; the protocols are
+# SYSTEM -> how to reproduce it. Configs are the paper configs (in --configs); the protocols are
 # those of the system's entry in published_figures.yaml.
 SYSTEMS: "OrderedDict[str, PaperSystem]" = OrderedDict([
     _system(
-        "eophtha-maskrcnn", "eophtha", "configs/maskrcnn_eophtha.yaml",
+        "eophtha-maskrcnn", "eophtha", "maskrcnn_eophtha.yaml",
         "eophtha_seg_val", "eophtha_seg_test", ("per_image_map",),
         # The paper's data: its 195 lesion images split 155 / 20 / 20, microaneurysms dilated
         # 5x5 twice at a 1024 px field of view before instance splitting.
         convert_flags={"subset": "both", "paper_split": True, "ma_dilation_scale": "1024"},
     ),
     _system(
-        "idrid-resunet", "idrid", "configs/resunet_idrid.yaml",
+        "idrid-resunet", "idrid", "resunet_idrid.yaml",
         "idrid_seg_val", "idrid_seg_test", ("argmax_dice",),
         note="selected on the validation images carved from IDRiD's training set "
         "(retina_d2/data/splits/idrid_val.json), not on the test set as the report did",
     ),
     _system(
-        "retinal-lesions-lesionnet", "retinal_lesions", "configs/lesionnet16s_retinal_lesions.yaml",
+        "retinal-lesions-lesionnet", "retinal_lesions", "lesionnet16s_retinal_lesions.yaml",
         "retinal_lesions_seg_val", "retinal_lesions_seg_test", (),
         preflight=_require_retinal_lesions_splits,
     ),
     _system(
-        "ddr-cbam-deeplab", "ddr", "configs/cbam_deeplab_ddr.yaml",
+        "ddr-cbam-deeplab", "ddr", "cbam_deeplab_ddr.yaml",
         "ddr_seg_valid", "ddr_seg_test", ("component_ap",),
     ),
     _system(
-        "idrid-redseg", "idrid", "configs/redseg_idrid.yaml",
+        "idrid-redseg", "idrid", "redseg_idrid.yaml",
         "idrid_seg_val", "idrid_seg_test", ("pr_operating_point",),
     ),
     # Two-step systems: the lesion system above is trained first (selected on its validation
     # split), then the grading network on its frozen model_best.pth.
     _system(
-        "idrid-resunet-grading", "idrid", "configs/multitask_idrid.yaml",
+        "idrid-resunet-grading", "idrid", "multitask_idrid.yaml",
         "idrid_grading_val", "idrid_grading_test", (), lesion_system="idrid-resunet",
         note="needs IDRiD parts A (lesion masks, for the frozen ResUNet) and B (grades)",
     ),
     _system(
         "retinal-lesions-lesionnet-grading", "retinal_lesions",
-        "configs/multitask_retinal_lesions.yaml",
+        "multitask_retinal_lesions.yaml",
         "retinal_lesions_seg_val", "retinal_lesions_seg_test", (),
         lesion_system="retinal-lesions-lesionnet", preflight=_require_retinal_lesions_splits,
     ),
 ])
 
 
-def config_path(system: PaperSystem, checkout: Path = CHECKOUT) -> Path:
-    """The system's config file in the checkout; ReproduceError when it is not there."""
-    path = Path(checkout) / system.config
+def config_path(system: PaperSystem, configs: Path = DEFAULT_CONFIGS) -> Path:
+    """The system's config file in the ``configs`` folder; ReproduceError when it is not there."""
+    path = Path(configs) / system.config
     if not path.is_file():
         raise ReproduceError(
-            f"{path} not found: reproduce trains the paper configs of a retina_d2 checkout "
-            f"(configs/ beside the retina_d2 package, which is at {Path(checkout) / 'retina_d2'}); "
-            "install the checkout with `pip install -e .`"
+            f"{path} not found: reproduce trains the paper configs of a retina_d2 checkout; run "
+            "it from the checkout's root or pass --configs <checkout>/configs"
         )
     return path
 
@@ -234,11 +234,11 @@ class Reproduction:
             continued with ``resume``, or empty).
         opts: config overrides (KEY VALUE ...) for every stage.
         resume: continue the run in ``output`` from its first stage not done.
-        checkout: where the configs are (default: the checkout of this package).
+        configs: the folder of the paper configs (default: ``configs`` in the current folder).
     """
 
     def __init__(self, system: str, data_root, output, opts: Sequence[str] = (),
-                 resume: bool = False, checkout: Path = CHECKOUT, out=None):
+                 resume: bool = False, configs: Path = DEFAULT_CONFIGS, out=None):
         if system not in SYSTEMS:
             raise ReproduceError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
         self.system = SYSTEMS[system]
@@ -247,7 +247,7 @@ class Reproduction:
         self.output = Path(output).resolve()
         self.opts = [str(o) for o in opts]
         self.resume = resume
-        self.checkout = Path(checkout)
+        self.configs = Path(configs).resolve()
         self.out = out or sys.stdout
         reserved = sorted(set(_opt_keys(self.opts)) & set(_RESERVED_KEYS))
         if reserved:
@@ -321,7 +321,7 @@ class Reproduction:
         from .config import get_retina_cfg, merge_config
 
         cfg = get_retina_cfg()
-        merge_config(cfg, str(config_path(system, self.checkout)), [*system.overrides, *self.opts])
+        merge_config(cfg, str(config_path(system, self.configs)), [*system.overrides, *self.opts])
         protocols = list(cfg.RETINA.EVAL.PROTOCOLS)
         protocols += [p for p in system.protocols if p not in protocols]
         return [
@@ -337,7 +337,7 @@ class Reproduction:
         from .config import get_retina_cfg, merge_config
 
         cfg = get_retina_cfg()
-        merge_config(cfg, str(config_path(system, self.checkout)), opts)
+        merge_config(cfg, str(config_path(system, self.configs)), opts)
         return cfg
 
     def check(self) -> None:
@@ -424,7 +424,7 @@ class Reproduction:
         resume = (folder / "last_checkpoint").is_file()
         self._say(f"training {system.config} -> {folder}"
                   + (" (resuming from its last checkpoint)" if resume else ""))
-        argv = ["--config-file", str(config_path(system, self.checkout))]
+        argv = ["--config-file", str(config_path(system, self.configs))]
         argv += ["--resume"] if resume else []
         args = build_parser().parse_args(argv + self.stage_opts(system, folder, extra))
         try:
@@ -460,7 +460,7 @@ class Reproduction:
         # split in place of the validation split and the selected checkpoint.
         opts = self.stage_opts(self.system, folder, self._training_stages()[-1][2])
         opts += ["DATASETS.TEST", repr((self.system.test_dataset,)), "MODEL.WEIGHTS", checkpoint]
-        argv = ["--config-file", str(config_path(self.system, self.checkout)), "--eval-only"]
+        argv = ["--config-file", str(config_path(self.system, self.configs)), "--eval-only"]
         try:
             with _datasets_root(self.datasets):
                 results = main(build_parser().parse_args(argv + opts))
@@ -501,7 +501,7 @@ class Reproduction:
             "paper_title": published.paper_title,
             "paper_file": published.paper_file,
             "protocol": published.protocol,
-            "config": self.system.config,
+            "config": str(config_path(self.system, self.configs)),
             "data_root": str(self.data_root),
             "opts": self.opts,
             "val_dataset": self.system.val_dataset,

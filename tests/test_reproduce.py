@@ -29,16 +29,24 @@ from retina_d2.data.converters import CONVERTER_MODULES  # noqa: E402
 from retina_d2.evaluation.published import load_published_figures  # noqa: E402
 from retina_d2.modeling.pretrained import OFFLINE_ENV  # noqa: E402
 from retina_d2.reproduce import (  # noqa: E402
-    CHECKOUT,
+    DEFAULT_CONFIGS,
     STATE_FILE,
     SYSTEMS,
     Reproduction,
     ReproduceError,
+    config_path,
     stage_names,
 )
 from retina_d2.tools.reproduce import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_the_checkout(monkeypatch):
+    """reproduce reads the paper configs from ./configs unless --configs says: run from the
+    checkout's root, as its users do."""
+    monkeypatch.chdir(REPO)
 # A CPU step on 64 px images, evaluated after it (so model_best.pth is selected), no downloads.
 TINY = [
     "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "1", "TEST.EVAL_PERIOD", "1",
@@ -127,7 +135,7 @@ def test_the_systems_table_names_existing_configs_figures_and_splits():
         assert name in figures
         assert system.converter in CONVERTER_MODULES
         cfg = get_retina_cfg()
-        merge_config(cfg, str(CHECKOUT / system.config))
+        merge_config(cfg, str(REPO / DEFAULT_CONFIGS / system.config))
         # The config selects on the split reproduce calls validation; test is another split.
         assert tuple(cfg.DATASETS.TEST) == (system.val_dataset,), name
         assert system.test_dataset.endswith("_test") and system.test_dataset != system.val_dataset
@@ -202,7 +210,7 @@ def _run_reproduce(args, log: Path, **kwargs):
     with open(log, "w") as f:
         return subprocess.Popen(
             [sys.executable, str(REPO / "tools/reproduce.py"), *args],
-            stdout=f, stderr=subprocess.STDOUT, text=True,
+            stdout=f, stderr=subprocess.STDOUT, text=True, cwd=REPO,  # its configs/
             env={**os.environ, OFFLINE_ENV: "1"}, **kwargs,
         )
 
@@ -358,12 +366,18 @@ def test_a_missing_data_root_and_missing_splits_are_named(tmp_path, capsys):
     assert "idrid_seg_val" in line
 
 
-def test_configs_are_found_in_the_checkout_or_named(tmp_path, idrid_raw):
-    run = Reproduction("idrid-resunet", idrid_raw, tmp_path / "run", checkout=tmp_path)
-    with pytest.raises(ReproduceError, match="configs/resunet_idrid.yaml not found"):
+def test_configs_are_found_in_the_current_folder_or_named(tmp_path, idrid_raw, monkeypatch):
+    """The package never looks beside itself for configs (a wheel has none): --configs, or the
+    configs/ folder of the current one."""
+    run = Reproduction("idrid-resunet", idrid_raw, tmp_path / "run", configs=tmp_path)
+    with pytest.raises(ReproduceError, match=f"{tmp_path}/resunet_idrid.yaml not found: .* "
+                       "--configs"):
         run.check()
-    assert (CHECKOUT / "configs" / "resunet_idrid.yaml").is_file()
-    assert CHECKOUT == REPO
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    with pytest.raises(ReproduceError, match="configs/resunet_idrid.yaml not found"):
+        Reproduction("idrid-resunet", idrid_raw, tmp_path / "run2").check()
+    monkeypatch.chdir(REPO)
+    assert config_path(SYSTEMS["idrid-resunet"]).resolve() == REPO / "configs/resunet_idrid.yaml"
 
 
 def test_the_cli_lists_reproduce(capsys):

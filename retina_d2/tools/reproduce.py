@@ -26,7 +26,7 @@ import sys
 from ..config import ConfigError
 from ..data.converters import ConversionError
 from ..evaluation.published import PublishedFiguresError
-from ..reproduce import SYSTEMS, ReproduceError, reproduce
+from ..reproduce import DEFAULT_CONFIGS, SYSTEMS, ReproduceError, reproduce
 from ..safe_load import CheckpointError
 
 
@@ -49,6 +49,9 @@ def build_parser():
                         help="the system's raw dataset folder, as published")
     parser.add_argument("--output", metavar="DIR",
                         help="the run's folder, new or empty (default: output/reproduce/SYSTEM)")
+    parser.add_argument("--configs", metavar="DIR", default=DEFAULT_CONFIGS,
+                        help="the folder of the paper configs (default: %(default)s, in the "
+                        "current folder: run from a retina_d2 checkout's root)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output: skip its finished stages, resume "
                         "training from its last checkpoint")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     output = args.output or f"output/reproduce/{args.system}"
     try:
         json_path, md_path = reproduce(args.system, args.data_root, output, args.opts,
-                                       resume=args.resume)
+                                       resume=args.resume, configs=args.configs)
     except (ReproduceError, ConversionError, ConfigError, CheckpointError,
             PublishedFiguresError, FileNotFoundError) as e:
         # A bad argument, dataset, config or weights file: one line, not a traceback.
