@@ -8,6 +8,8 @@ import re
 import yaml
 from detectron2.config import CfgNode as CN
 
+from .schema import FROC_IOU, FROC_MATCH, FROC_SCORE_THRESHOLD, IOU_THRESHOLDS
+
 __all__ = [
     "ConfigError",
     "add_augmentation_config",
@@ -453,7 +455,7 @@ def add_evaluation_config(cfg):
     _add_section(cfg, "RETINA")
     _add_section(cfg.RETINA, "EVAL")
     # Evaluation (retina_d2/evaluation/instance_eval.py).
-    cfg.RETINA.EVAL.IOU_THRESHOLDS = [0.35, 0.5, 0.75]
+    cfg.RETINA.EVAL.IOU_THRESHOLDS = list(IOU_THRESHOLDS)
     # COCOeval's default maxDets of 100 truncates images with hundreds of exudates; keep it equal
     # to MODEL.ROI_HEADS / TEST.DETECTIONS_PER_IMAGE.
     cfg.RETINA.EVAL.MAX_DETS = 256
@@ -472,11 +474,11 @@ def add_evaluation_config(cfg):
     cfg.RETINA.EVAL.FROC_ENABLED = False
     # A hit: "iou" (mask IoU >= FROC_IOU; boxes without MODEL.MASK_ON) or "center" (the
     # prediction's centroid inside the lesion, the ROC challenge's rule).
-    cfg.RETINA.EVAL.FROC_MATCH = "iou"
+    cfg.RETINA.EVAL.FROC_MATCH = FROC_MATCH
     # Lenient on purpose: a one-pixel shift of a 3-pixel microaneurysm already halves its IoU.
-    cfg.RETINA.EVAL.FROC_IOU = 0.2
+    cfg.RETINA.EVAL.FROC_IOU = FROC_IOU
     # Predictions scoring >= this give the lesion-level precision / recall / F1.
-    cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD = 0.35
+    cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD = FROC_SCORE_THRESHOLD
     # Grading and localization (retina_d2/evaluation/grading_eval.py, localization_eval.py):
     # an image-level lesion probability >= this predicts the lesion present (lesion F1).
     cfg.RETINA.EVAL.PRESENCE_THRESHOLD = 0.5

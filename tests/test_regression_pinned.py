@@ -183,10 +183,10 @@ def _evaluator_cfg():
 
 
 def _build(evaluator_class, cfg, dataset_name, output_dir):
-    """An evaluator built from a config. The protocols' ``from_config`` returns Detectron2's
-    kwargs dict; the others' still return an instance (issue 14 changes that)."""
-    made = evaluator_class.from_config(cfg, dataset_name, output_dir)
-    return evaluator_class(**made) if isinstance(made, dict) else made
+    """Detectron2's construction from a config: ``Evaluator(cfg, dataset_name, output_dir)``
+    (at the pinning commit, the five non-protocol evaluators were built by their
+    ``from_config``, which returned an instance; the arguments are the same)."""
+    return evaluator_class(cfg, dataset_name, output_dir)
 
 
 EVALUATORS = [

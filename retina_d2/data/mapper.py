@@ -43,6 +43,9 @@ from scipy import ndimage
 # What the model outputs and trains on is asked of its registered class (retina_d2/modeling/
 # outputs.py imports Detectron2's registry only, nothing of this package's data code).
 from ..modeling.outputs import INSTANCES, LANDMARKS, SEM_SEG, output_types, training_targets
+# The semantic targets' ignore value; landmark name -> its record field (re-exported).
+from ..schema import IGNORE_VALUE as SEMANTIC_IGNORE
+from ..schema import LANDMARK_FIELDS
 from .image_io import read_image
 from .instances import decode_segmentation_region
 from .preprocess import FieldOfViewCropTransform, PhotometricTransform, build_preprocess
@@ -55,11 +58,6 @@ __all__ = [
     "transform_landmarks",
 ]
 
-# Value of the semantic targets' ignore pixels (the converters' SEMANTIC_IGNORE).
-SEMANTIC_IGNORE = 255
-
-# Landmark name -> the image-record field holding its [x, y] in the file's pixels.
-LANDMARK_FIELDS = {"optic_disc": "optic_disc_center", "fovea": "fovea_center"}
 
 # Transforms that leave every pixel where it was: a FOV crop after these still crops the file.
 _FRAME_PRESERVING = (NoOpTransform, BlendTransform, T.ColorTransform, PhotometricTransform)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 from detectron2.utils import comm
 
 from ..data.converters.base import atomic_write, remove_interrupted_writes
+from ..schema import COCO_RESULTS_FILE, OVERLAYS_DIR
 
 __all__ = [
     "PARTS_DIR",
@@ -244,7 +245,7 @@ def start_parts(output: Path, settings: Dict[str, Any], resume: bool, images: Se
 def _output_folders(output: Path) -> List[Path]:
     """The folders predict writes with atomic_write: the output, its parts (run.json), its
     overlays, each image's maps folder."""
-    folders = [output, output / PARTS_DIR, output / "overlays"]
+    folders = [output, output / PARTS_DIR, output / OVERLAYS_DIR]
     maps = output / "maps"
     if maps.is_dir() and not maps.is_symlink():
         folders += [maps] + sorted(p for p in maps.iterdir() if p.is_dir() and not p.is_symlink())
@@ -369,7 +370,7 @@ def merge_parts(output: Path, images: Sequence[Path], ids: Dict[Path, Any],
                 yield path, json.loads(handles[part].readline())
 
         lesions, image_level = 0, False
-        with atomic_write(output / "coco_instances_results.json") as results, \
+        with atomic_write(output / COCO_RESULTS_FILE) as results, \
                 atomic_write(output / "lesion_counts.csv") as counts:
             table = csv.DictWriter(counts, fieldnames=["file", "image_id"] + list(classes))
             table.writeheader()

@@ -78,13 +78,13 @@ class LesionTrainer(DefaultTrainer):
         # A dataset without lesion classes (a grading / localization set) has no lesion truth.
         lesion_truth = bool(MetadataCatalog.get(dataset_name).get("thing_classes", None))
         if has_detector(cfg) and lesion_truth:
-            evaluators.append(LesionInstanceEvaluator.from_config(cfg, dataset_name, output_folder))
+            evaluators.append(LesionInstanceEvaluator(cfg, dataset_name, output_folder))
             if cfg.RETINA.EVAL.FROC_ENABLED:
-                evaluators.append(LesionFROCEvaluator.from_config(cfg, dataset_name, output_folder))
+                evaluators.append(LesionFROCEvaluator(cfg, dataset_name, output_folder))
             if cfg.RETINA.EVAL.NUM_OVERLAYS > 0:
-                evaluators.append(OverlayEvaluator.from_config(cfg, dataset_name, output_folder))
+                evaluators.append(OverlayEvaluator(cfg, dataset_name, output_folder))
         if has_semantic_head(cfg) and lesion_truth:
-            evaluators.append(LesionSemanticEvaluator.from_config(cfg, dataset_name, output_folder))
+            evaluators.append(LesionSemanticEvaluator(cfg, dataset_name, output_folder))
         if lesion_truth:  # each paper's own protocol (RETINA.EVAL.PROTOCOLS), beside ours
             evaluators += build_protocol_evaluators(cfg, dataset_name, output_folder)
         evaluators += _task_evaluators(cfg, dataset_name, output_folder, lesion_truth)
@@ -190,10 +190,10 @@ def _task_evaluators(cfg, dataset_name, output_folder, lesion_truth: bool):
     evaluators = []
     outputs = output_types(cfg)
     if GRADES in outputs or (LESION_PRESENCE in outputs and lesion_truth):
-        evaluators.append(LesionGradingEvaluator.from_config(cfg, dataset_name, output_folder))
+        evaluators.append(LesionGradingEvaluator(cfg, dataset_name, output_folder))
     if has_localization(cfg):
         evaluators.append(
-            LandmarkLocalizationEvaluator.from_config(cfg, dataset_name, output_folder)
+            LandmarkLocalizationEvaluator(cfg, dataset_name, output_folder)
         )
     return evaluators
 

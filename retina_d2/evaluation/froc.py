@@ -42,19 +42,21 @@ import numpy as np
 import pycocotools.mask as mask_util
 from tabulate import tabulate
 
+from detectron2.config import configurable
 from detectron2.utils.file_io import PathManager
 
-from .instance_eval import (
+from .coco_io import (
     GroundTruth,
     InstanceEvalError,
-    LesionPredictionCollector,
     Results,
-    _annotated_types,
-    _check_results,
-    _keep_annotated,
+    annotated_types,
+    check_results,
+    keep_annotated,
     load_coco_gt,
     load_coco_results,
 )
+from .instance_eval import LesionPredictionCollector
+from ..schema import FROC_FILE, FROC_IOU, FROC_MATCH, FROC_SCORE_THRESHOLD, froc_plot_file
 from .scored_model import scored_model
 
 __all__ = [
@@ -279,12 +281,12 @@ def froc_curve(
     gt: GroundTruth,
     results: Results,
     *,
-    match: str = "iou",
-    iou_threshold: float = 0.2,
+    match: str = FROC_MATCH,
+    iou_threshold: float = FROC_IOU,
     fp_rates: Sequence[float] = FP_RATES,
     use_masks: bool = True,
     annotated_only: bool = False,
-    score_threshold: float = 0.35,
+    score_threshold: float = FROC_SCORE_THRESHOLD,
     annotated_category_ids: Optional[Mapping[int, Iterable[int]]] = None,
 ) -> dict:
     """Lesion-level FROC and P / R / F1 of COCO results against a COCO GT, per category.
@@ -338,7 +340,7 @@ def froc_curve(
 
     coco_gt, gt_source = load_coco_gt(gt)
     results, source = load_coco_results(results)
-    _check_results(results, coco_gt, source, gt_source, ("bbox",))
+    check_results(results, coco_gt, source, gt_source, ("bbox",))
     if use_masks and results and "segmentation" not in results[0]:
         logger.warning("results file %s has no segmentation: FROC matches boxes", source)
         use_masks = False
@@ -350,7 +352,7 @@ def froc_curve(
                 f"{unmasked[0]}); match boxes (use_masks=False) instead"
             )
     if annotated_only:
-        results = _keep_annotated(results, coco_gt, annotated_category_ids)
+        results = keep_annotated(results, coco_gt, annotated_category_ids)
 
     category_ids = sorted(coco_gt.getCatIds())
     images = {img["id"]: img for img in coco_gt.dataset["images"]}
@@ -359,7 +361,7 @@ def froc_curve(
     )
     predictions = defaultdict(list)
     for r in results:
-        if r["category_id"] in coco_gt.cats:  # others: warned about by _check_results
+        if r["category_id"] in coco_gt.cats:  # others: warned about by check_results
             predictions[r["image_id"], r["category_id"]].append(r)
 
     scores, outcomes = defaultdict(list), defaultdict(list)
@@ -422,7 +424,7 @@ def _images_per_category(coco_gt, category_ids, annotated_only, annotated_catego
     all_images = set(coco_gt.getImgIds())
     if not annotated_only:
         return {c: all_images for c in category_ids}
-    annotated = _annotated_types(coco_gt, annotated_category_ids)
+    annotated = annotated_types(coco_gt, annotated_category_ids)
     return {
         c: {i for i in all_images if i not in annotated or c in annotated[i]} for c in category_ids
     }
@@ -538,7 +540,7 @@ def save_froc_plots(froc: Mapping, output_dir: str) -> List[str]:
         ax.grid(True, alpha=0.3)
         # Below the axes, not on them: inside, it hid the curve's end (high FP rates).
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-        path = os.path.join(output_dir, f"froc_{file_slug(name)}.png")
+        path = os.path.join(output_dir, froc_plot_file(file_slug(name)))
         with PathManager.open(path, "wb") as f:
             figure.savefig(f, format="png", bbox_inches="tight")
         paths.append(path)
@@ -557,18 +559,20 @@ class LesionFROCEvaluator(LesionPredictionCollector):
     an output_dir writes ``froc.json`` (the whole curve, fractions) and ``froc_<category>.png``.
     """
 
+    @configurable
     def __init__(
         self,
         dataset_name: str,
         output_dir: Optional[str] = None,
         *,
-        match: str = "iou",
-        iou_threshold: float = 0.2,
+        match: str = FROC_MATCH,
+        iou_threshold: float = FROC_IOU,
         fp_rates: Sequence[float] = FP_RATES,
         use_masks: bool = True,
         annotated_only: bool = False,
-        score_threshold: float = 0.35,
+        score_threshold: float = FROC_SCORE_THRESHOLD,
         distributed: bool = True,
+        scored_model: Optional[dict] = None,
     ):
         """
         Args:
@@ -578,7 +582,8 @@ class LesionFROCEvaluator(LesionPredictionCollector):
             output_dir: where froc.json and the plots are saved (None: not saved).
             match, iou_threshold, fp_rates, use_masks, annotated_only, score_threshold: see
                 :func:`froc_curve`.
-            distributed: gather predictions from all ranks and evaluate on the main one.
+            distributed, scored_model: see
+                :class:`~retina_d2.evaluation.instance_eval.LesionPredictionCollector`.
         """
         if match not in MATCHES:
             raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
@@ -590,23 +595,24 @@ class LesionFROCEvaluator(LesionPredictionCollector):
             annotated_only=bool(annotated_only),
             score_threshold=float(score_threshold),
         )
-        super().__init__(dataset_name, output_dir, distributed=distributed)
+        super().__init__(
+            dataset_name, output_dir, distributed=distributed, scored_model=scored_model
+        )
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
-        """An evaluator with ``cfg.RETINA.EVAL.FROC_*`` and ``ANNOTATED_ONLY``; masks matched
-        when ``MODEL.MASK_ON``, else boxes."""
-        evaluator = cls(
-            dataset_name,
-            output_dir,
-            match=cfg.RETINA.EVAL.FROC_MATCH,
-            iou_threshold=cfg.RETINA.EVAL.FROC_IOU,
-            use_masks=cfg.MODEL.MASK_ON,
-            annotated_only=cfg.RETINA.EVAL.ANNOTATED_ONLY,
-            score_threshold=cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD,
-        )
-        evaluator.scored_model = scored_model(cfg)  # written into eval_info.json
-        return evaluator
+        """The arguments of an evaluator with ``cfg.RETINA.EVAL.FROC_*`` and ``ANNOTATED_ONLY``;
+        masks matched when ``MODEL.MASK_ON``, else boxes."""
+        return {
+            "dataset_name": dataset_name,
+            "output_dir": output_dir,
+            "match": cfg.RETINA.EVAL.FROC_MATCH,
+            "iou_threshold": cfg.RETINA.EVAL.FROC_IOU,
+            "use_masks": cfg.MODEL.MASK_ON,
+            "annotated_only": cfg.RETINA.EVAL.ANNOTATED_ONLY,
+            "score_threshold": cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD,
+            "scored_model": scored_model(cfg),  # written into eval_info.json
+        }
 
     def evaluate(self):
         gathered = self._gather_results()
@@ -617,6 +623,6 @@ class LesionFROCEvaluator(LesionPredictionCollector):
         self._logger.info(f"FROC of {self._dataset_name}:\n" + format_froc(froc))
         if self._output_dir:
             self._write_eval_info()
-            write_froc_json(froc, os.path.join(self._output_dir, "froc.json"))
+            write_froc_json(froc, os.path.join(self._output_dir, FROC_FILE))
             save_froc_plots(froc, self._output_dir)
         return {"froc": froc_metrics(froc)}

@@ -28,15 +28,16 @@ from sklearn import metrics as sklearn_metrics
 from tabulate import tabulate
 
 import detectron2.utils.comm as comm
+from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 
-from .instance_eval import write_metrics_json
+from ..schema import GRADE_COUNTS, GRADING_METRICS_FILE, confusion_file
+from .coco_io import write_metrics_json
 
 __all__ = [
     "GRADE_COUNTS",
     "LesionGradingEvaluator",
-    "METRICS_FILE",
     "confusion_matrix",
     "format_grading_metrics",
     "lesion_presence_metrics",
@@ -46,11 +47,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "grading_metrics.json"
 PRESENCE_TASK = "lesion_presence"
-# Graded record field -> number of grades (as retina_d2.modeling.grading; evaluation does not
-# import the models).
-GRADE_COUNTS = {"dr_grade": 5, "dme_grade": 3}
 _TITLES = {"dr_grade": "DR grade", "dme_grade": "macular-oedema risk"}
 
 
@@ -157,6 +154,7 @@ class LesionGradingEvaluator(DatasetEvaluator):
     """Grading kappa / accuracy / confusion matrices and lesion-classification F1; see the module
     docstring."""
 
+    @configurable
     def __init__(
         self,
         dataset_name: str,
@@ -193,13 +191,14 @@ class LesionGradingEvaluator(DatasetEvaluator):
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
-        """Scores ``MODEL.GRADING.TASKS`` at ``RETINA.EVAL.PRESENCE_THRESHOLD``."""
-        return cls(
-            dataset_name,
-            output_dir,
-            tasks=list(cfg.MODEL.GRADING.TASKS),
-            presence_threshold=cfg.RETINA.EVAL.PRESENCE_THRESHOLD,
-        )
+        """The arguments that score ``MODEL.GRADING.TASKS`` at
+        ``RETINA.EVAL.PRESENCE_THRESHOLD``."""
+        return {
+            "dataset_name": dataset_name,
+            "output_dir": output_dir,
+            "tasks": list(cfg.MODEL.GRADING.TASKS),
+            "presence_threshold": cfg.RETINA.EVAL.PRESENCE_THRESHOLD,
+        }
 
     def reset(self):
         self._grades: Dict[str, List[tuple]] = {task: [] for task in self._tasks}
@@ -284,7 +283,7 @@ class LesionGradingEvaluator(DatasetEvaluator):
                 os.makedirs(self._output_dir, exist_ok=True)
                 save_confusion_png(
                     confusion_matrix(truth, predicted, num),
-                    os.path.join(self._output_dir, f"confusion_{task}.png"),
+                    os.path.join(self._output_dir, confusion_file(task)),
                     f"{_TITLES[task]} ({len(pairs)} images)",
                 )
         if presence and (np.stack([t for _, t in presence]) >= 0).any():
@@ -301,7 +300,7 @@ class LesionGradingEvaluator(DatasetEvaluator):
         )
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
-            write_metrics_json(results, os.path.join(self._output_dir, METRICS_FILE))
+            write_metrics_json(results, os.path.join(self._output_dir, GRADING_METRICS_FILE))
         return copy.deepcopy(results)
 
 

@@ -27,12 +27,9 @@ import io
 import itertools
 import json
 import logging
-import math
-import numbers
 import os
 from collections import OrderedDict
-from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,12 +38,24 @@ from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
 
 import detectron2.utils.comm as comm
+from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.coco import convert_to_coco_json
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.file_io import PathManager
 
+from .coco_io import (
+    GroundTruth,
+    InstanceEvalError,
+    Results,
+    check_results,
+    keep_annotated,
+    load_coco_gt,
+    load_coco_results,
+    write_metrics_json,
+)
+from ..schema import COCO_RESULTS_FILE, EVAL_INFO_FILE, INSTANCE_METRICS_FILE, IOU_THRESHOLDS
 from .scored_model import scored_model
 
 __all__ = [
@@ -73,317 +82,11 @@ BACKENDS = ("pycocotools", "faster_coco_eval")
 # COCOeval's area-range order: all, small, medium, large.
 _SIZES = (("s", 1), ("m", 2), ("l", 3))
 
-GroundTruth = Union[str, os.PathLike, dict, COCO]
-Results = Union[str, os.PathLike, List[dict]]
-
-
-class InstanceEvalError(ValueError):
-    """A GT or results file that cannot be evaluated; the message names the file."""
 
 
 def iou_name(threshold: float) -> str:
     """0.35 -> "35": the suffix of the metric names at that IoU threshold."""
     return str(round(threshold * 100))
-
-
-def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise InstanceEvalError(f"{what} file not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InstanceEvalError(f"{what} file {path} is not valid JSON: {e}") from e
-
-
-def load_coco_gt(gt: GroundTruth) -> Tuple[COCO, str]:
-    """A COCO GT file, dict or ``pycocotools.coco.COCO`` -> (COCO, its name for messages).
-
-    Raises:
-        InstanceEvalError: a missing or malformed file, one without COCO's three lists, or a
-            record with a value of the wrong type (a non-positive or string image size, a bbox
-            or area that is not finite numbers, iscrowd not 0/1) or an annotation of an image or
-            category the file does not list; the message names the record.
-    """
-    if isinstance(gt, COCO):
-        return gt, "<COCO object>"
-    if isinstance(gt, dict):
-        # COCOeval writes "ignore" into the GT annotations: leave the caller's dict as it was.
-        dataset, source = copy.deepcopy(gt), "<GT dict>"
-    else:
-        source = str(gt)
-        dataset = _read_json(Path(gt), "GT")
-    if not isinstance(dataset, dict):
-        raise InstanceEvalError(f"GT file {source} is not a COCO instances file (not an object)")
-    missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
-    if missing:
-        raise InstanceEvalError(
-            f"GT file {source} is not a COCO instances file (missing {', '.join(missing)})"
-        )
-    problem = _gt_problem(dataset)
-    if problem:
-        raise InstanceEvalError(f"GT file {source}: {problem}")
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-        coco.createIndex()
-    return coco, source
-
-
-def _gt_problem(dataset: dict) -> Optional[str]:
-    """The first value of a COCO GT that pycocotools would crash on or silently misread (an
-    annotation of an image or category the file does not list is dropped from the scores), as
-    "<where> has <what>"; None when there is none."""
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(dataset[key], list) or not all(isinstance(x, dict) for x in dataset[key]):
-            return f"{key} is not a list of objects"
-    for i, category in enumerate(dataset["categories"]):
-        if not _is_id(category.get("id")) or not isinstance(category.get("name"), str):
-            return f"category {i} has no integer id and name: {str(category)[:100]}"
-    for i, image in enumerate(dataset["images"]):
-        if not _is_id(image.get("id")):
-            return f"image {i} has id {image.get('id')!r}: not an integer or string"
-        for side in ("height", "width"):
-            value = image.get(side)
-            if not (_is_id(value) and not isinstance(value, str) and value > 0):
-                return f"image {i} (id {image['id']}) has {side} {value!r}: not a positive integer"
-    images = {image["id"] for image in dataset["images"]}
-    categories = {category["id"] for category in dataset["categories"]}
-    for i, ann in enumerate(dataset["annotations"]):
-        problem = _annotation_problem(ann, images, categories)
-        if problem:
-            return f"annotation {i} (id {ann.get('id')!r}) {problem}"
-    return None
-
-
-def _annotation_problem(ann: dict, images: set, categories: set) -> Optional[str]:
-    if not _is_id(ann.get("id")):
-        return "has no integer id"
-    for key, listed, known in (
-        ("image_id", "images", images),
-        ("category_id", "categories", categories),
-    ):
-        value = ann.get(key)
-        if not _is_id(value) or value not in known:
-            return f"has {key} {value!r}, which the file's {listed} do not list"
-    box = ann.get("bbox", [0, 0, 0, 0])
-    if not _is_box(box):
-        return f"has bbox {str(box)[:100]}: not 4 finite numbers, width and height >= 0"
-    area = ann.get("area", 0)
-    if not (_is_number(area) and math.isfinite(area) and area >= 0):
-        return f"has area {area!r}: not a finite number >= 0"
-    if ann.get("iscrowd", 0) not in (0, 1):  # True / False compare equal to 1 / 0: accepted
-        return f"has iscrowd {ann['iscrowd']!r}: not 0 or 1"
-    segmentation = ann.get("segmentation", [])
-    if not (isinstance(segmentation, list) or _is_rle(segmentation)):
-        return f"has segmentation {str(segmentation)[:100]}: not polygons or RLE"
-    return None
-
-
-def _is_box(box) -> bool:
-    """4 finite numbers [x, y, width, height] with width, height >= 0."""
-    return (
-        isinstance(box, (list, tuple))
-        and len(box) == 4
-        and all(_is_number(v) and math.isfinite(v) for v in box)
-        and box[2] >= 0
-        and box[3] >= 0
-    )
-
-
-def load_coco_results(results: Results) -> Tuple[List[dict], str]:
-    """A COCO results file or list -> (list of result dicts, its name for messages).
-
-    Raises:
-        InstanceEvalError: a missing or malformed file, or JSON that is not a list.
-    """
-    if isinstance(results, list):
-        return results, "<results list>"
-    source = str(results)
-    loaded = _read_json(Path(results), "results")
-    if not isinstance(loaded, list):
-        raise InstanceEvalError(
-            f"results file {source} must hold a JSON list of detections, "
-            f"got {type(loaded).__name__}"
-        )
-    return loaded, source
-
-
-def _check_results(
-    results: List[dict], coco_gt: COCO, source: str, gt_source: str, tasks: Sequence[str]
-) -> Tuple[str, ...]:
-    """Raise on results COCOeval would crash on or misread; return the tasks that can be run.
-
-    A results file without any ``segmentation`` (a box detector's) is evaluated for bbox only,
-    with a warning; one where only some entries have a mask is malformed and raises.
-    """
-    for i, r in enumerate(results):
-        if (
-            not isinstance(r, dict)
-            or any(k not in r for k in ("image_id", "category_id", "score"))
-            or ("bbox" not in r and "segmentation" not in r)
-        ):
-            raise InstanceEvalError(
-                f"results file {source}: entry {i} is not a COCO detection (needs image_id, "
-                f"category_id, score and bbox or segmentation): {str(r)[:200]}"
-            )
-        problem = _detection_problem(r, coco_gt.imgs)
-        if problem:
-            raise InstanceEvalError(f"results file {source}: entry {i} {problem}")
-    gt_images = set(coco_gt.getImgIds())
-    foreign = sorted({r["image_id"] for r in results} - gt_images, key=str)
-    if foreign:
-        raise InstanceEvalError(
-            f"results file {source} has image_ids that are not in GT {gt_source} "
-            f"({len(foreign)} ids, e.g. {foreign[:5]}): a results file for another GT?"
-        )
-    tasks = tuple(tasks)
-    for key, task in (("segmentation", "segm"), ("bbox", "bbox")):
-        have = sum(key in r for r in results)
-        if 0 < have < len(results):
-            raise InstanceEvalError(
-                f"results file {source}: {len(results) - have} of {len(results)} entries have no "
-                f"{key!r}; a results file gives it for every detection or for none"
-            )
-        if key == "segmentation" and have:
-            bad = next((r for r in results if not _is_rle(r["segmentation"])), None)
-            if bad is not None:
-                raise InstanceEvalError(
-                    f"results file {source}: segmentation must be RLE ({{'size', 'counts'}}), got "
-                    f"{str(bad['segmentation'])[:100]}"
-                )
-    if "segm" in tasks and results and "segmentation" not in results[0]:
-        logger.warning(
-            "results file %s has no segmentation: evaluating bbox only (segm skipped)", source
-        )
-        tasks = tuple(t for t in tasks if t != "segm")
-    known = set(coco_gt.getCatIds())
-    stray = sorted({r["category_id"] for r in results} - known, key=str)
-    if stray:
-        logger.warning(
-            "results file %s: category ids %s are not in GT %s and are ignored (contiguous ids "
-            "not mapped back to dataset ids?)",
-            source,
-            stray,
-            gt_source,
-        )
-    return tasks
-
-
-def _is_rle(segmentation) -> bool:
-    return isinstance(segmentation, dict) and "size" in segmentation and "counts" in segmentation
-
-
-def _is_number(value) -> bool:
-    # bool is an int to Python, but a score of `true` is a broken file, not a 1.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_id(value) -> bool:
-    """A COCO id: an integer (1.0 as JSON may write it) or a string; lists, null, booleans and
-    fractions are not (they would crash or silently match nothing)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, numbers.Real):
-        return float(value).is_integer()
-    return isinstance(value, str)
-
-
-def _detection_problem(r: dict, gt_images: Mapping[object, dict]) -> Optional[str]:
-    """What is wrong with one detection's values (None: nothing), as the rest of the sentence
-    "entry <i> ...". COCOeval would otherwise crash on a string, or rank a NaN or infinite score
-    anywhere (all-NaN scores gave AP 100), or match a mask of another resolution against nothing.
-    """
-    image_id = r["image_id"]
-    if not _is_id(image_id):
-        return f"has image_id {image_id!r}: not an integer or string"
-    where = f"(image_id {image_id})"
-    if not _is_id(r["category_id"]):
-        return f"{where} has category_id {r['category_id']!r}: not an integer or string"
-    score = r["score"]
-    if not _is_number(score):
-        return f"{where} has score {score!r}: not a number"
-    if not math.isfinite(score):
-        return f"{where} has score {score}: scores must be finite numbers"
-    if "bbox" in r:
-        box = r["bbox"]
-        if (
-            not isinstance(box, (list, tuple))
-            or len(box) != 4
-            or not all(_is_number(v) and math.isfinite(v) for v in box)
-        ):
-            return f"{where} has bbox {str(box)[:100]}: not 4 finite numbers [x, y, width, height]"
-        if box[2] < 0 or box[3] < 0:
-            return f"{where} has bbox {box}: negative width or height"
-    if "segmentation" in r and _is_rle(r["segmentation"]):
-        return _mask_problem(r["segmentation"], gt_images.get(image_id), where)
-    return None
-
-
-def _mask_problem(rle: dict, image: Optional[dict], where: str) -> Optional[str]:
-    """A predicted RLE's problem: a malformed size or counts, or a size other than its GT
-    image's (pycocotools would score such a mask as overlapping nothing, silently)."""
-    size, counts = rle["size"], rle["counts"]
-    if (
-        not isinstance(size, (list, tuple))
-        or len(size) != 2
-        or not all(_is_id(v) and not isinstance(v, str) for v in size)
-    ):
-        return f"{where} has mask size {str(size)[:50]}: not [height, width]"
-    if not isinstance(counts, (str, bytes, list)):
-        return f"{where} has mask counts {str(counts)[:50]}: not an RLE string or list"
-    if image is None or "height" not in image or "width" not in image:
-        return None  # an image_id not in the GT: reported as such by the caller
-    if [int(v) for v in size] != [image["height"], image["width"]]:
-        return (
-            f"{where} has a {int(size[0])}x{int(size[1])} mask (height x width) but GT image "
-            f"{image['id']} ({image.get('file_name', 'no file_name')}) is "
-            f"{image['height']}x{image['width']}: predictions made at another resolution?"
-        )
-    return None
-
-
-def _annotated_types(
-    coco_gt: COCO, annotated_category_ids: Optional[Mapping[int, Iterable[int]]] = None
-) -> Dict[int, set]:
-    """Image id -> the category ids the image is annotated for: the GT image records'
-    ``annotated_category_ids``, overridden per image by ``annotated_category_ids`` when given.
-    Images that list none are absent (annotated for every type)."""
-    annotated = {
-        img["id"]: set(img["annotated_category_ids"])
-        for img in coco_gt.dataset["images"]
-        if "annotated_category_ids" in img
-    }
-    if annotated_category_ids:
-        annotated.update({k: set(v) for k, v in annotated_category_ids.items()})
-    return annotated
-
-
-def _keep_annotated(
-    results: List[dict],
-    coco_gt: COCO,
-    annotated_category_ids: Optional[Mapping[int, Iterable[int]]],
-) -> List[dict]:
-    """Drop predictions of lesion types their image is not annotated for (e-ophtha protocol).
-
-    Each image's types come from ``annotated_category_ids`` when given, else from the GT image
-    record's field of that name; an image with neither keeps all its predictions.
-    """
-    annotated = _annotated_types(coco_gt, annotated_category_ids)
-    if not annotated:
-        logger.warning("annotated_only: no image lists annotated_category_ids; nothing dropped")
-        return results
-    kept = [
-        r
-        for r in results
-        if r["image_id"] not in annotated or r["category_id"] in annotated[r["image_id"]]
-    ]
-    logger.info(
-        "annotated_only: dropped %d of %d predictions of non-annotated lesion types",
-        len(results) - len(kept),
-        len(results),
-    )
-    return kept
 
 
 def _backend(name: str):
@@ -488,7 +191,7 @@ def _summarize(
 def evaluate_coco_results(
     gt: GroundTruth,
     results: Results,
-    iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
+    iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
     max_dets: int = 256,
     annotated_only: bool = False,
     tasks: Sequence[str] = TASKS,
@@ -536,9 +239,9 @@ def evaluate_coco_results(
 
     coco_gt, gt_source = load_coco_gt(gt)
     results, source = load_coco_results(results)
-    tasks = _check_results(results, coco_gt, source, gt_source, tasks)
+    tasks = check_results(results, coco_gt, source, gt_source, tasks)
     if annotated_only:
-        results = _keep_annotated(results, coco_gt, annotated_category_ids)
+        results = keep_annotated(results, coco_gt, annotated_category_ids)
     if not results:
         logger.warning("no predictions to evaluate: every AP is 0 (NaN where there is no GT)")
 
@@ -556,7 +259,7 @@ def precision_recall_curves(
     gt: GroundTruth,
     results: Results,
     task: str = "segm",
-    iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
+    iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
     max_dets: int = 256,
 ) -> "OrderedDict[str, OrderedDict[float, Tuple[np.ndarray, np.ndarray]]]":
     """COCOeval's interpolated precision at its 101 recall points, per category and IoU threshold.
@@ -568,7 +271,7 @@ def precision_recall_curves(
     """
     coco_gt, gt_source = load_coco_gt(gt)
     results, source = load_coco_results(results)
-    if not _check_results(results, coco_gt, source, gt_source, (task,)):
+    if not check_results(results, coco_gt, source, gt_source, (task,)):
         return OrderedDict()  # segm asked of box-only results (warned about)
     evaluated = _run_cocoeval(coco_gt, results, task, iou_thresholds, max_dets, "pycocotools")
     precision = evaluated["precision"]  # [IoU, recall, category, area, maxDets]
@@ -588,7 +291,7 @@ def precision_recall_curves(
 
 def format_instance_metrics(
     metrics: Mapping[str, Mapping[str, float]],
-    iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
+    iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
     max_dets: int = 256,
     annotated_only: bool = False,
 ) -> str:
@@ -634,20 +337,6 @@ def _table(rows, headers) -> str:
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f", numalign="left")
 
 
-def _json_safe(metrics):
-    """NaN -> None, so the file is strict JSON (jq, JavaScript) rather than Python's NaN."""
-    return {
-        task: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
-        for task, m in metrics.items()
-    }
-
-
-def write_metrics_json(metrics: Mapping[str, Mapping[str, float]], path: Union[str, Path]):
-    """Write {"bbox": {...}, "segm": {...}} in percent, NaN written as null."""
-    with PathManager.open(str(path), "w") as f:
-        json.dump(_json_safe(metrics), f, indent=2)
-
-
 class LesionPredictionCollector(DatasetEvaluator):
     """Collects a lesion model's instance predictions as COCO results for the dataset's COCO GT.
 
@@ -659,7 +348,12 @@ class LesionPredictionCollector(DatasetEvaluator):
     """
 
     def __init__(
-        self, dataset_name: str, output_dir: Optional[str] = None, *, distributed: bool = True
+        self,
+        dataset_name: str,
+        output_dir: Optional[str] = None,
+        *,
+        distributed: bool = True,
+        scored_model: Optional[dict] = None,
     ):
         """
         Args:
@@ -668,6 +362,8 @@ class LesionPredictionCollector(DatasetEvaluator):
                 ``thing_dataset_id_to_contiguous_id``.
             output_dir: where the subclass saves its outputs (None: not saved).
             distributed: gather predictions from all ranks and evaluate on the main one.
+            scored_model: the weights and iteration scored (scored_model.py), written into
+                eval_info.json; from_config gives them, a build without a config claims none.
         """
         # The subclass's module: its log lines keep the logger they had as separate classes.
         self._logger = logging.getLogger(type(self).__module__)
@@ -675,9 +371,7 @@ class LesionPredictionCollector(DatasetEvaluator):
         self._output_dir = output_dir
         self._distributed = distributed
         self._cpu_device = torch.device("cpu")
-        # The weights and iteration scored (scored_model.py), for eval_info.json; from_config
-        # sets them.
-        self.scored_model: dict = {}
+        self.scored_model: dict = dict(scored_model or {})
 
         self._metadata = MetadataCatalog.get(dataset_name)
         if not hasattr(self._metadata, "json_file"):
@@ -747,7 +441,7 @@ class LesionPredictionCollector(DatasetEvaluator):
             **({"model": self.scored_model} if self.scored_model else {}),
         }
         PathManager.mkdirs(self._output_dir)
-        with PathManager.open(os.path.join(self._output_dir, "eval_info.json"), "w") as f:
+        with PathManager.open(os.path.join(self._output_dir, EVAL_INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
 
     def _to_dataset_ids(self, coco_results: Iterable[dict]) -> List[dict]:
@@ -775,17 +469,19 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
     writes ``coco_instances_results.json`` and ``instance_metrics.json`` there.
     """
 
+    @configurable
     def __init__(
         self,
         dataset_name: str,
         tasks: Sequence[str] = TASKS,
         output_dir: Optional[str] = None,
-        iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
+        iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
         max_dets: int = 256,
         annotated_only: bool = False,
         *,
         distributed: bool = True,
         backend: str = "pycocotools",
+        scored_model: Optional[dict] = None,
     ):
         """
         Args:
@@ -795,7 +491,7 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
             tasks: "bbox" and/or "segm".
             output_dir: where predictions and metrics are saved (None: not saved).
             iou_thresholds, max_dets, annotated_only, backend: see :func:`evaluate_coco_results`.
-            distributed: gather predictions from all ranks and evaluate on the main one.
+            distributed, scored_model: see :class:`LesionPredictionCollector`.
         """
         unknown = set(tasks) - set(TASKS)
         if unknown or not tasks:
@@ -806,12 +502,14 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
         self._max_dets = int(max_dets)
         self._annotated_only = bool(annotated_only)
         self._backend = backend
-        super().__init__(dataset_name, output_dir, distributed=distributed)
+        super().__init__(
+            dataset_name, output_dir, distributed=distributed, scored_model=scored_model
+        )
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
-        """An evaluator with ``cfg.RETINA.EVAL``'s thresholds, maxDets and annotated_only; segm
-        only when ``MODEL.MASK_ON``."""
+        """The arguments of an evaluator with ``cfg.RETINA.EVAL``'s thresholds, maxDets and
+        annotated_only; segm only when ``MODEL.MASK_ON``."""
         tasks = TASKS if cfg.MODEL.MASK_ON else ("bbox",)
         max_dets = cfg.RETINA.EVAL.MAX_DETS
         if cfg.TEST.DETECTIONS_PER_IMAGE > max_dets:
@@ -822,16 +520,15 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
                 max_dets,
                 max_dets,
             )
-        evaluator = cls(
-            dataset_name,
-            tasks=tasks,
-            output_dir=output_dir,
-            iou_thresholds=tuple(cfg.RETINA.EVAL.IOU_THRESHOLDS),
-            max_dets=max_dets,
-            annotated_only=cfg.RETINA.EVAL.ANNOTATED_ONLY,
-        )
-        evaluator.scored_model = scored_model(cfg)
-        return evaluator
+        return {
+            "dataset_name": dataset_name,
+            "tasks": tasks,
+            "output_dir": output_dir,
+            "iou_thresholds": tuple(cfg.RETINA.EVAL.IOU_THRESHOLDS),
+            "max_dets": max_dets,
+            "annotated_only": cfg.RETINA.EVAL.ANNOTATED_ONLY,
+            "scored_model": scored_model(cfg),
+        }
 
     def evaluate(self):
         gathered = self._gather_results()
@@ -840,7 +537,7 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
         results, annotated = gathered
         if self._output_dir:
             self._write_eval_info()
-            path = os.path.join(self._output_dir, "coco_instances_results.json")
+            path = os.path.join(self._output_dir, COCO_RESULTS_FILE)
             self._logger.info("Saving results to %s", path)
             with PathManager.open(path, "w") as f:
                 json.dump(results, f)
@@ -862,5 +559,5 @@ class LesionInstanceEvaluator(LesionPredictionCollector):
             )
         )
         if self._output_dir:
-            write_metrics_json(metrics, os.path.join(self._output_dir, "instance_metrics.json"))
+            write_metrics_json(metrics, os.path.join(self._output_dir, INSTANCE_METRICS_FILE))
         return copy.deepcopy(metrics)

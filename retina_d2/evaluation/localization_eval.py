@@ -22,16 +22,16 @@ import numpy as np
 from tabulate import tabulate
 
 import detectron2.utils.comm as comm
+from detectron2.config import configurable
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.file_io import PathManager
 
-from .instance_eval import write_metrics_json
+from ..schema import LANDMARK_FIELDS, LANDMARK_PREDICTIONS_FILE, LOCALIZATION_METRICS_FILE
+from .coco_io import write_metrics_json
 
 __all__ = [
     "LANDMARK_FIELDS",
     "LandmarkLocalizationEvaluator",
-    "METRICS_FILE",
-    "PREDICTIONS_FILE",
     "format_localization_metrics",
     "localization_metrics",
     "radius_name",
@@ -39,10 +39,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "localization_metrics.json"
-PREDICTIONS_FILE = "landmark_predictions.json"
-# Landmark -> the image-record field with its [x, y] (retina_d2.data.mapper.LANDMARK_FIELDS).
-LANDMARK_FIELDS = {"optic_disc": "optic_disc_center", "fovea": "fovea_center"}
 
 
 def radius_name(radius: float) -> str:
@@ -66,6 +62,7 @@ def localization_metrics(distances: Sequence[float], radii: Sequence[float]) -> 
 class LandmarkLocalizationEvaluator(DatasetEvaluator):
     """Distances of predicted landmarks to the records'; see the module docstring."""
 
+    @configurable
     def __init__(
         self,
         dataset_name: str,
@@ -97,13 +94,14 @@ class LandmarkLocalizationEvaluator(DatasetEvaluator):
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
-        """Scores ``MODEL.LOCALIZATION.LANDMARKS`` within ``RETINA.EVAL.LANDMARK_RADII``."""
-        return cls(
-            dataset_name,
-            output_dir,
-            landmarks=list(cfg.MODEL.LOCALIZATION.LANDMARKS),
-            radii=list(cfg.RETINA.EVAL.LANDMARK_RADII),
-        )
+        """The arguments that score ``MODEL.LOCALIZATION.LANDMARKS`` within
+        ``RETINA.EVAL.LANDMARK_RADII``."""
+        return {
+            "dataset_name": dataset_name,
+            "output_dir": output_dir,
+            "landmarks": list(cfg.MODEL.LOCALIZATION.LANDMARKS),
+            "radii": list(cfg.RETINA.EVAL.LANDMARK_RADII),
+        }
 
     def reset(self):
         self._rows: List[dict] = []  # one per (image, landmark) with a truth and a prediction
@@ -155,8 +153,9 @@ class LandmarkLocalizationEvaluator(DatasetEvaluator):
         )
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
-            write_metrics_json(results, os.path.join(self._output_dir, METRICS_FILE))
-            with PathManager.open(os.path.join(self._output_dir, PREDICTIONS_FILE), "w") as f:
+            write_metrics_json(results, os.path.join(self._output_dir, LOCALIZATION_METRICS_FILE))
+            predictions = os.path.join(self._output_dir, LANDMARK_PREDICTIONS_FILE)
+            with PathManager.open(predictions, "w") as f:
                 json.dump(rows, f, indent=1)
         return copy.deepcopy(results)
 

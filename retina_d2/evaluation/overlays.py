@@ -2,6 +2,7 @@
 and a full-resolution crop of each one's densest region."""
 import os
 
+from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -9,6 +10,7 @@ from PIL import Image
 
 from ..data.converters.base import atomic_write
 from ..data.image_io import read_image
+from ..schema import OVERLAYS_DIR
 from ..visualize import (
     crop_marks,
     densest_region,
@@ -65,11 +67,12 @@ class OverlayEvaluator(DatasetEvaluator):
     ``tools/predict.py`` names them (:func:`~retina_d2.visualize.overlay_names`), so none
     replaces another."""
 
+    @configurable
     def __init__(self, dataset_name: str, output_dir: str, num_images: int = 8,
                  score_threshold: float = 0.35, show_scores: bool = False):
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
-        self._output_dir = os.path.join(output_dir, "overlays")
+        self._output_dir = os.path.join(output_dir, OVERLAYS_DIR)
         self._num_images = num_images
         self._score_threshold = score_threshold
         self._show_scores = show_scores
@@ -78,13 +81,15 @@ class OverlayEvaluator(DatasetEvaluator):
 
     @classmethod
     def from_config(cls, cfg, dataset_name, output_dir):
-        return cls(
-            dataset_name,
-            output_dir,
-            num_images=cfg.RETINA.EVAL.NUM_OVERLAYS,
-            score_threshold=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
-            show_scores=cfg.RETINA.EVAL.OVERLAY_SCORES,
-        )
+        """The arguments of ``RETINA.EVAL.NUM_OVERLAYS`` pictures showing the predictions the
+        model keeps (``MODEL.ROI_HEADS.SCORE_THRESH_TEST``)."""
+        return {
+            "dataset_name": dataset_name,
+            "output_dir": output_dir,
+            "num_images": cfg.RETINA.EVAL.NUM_OVERLAYS,
+            "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+            "show_scores": cfg.RETINA.EVAL.OVERLAY_SCORES,
+        }
 
     def reset(self):
         self._written = 0

@@ -19,19 +19,19 @@ import numpy as np
 from tabulate import tabulate
 
 import detectron2.utils.comm as comm
+from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.evaluation import DatasetEvaluator
 
-from .instance_eval import write_metrics_json
-from .semantic_metrics import IGNORE_VALUE, SemanticLesionMetrics
+from .coco_io import write_metrics_json
+from ..schema import IGNORE_VALUE, PR_CURVE_DIR, SEMANTIC_METRICS_FILE
+from .semantic_metrics import SemanticLesionMetrics
 
-__all__ = ["LesionSemanticEvaluator", "METRICS_FILE", "PR_CURVE_DIR", "format_semantic_metrics"]
+__all__ = ["LesionSemanticEvaluator", "format_semantic_metrics"]
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "semantic_metrics.json"
-PR_CURVE_DIR = "pr_curves"
 # SemanticLesionMetrics' AUC-PR names -> the reported ones: "sem_seg/mAUCPR" reads better, as a
 # BEST_METRIC and on a command line, than a name with a second hyphen.
 _RENAMED = (("mAUC-PR", "mAUCPR"), ("AUC-PR-", "AUCPR-"))
@@ -69,6 +69,7 @@ class LesionSemanticEvaluator(DatasetEvaluator):
     ``pr_curves/pr_<lesion>.png`` there.
     """
 
+    @configurable
     def __init__(
         self,
         dataset_name: str,
@@ -105,8 +106,9 @@ class LesionSemanticEvaluator(DatasetEvaluator):
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
-        """An evaluator of ``dataset_name`` with the defaults (threshold 0.5, 10,000 bins)."""
-        return cls(dataset_name, output_dir)
+        """The arguments of an evaluator of ``dataset_name`` with the defaults (threshold 0.5,
+        10,000 bins)."""
+        return {"dataset_name": dataset_name, "output_dir": output_dir}
 
     def reset(self):
         self._metrics.reset()
@@ -180,7 +182,9 @@ class LesionSemanticEvaluator(DatasetEvaluator):
         )
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
-            write_metrics_json({"sem_seg": results}, os.path.join(self._output_dir, METRICS_FILE))
+            write_metrics_json(
+                {"sem_seg": results}, os.path.join(self._output_dir, SEMANTIC_METRICS_FILE)
+            )
             metrics.save_pr_curves(os.path.join(self._output_dir, PR_CURVE_DIR))
         return {"sem_seg": results}
 

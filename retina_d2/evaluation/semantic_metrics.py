@@ -44,6 +44,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..schema import IGNORE_VALUE  # re-exported: the semantic targets' ignore value
+
 __all__ = [
     "IGNORE_VALUE",
     "average_precision",
@@ -53,7 +55,6 @@ __all__ = [
     "SemanticLesionMetrics",
 ]
 
-IGNORE_VALUE = 255
 
 
 def _exact_curve(

@@ -23,6 +23,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from ..schema import GRADE_COUNTS  # graded record field -> number of grades (re-exported)
+
 __all__ = [
     "ATTENTIONS",
     "GRADE_COUNTS",
@@ -44,8 +46,6 @@ Registry for grading heads: ``cls(cfg, input_shape, num_lesions, num_grades)`` -
 called as ``head(feature, lesion_maps)`` that returns (N, num_grades) logits.
 """
 
-# Graded record field -> number of grades (IDRiD's scales: DR 0-4, macular-oedema risk 0-2).
-GRADE_COUNTS = {"dr_grade": 5, "dme_grade": 3}
 ATTENTIONS = ("conv", "cw_max")
 LESION_POOLS = ("max", "avg")
 # The grade target of an image without that grade: left out of the loss.

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..schema import IGNORE_VALUE  # the semantic targets' ignore value (re-exported)
+
 __all__ = [
     "DICE_FORMS",
     "IGNORE_VALUE",
@@ -41,7 +43,6 @@ __all__ = [
     "resunet_losses",
 ]
 
-IGNORE_VALUE = 255
 
 
 def _sigmoid_inputs(

@@ -16,12 +16,22 @@ from pathlib import Path
 from typing import List, Optional, Set, Tuple
 
 from ..data.image_io import read_image
-from ..evaluation.instance_eval import (
-    InstanceEvalError,
-    _check_results,
-    load_coco_gt,
-    load_coco_results,
-    precision_recall_curves,
+from ..evaluation.coco_io import InstanceEvalError, check_results, load_coco_gt, load_coco_results
+from ..evaluation.instance_eval import precision_recall_curves
+from ..schema import (
+    COCO_RESULTS_FILE,
+    EVAL_INFO_FILE,
+    FROC_FILE,
+    FROC_IOU,
+    FROC_MATCH,
+    FROC_SCORE_THRESHOLD,
+    INSTANCE_METRICS_FILE,
+    IOU_THRESHOLDS,
+    METRICS_SUFFIX,
+    PR_CURVE_DIR,
+    SEMANTIC_METRICS_FILE,
+    confusion_file,
+    froc_plot_file,
 )
 from .curves import save_instance_pr_curves
 from .gallery import COLOURS, ImageOutcome, draw_outcome, pick_gallery, score_images
@@ -35,12 +45,12 @@ logger = logging.getLogger(__name__)
 
 # Written by the instance evaluators: GT file, image root, dataset, and the model scored
 # (retina_d2/evaluation/scored_model.py: weights, iteration, during_training).
-EVAL_INFO = "eval_info.json"
+EVAL_INFO = EVAL_INFO_FILE
 REPORT_DIR = "report"
 # Written into every report folder: only a folder holding it is ever replaced by a new report.
 REPORT_MARKER = ".retina_d2_report"
-RESULTS = "coco_instances_results.json"
-_KNOWN = ("instance_metrics.json", "froc.json", "semantic_metrics.json")
+RESULTS = COCO_RESULTS_FILE
+_KNOWN = (INSTANCE_METRICS_FILE, FROC_FILE, SEMANTIC_METRICS_FILE)
 
 
 class ReportError(ValueError):
@@ -75,8 +85,8 @@ def _gallery_params(eval_dir: Path, froc: Optional[dict]) -> Tuple[float, str, f
     the config's RETINA.EVAL.FROC_* keys, else their defaults."""
     if froc and "params" in froc:
         p = froc["params"]
-        match = p.get("match", "iou")
-        return float(p["score_threshold"]), match, float(p.get("iou_threshold", 0.2))
+        match = p.get("match", FROC_MATCH)
+        return float(p["score_threshold"]), match, float(p.get("iou_threshold", FROC_IOU))
     config = _find_upwards(eval_dir, "config.yaml")
     if config is not None:
         import yaml
@@ -87,11 +97,11 @@ def _gallery_params(eval_dir: Path, froc: Optional[dict]) -> Tuple[float, str, f
         except yaml.YAMLError:
             evaluation = {}
         return (
-            float(evaluation.get("FROC_SCORE_THRESHOLD", 0.35)),
-            evaluation.get("FROC_MATCH", "iou"),
-            float(evaluation.get("FROC_IOU", 0.2)),
+            float(evaluation.get("FROC_SCORE_THRESHOLD", FROC_SCORE_THRESHOLD)),
+            evaluation.get("FROC_MATCH", FROC_MATCH),
+            float(evaluation.get("FROC_IOU", FROC_IOU)),
         )
-    return 0.35, "iou", 0.2
+    return FROC_SCORE_THRESHOLD, FROC_MATCH, FROC_IOU
 
 
 def _copy_figures(
@@ -148,7 +158,7 @@ def build_report(
 
     metric_files = [eval_dir / n for n in _KNOWN if (eval_dir / n).is_file()]
     metric_files += sorted(
-        p for p in eval_dir.glob("*_metrics.json") if p.name not in _KNOWN
+        p for p in eval_dir.glob("*" + METRICS_SUFFIX) if p.name not in _KNOWN
     )
     if not metric_files:
         raise ReportError(
@@ -170,7 +180,7 @@ def build_report(
     if coco_gt is not None and results_path.is_file():
         try:
             results, source = load_coco_results(results_path)
-            _check_results(results, coco_gt, source, str(gt), ("bbox",))
+            check_results(results, coco_gt, source, str(gt), ("bbox",))
         except InstanceEvalError as e:
             raise ReportError(f"{results_path} does not fit the ground truth {gt}: {e}") from e
 
@@ -292,7 +302,7 @@ def _lesion_names(loaded) -> List[str]:
     """Lesion names from ``<metric>-<lesion>`` keys, when no GT file names them."""
     names = []
     for name, content in loaded.items():
-        if name == "froc.json":
+        if name == FROC_FILE:
             names += [n for n in content.get("categories", {}) if n not in names]
             continue
         for values in content.values():
@@ -309,41 +319,41 @@ def _assemble(
 ) -> str:
     figures_dir = report_dir / "figures"
     sections = []
-    if "instance_metrics.json" in loaded:
+    if INSTANCE_METRICS_FILE in loaded:
         figures = []
         if results is not None:
             task = "segm" if results and "segmentation" in results[0] else "bbox"
-            iou = [float(k[2:]) / 100 for k in loaded["instance_metrics.json"].get(task, {})
-                   if k[2:].isdigit() and k.startswith("AP")] or [0.35, 0.5, 0.75]
+            iou = [float(k[2:]) / 100 for k in loaded[INSTANCE_METRICS_FILE].get(task, {})
+                   if k[2:].isdigit() and k.startswith("AP")] or list(IOU_THRESHOLDS)
             curves = precision_recall_curves(coco_gt, results, task, iou)
             for name, path in save_instance_pr_curves(curves, figures_dir, task).items():
                 caption = f"{name}: precision-recall ({task})"
                 figures.append((path.relative_to(report_dir).as_posix(), caption))
         sections.append((
             "Instance detection (COCO AP, percent)",
-            metric_tables("instance_metrics.json", loaded["instance_metrics.json"], lesions),
+            metric_tables(INSTANCE_METRICS_FILE, loaded[INSTANCE_METRICS_FILE], lesions),
             figures,
         ))
-    froc = loaded.get("froc.json")
+    froc = loaded.get(FROC_FILE)
     if froc is not None:
         sections.append((
             "Lesion-level FROC",
             froc_tables(froc),
-            _copy_figures(sorted(eval_dir.glob("froc_*.png")), figures_dir, report_dir),
+            _copy_figures(sorted(eval_dir.glob(froc_plot_file("*"))), figures_dir, report_dir),
         ))
-    if "semantic_metrics.json" in loaded:
+    if SEMANTIC_METRICS_FILE in loaded:
         sections.append((
             "Lesion segmentation (pixels, percent)",
-            metric_tables("semantic_metrics.json", loaded["semantic_metrics.json"], lesions),
-            _copy_figures(sorted((eval_dir / "pr_curves").glob("*.png")), figures_dir, report_dir),
+            metric_tables(SEMANTIC_METRICS_FILE, loaded[SEMANTIC_METRICS_FILE], lesions),
+            _copy_figures(sorted((eval_dir / PR_CURVE_DIR).glob("*.png")), figures_dir, report_dir),
         ))
     for name, content in loaded.items():
         if name in _KNOWN:
             continue
-        stem = name[: -len("_metrics.json")]
+        stem = name[: -len(METRICS_SUFFIX)]
         # The grading evaluator draws confusion_<task>.png beside its JSON.
         figures = _copy_figures(
-            sorted(eval_dir.glob("confusion_*.png")) if stem == "grading" else [],
+            sorted(eval_dir.glob(confusion_file("*"))) if stem == "grading" else [],
             figures_dir, report_dir,
         )
         sections.append((stem.replace("_", " ").capitalize(),

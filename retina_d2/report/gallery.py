@@ -20,6 +20,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from ..evaluation.froc import FALSE_POSITIVE, HIT, match_lesions
+from ..schema import FROC_IOU, FROC_MATCH
 from ..visualize import Mark, draw_marks, line_width
 
 __all__ = ["ImageOutcome", "COLOURS", "Gallery", "score_images", "pick_gallery", "draw_outcome"]
@@ -57,8 +58,8 @@ def score_images(
     results: Sequence[dict],
     *,
     score_threshold: float,
-    match: str = "iou",
-    iou_threshold: float = 0.2,
+    match: str = FROC_MATCH,
+    iou_threshold: float = FROC_IOU,
 ) -> List[ImageOutcome]:
     """Match every image's predictions (scoring >= score_threshold) to its lesions, per category.
 

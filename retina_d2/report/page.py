@@ -11,6 +11,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import jinja2
 
+from ..schema import EVAL_INFO_FILE
 from .tables import Cell, Table, format_value
 
 __all__ = ["GalleryItem", "render_page"]
@@ -62,7 +63,7 @@ def render_page(
     colours: Optional[dict] = None,
     gallery_note: str = "",
     model: Optional[Mapping] = None,
-    eval_info_name: str = "eval_info.json",
+    eval_info_name: str = EVAL_INFO_FILE,
     config_text: Optional[str] = None,
     env_text: Optional[str] = None,
 ) -> str:

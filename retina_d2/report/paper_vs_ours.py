@@ -17,6 +17,7 @@ from ..evaluation.published import (
     paper_vs_ours,
     published_system,
 )
+from ..schema import FROC_FILE
 from .tables import Cell, Table
 
 __all__ = ["paper_vs_ours_section", "published_system_of", "splits_of"]
@@ -72,7 +73,7 @@ def paper_vs_ours_section(
         raise ReportError(f"{config}: RETINA.EVAL.PUBLISHED_SYSTEM: {e}") from e
     results, source_of = {}, {}
     for file_name, content in loaded.items():
-        if file_name == "froc.json":  # curves and parameters, not {task: {metric: value}}
+        if file_name == FROC_FILE:  # curves and parameters, not {task: {metric: value}}
             continue
         for task, values in content.items():
             if isinstance(values, Mapping):

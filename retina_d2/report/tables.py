@@ -11,6 +11,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..schema import FROC_FILE, FROC_MATCH
+
 __all__ = ["Cell", "Table", "metric_tables", "froc_tables", "format_value"]
 
 
@@ -124,14 +126,14 @@ def metric_tables(
     return tables + lesion_tables
 
 
-def froc_tables(froc: Mapping, source: str = "froc.json") -> List[Table]:
+def froc_tables(froc: Mapping, source: str = FROC_FILE) -> List[Table]:
     """Sensitivity at each FP rate, the FROC score and lesion P / R / F1, per lesion type and
     their mean, in percent (froc.json stores fractions)."""
     params = froc.get("params", {})
     rates = list(froc.get("mean", {}).get("sensitivity_at", {}))
     columns = ["lesion", "lesions", "FROC"] + [f"sens@{r}" for r in rates]
     columns += ["precision", "recall", "F1"]
-    match = params.get("match", "iou")
+    match = params.get("match", FROC_MATCH)
     rule = (
         f"mask IoU ≥ {params.get('iou_threshold')}"
         if match == "iou"

@@ -59,6 +59,7 @@ from ..evaluation.protocols import (
     format_per_image_map,
     per_image_map,
 )
+from ..schema import FROC_IOU, FROC_MATCH, FROC_SCORE_THRESHOLD, IOU_THRESHOLDS
 
 
 def iou_threshold(text):
@@ -89,7 +90,7 @@ def build_parser():
     parser.add_argument("--gt", type=Path, required=True, help="COCO instances JSON (ground truth)")
     parser.add_argument("--predictions", type=Path, required=True, help="COCO results JSON")
     parser.add_argument(
-        "--iou", type=iou_threshold, nargs="+", default=[0.35, 0.5, 0.75], help="IoU thresholds"
+        "--iou", type=iou_threshold, nargs="+", default=list(IOU_THRESHOLDS), help="IoU thresholds"
     )
     parser.add_argument(
         "--max-dets", type=positive_int, default=256, help="detections scored per image"
@@ -110,10 +111,10 @@ def build_parser():
     parser.add_argument(
         "--froc-match",
         choices=MATCHES,
-        default="iou",
+        default=FROC_MATCH,
         help="FROC hit: IoU >= --froc-iou, or the prediction's centre inside the lesion",
     )
-    parser.add_argument("--froc-iou", type=iou_threshold, default=0.2, help="FROC hit IoU")
+    parser.add_argument("--froc-iou", type=iou_threshold, default=FROC_IOU, help="FROC hit IoU")
     parser.add_argument(
         "--protocol",
         action="append",
@@ -125,7 +126,7 @@ def build_parser():
     parser.add_argument(
         "--froc-score-threshold",
         type=score,
-        default=0.35,
+        default=FROC_SCORE_THRESHOLD,
         help="predictions scoring >= this give the lesion precision / recall / F1",
     )
     return parser

@@ -59,6 +59,7 @@ from retina_d2.engine import predict_shards
 from retina_d2.modeling.components import components_to_coco, lesion_components
 from retina_d2.modeling.model_file import inference_config
 from retina_d2.predictor import LesionPredictor
+from retina_d2.schema import OVERLAYS_DIR
 # overlay_names: the naming the evaluation's overlays share (eye.jpg and eye.png both kept).
 from retina_d2.visualize import draw_prediction_overlay, overlay_names
 
@@ -126,7 +127,7 @@ def image_ids(images, gt: Path = None):
 def prepare_output(output: Path):
     """Create ``output/overlays``; a path that cannot hold it is a ValueError naming it."""
     try:
-        (output / "overlays").mkdir(parents=True, exist_ok=True)
+        (output / OVERLAYS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--output {output} cannot be written: {e.strerror or e}") from e
 
@@ -320,7 +321,7 @@ def predict_shard(args, cfg, classes, threshold, images, ids, todo, predictor=No
     metadata = Metadata(
         name="predict", thing_classes=classes, thing_colors=[lesion(n).color for n in classes]
     )
-    overlay_files = {p: args.output / "overlays" / n for p, n in overlay_names(images).items()}
+    overlay_files = {p: args.output / OVERLAYS_DIR / n for p, n in overlay_names(images).items()}
     mine = predict_shards.share(todo, rank, world)
     target = args.output / "parts"
     try:

@@ -458,11 +458,13 @@ def test_evaluator_from_config(registered):
     cfg.RETINA.EVAL.FROC_MATCH = "center"
     cfg.RETINA.EVAL.FROC_SCORE_THRESHOLD = 0.85
     # distributed (the default): one process, so comm.gather hands back this rank's list
-    evaluator = LesionFROCEvaluator.from_config(cfg, name)
+    arguments = LesionFROCEvaluator.from_config(cfg, name)
+    assert isinstance(arguments, dict) and arguments["match"] == "center"
+    evaluator = LesionFROCEvaluator(cfg, name)
     metrics = run_evaluator(evaluator, name, dets)["froc"]
     expected = froc_metrics(froc_curve(gt, dets, match="center", score_threshold=0.85))
     assert metrics == pytest.approx(expected, nan_ok=True)
     # >= 0.85 keeps only the MA FP on image 1: MA precision 0, recall 0.
     assert metrics["P-microaneurysm"] == 0.0 and math.isnan(metrics["P-hard exudate"])
     cfg.MODEL.MASK_ON = False
-    assert LesionFROCEvaluator.from_config(cfg, name)._options["use_masks"] is False
+    assert LesionFROCEvaluator(cfg, name)._options["use_masks"] is False

@@ -442,11 +442,16 @@ def test_evaluator_from_config(registered):
     cfg.RETINA.EVAL.MAX_DETS = 300
     cfg.RETINA.EVAL.ANNOTATED_ONLY = True
     # distributed (the default): one process, so comm.gather hands back this rank's list
-    evaluator = LesionInstanceEvaluator.from_config(cfg, name, output_dir=None)
+    # Detectron2's convention: from_config gives the arguments, the class builds from a config.
+    arguments = LesionInstanceEvaluator.from_config(cfg, name, output_dir=None)
+    assert isinstance(arguments, dict) and arguments["max_dets"] == 300
+    evaluator = LesionInstanceEvaluator(cfg, name, output_dir=None)
     metrics = run_evaluator(evaluator, name, dets)
     assert {"AP10", "AP50", "AR10", "AP10-hard exudate"} <= set(metrics["segm"])
     assert "AP35" not in metrics["segm"]
     expected = evaluate_coco_results(gt, dets, (0.1, 0.5), 300, annotated_only=True)
     assert same(metrics["segm"]["AP10"], expected["segm"]["AP10"])
     cfg.MODEL.MASK_ON = False
-    assert LesionInstanceEvaluator.from_config(cfg, name)._tasks == ("bbox",)
+    assert LesionInstanceEvaluator(cfg, name)._tasks == ("bbox",)
+    # Keywords beside the config reach the constructor.
+    assert LesionInstanceEvaluator(cfg, name, distributed=False)._distributed is False

@@ -74,7 +74,7 @@ def test_the_evaluators_write_it_into_eval_info(registered, tmp_path):  # noqa: 
     cfg = _cfg(tmp_path, **{"MODEL.WEIGHTS": str(weights), "MODEL.MASK_ON": True})
     for kind in (LesionInstanceEvaluator, LesionFROCEvaluator):
         out = tmp_path / kind.__name__
-        run_evaluator(kind.from_config(cfg, name, output_dir=str(out)), name, dets)
+        run_evaluator(kind(cfg, name, output_dir=str(out)), name, dets)
         info = json.loads((out / "eval_info.json").read_text())
         assert info["model"] == {"weights": str(weights), "iteration": 7,
                                  "during_training": False}

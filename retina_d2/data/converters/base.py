@@ -38,6 +38,8 @@ from PIL import Image, UnidentifiedImageError
 from ..image_io import mask_to_8bit
 from ..instances import Dilation, coco_annotation, dilate_small_lesions, instance_rles, label_components
 from ..lesions import coco_categories, lesion
+# What ignore regions (and lesions not annotated) become in the semantic PNGs.
+from ...schema import IGNORE_VALUE as SEMANTIC_IGNORE
 
 __all__ = [
     "ConversionError",
@@ -66,7 +68,6 @@ MANIFEST_NAME = "retina_d2.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # The value Retinal-Lesions uses for annotations that graders excluded from scoring.
 IGNORE_VALUE = 127
-SEMANTIC_IGNORE = 255
 # A split name becomes an output file name (<split>.json) and part of a registered dataset name.
 _SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 

@@ -44,7 +44,7 @@ from .semantic import (
     resize_probabilities,
     resize_targets,
 )
-from ..semantic_metrics import IGNORE_VALUE
+from ...schema import IGNORE_VALUE
 
 __all__ = ["ARGMAX_DICE", "REDUCTIONS", "ArgmaxDiceEvaluator", "ArgmaxSegmentationMetrics"]
 

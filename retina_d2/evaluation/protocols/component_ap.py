@@ -37,7 +37,8 @@ import pycocotools.mask as mask_util
 from detectron2.config import configurable
 
 from ..instance_eval import evaluate_coco_results
-from ..semantic_metrics import IGNORE_VALUE, SemanticLesionMetrics
+from ...schema import IGNORE_VALUE
+from ..semantic_metrics import SemanticLesionMetrics
 from .semantic import SemanticProtocolEvaluator, mean_defined, resize_probabilities, resize_targets
 
 __all__ = ["COMPONENT_AP", "ComponentAPEvaluator", "ComponentAPMetrics", "components"]

@@ -41,18 +41,18 @@ from tabulate import tabulate
 
 from detectron2.config import configurable
 
-from ..instance_eval import (
+from ..coco_io import (
     GroundTruth,
     InstanceEvalError,
-    LesionPredictionCollector,
     Results,
-    _check_results,
-    _keep_annotated,
-    iou_name,
+    check_results,
+    keep_annotated,
     load_coco_gt,
     load_coco_results,
     write_metrics_json,
 )
+from ..instance_eval import LesionPredictionCollector, iou_name
+from ...schema import IOU_THRESHOLDS, protocol_metrics_file
 
 __all__ = [
     "PER_IMAGE_MAP",
@@ -142,7 +142,7 @@ def _mean(values: List[float]) -> float:
 def per_image_map(
     gt: GroundTruth,
     results: Results,
-    iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
+    iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
     *,
     max_dets: int = 256,
     annotated_only: bool = False,
@@ -175,11 +175,11 @@ def per_image_map(
         raise ValueError(f"max_dets must be >= 1, got {max_dets}")
     coco_gt, gt_source = load_coco_gt(gt)
     results, source = load_coco_results(results)
-    _check_results(results, coco_gt, source, gt_source, ("segm",))
+    check_results(results, coco_gt, source, gt_source, ("segm",))
     if results and "segmentation" not in results[0]:
         raise InstanceEvalError(f"results file {source} has no masks: per_image_map scores masks")
     if annotated_only:
-        results = _keep_annotated(results, coco_gt, annotated_category_ids)
+        results = keep_annotated(results, coco_gt, annotated_category_ids)
 
     predictions_of = defaultdict(list)
     for r in results:
@@ -254,7 +254,7 @@ class PerImageMAPEvaluator(LesionPredictionCollector):
         dataset_name: str,
         output_dir: Optional[str] = None,
         *,
-        iou_thresholds: Sequence[float] = (0.35, 0.5, 0.75),
+        iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
         max_dets: int = 256,
         annotated_only: bool = False,
         distributed: bool = True,
@@ -302,6 +302,6 @@ class PerImageMAPEvaluator(LesionPredictionCollector):
         )
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
-            path = os.path.join(self._output_dir, f"{PER_IMAGE_MAP}_metrics.json")
+            path = os.path.join(self._output_dir, protocol_metrics_file(PER_IMAGE_MAP))
             write_metrics_json({PER_IMAGE_MAP: metrics}, path)
         return {PER_IMAGE_MAP: metrics}

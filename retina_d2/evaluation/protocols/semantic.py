@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 from tabulate import tabulate
 
-from ..instance_eval import write_metrics_json
+from ..coco_io import write_metrics_json
 from ..semantic_eval import LesionSemanticEvaluator, gather_accumulators
-from ..semantic_metrics import IGNORE_VALUE
+from ...schema import IGNORE_VALUE, protocol_metrics_file
 
 __all__ = [
     "SemanticProtocolEvaluator",
@@ -101,7 +101,7 @@ class SemanticProtocolEvaluator(LesionSemanticEvaluator):
             + format_flat(results)
         )
         if self._output_dir:
-            path = os.path.join(self._output_dir, f"{self.protocol}_metrics.json")
+            path = os.path.join(self._output_dir, protocol_metrics_file(self.protocol))
             os.makedirs(self._output_dir, exist_ok=True)
             write_metrics_json({self.protocol: results}, path)
         return {self.protocol: results}
