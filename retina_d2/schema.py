@@ -15,6 +15,7 @@ __all__ = [
     "FROC_MATCH",
     "FROC_SCORE_THRESHOLD",
     "GRADE_COUNTS",
+    "GRADING_CONFUSION_FILE",
     "GRADING_METRICS_FILE",
     "IGNORE_VALUE",
     "INSTANCE_METRICS_FILE",
@@ -26,6 +27,7 @@ __all__ = [
     "OVERLAYS_DIR",
     "PR_CURVE_DIR",
     "SEMANTIC_METRICS_FILE",
+    "SEMANTIC_PR_CURVES_FILE",
     "confusion_file",
     "froc_plot_file",
     "protocol_metrics_file",
@@ -70,9 +72,16 @@ GRADING_METRICS_FILE = "grading" + METRICS_SUFFIX
 LOCALIZATION_METRICS_FILE = "localization" + METRICS_SUFFIX
 # Every image's landmark prediction, truth and distance (LandmarkLocalizationEvaluator).
 LANDMARK_PREDICTIONS_FILE = "landmark_predictions.json"
-# The whole FROC curve and its parameters (fractions; not a {task: {metric: value}} file).
+# The whole FROC curve and its parameters (fractions; not a {task: {metric: value}} file); the
+# report draws each lesion's FROC curve from its operating points.
 FROC_FILE = "froc.json"
-# The semantic evaluator's per-lesion PR curve pictures.
+# The semantic evaluator's per-lesion pixel PR curves, sampled at fixed recall levels (numbers
+# only: the report draws them).
+SEMANTIC_PR_CURVES_FILE = "semantic_pr_curves.json"
+# The grading evaluator's confusion matrix of each graded task (the report draws them).
+GRADING_CONFUSION_FILE = "grading_confusion.json"
+# Where evaluations before the report drew the pictures held the semantic PR curve PNGs; the
+# report still shows those of such a folder.
 PR_CURVE_DIR = "pr_curves"
 # OverlayEvaluator's pictures.
 OVERLAYS_DIR = "overlays"
@@ -84,10 +93,11 @@ def protocol_metrics_file(protocol: str) -> str:
 
 
 def froc_plot_file(slug: str) -> str:
-    """A FROC curve picture, ``froc_<lesion slug>.png`` (the report globs ``froc_*.png``)."""
+    """A FROC curve picture of the report, ``froc_<lesion slug>.png``."""
     return f"froc_{slug}.png"
 
 
 def confusion_file(task: str) -> str:
-    """A grading task's confusion matrix picture, ``confusion_dr_grade.png``."""
+    """A grading task's confusion matrix picture of the report, ``confusion_dr_grade.png`` (an
+    evaluation before the report drew the pictures left it in the evaluation folder)."""
     return f"confusion_{task}.png"

@@ -374,7 +374,9 @@ PINNED_EVALUATORS = {
                 "F1-hard exudate": 50.0,
             },
         },
-        "files": ["eval_info.json", "froc.json", "froc_haemorrhage.png", "froc_hard_exudate.png"],
+        # Changed on purpose (issue 14 item 4): the evaluators write numbers only and the report
+        # draws the pictures, so froc_<lesion>.png moved to the report (drawn from froc.json).
+        "files": ["eval_info.json", "froc.json"],
     },
     "semantic": {
         "results": {
@@ -399,10 +401,9 @@ PINNED_EVALUATORS = {
                 "mImageF1": 100.0,
             },
         },
-        "files": [
-            "pr_curves", "pr_curves/pr_haemorrhage.png", "pr_curves/pr_hard_exudate.png",
-            "semantic_metrics.json",
-        ],
+        # Changed on purpose (issue 14 item 4): pr_curves/pr_<lesion>.png moved to the report,
+        # which draws them from semantic_pr_curves.json (the curves at 101 recall levels).
+        "files": ["semantic_metrics.json", "semantic_pr_curves.json"],
     },
     "grading": {
         "results": {
@@ -426,7 +427,9 @@ PINNED_EVALUATORS = {
                 "mF1": 83.33333333333333,
             },
         },
-        "files": ["confusion_dme_grade.png", "confusion_dr_grade.png", "grading_metrics.json"],
+        # Changed on purpose (issue 14 item 4): confusion_<task>.png moved to the report, which
+        # draws them from grading_confusion.json (the matrices' counts).
+        "files": ["grading_confusion.json", "grading_metrics.json"],
     },
     "localization": {
         "results": {

@@ -12,7 +12,6 @@ from .froc import (
     froc_curve,
     froc_metrics,
     rate_name,
-    save_froc_plots,
     write_froc_json,
 )
 from .grading_eval import LesionGradingEvaluator, quadratic_weighted_kappa
@@ -72,7 +71,6 @@ __all__ = [
     "load_coco_gt",
     "load_coco_results",
     "rate_name",
-    "save_froc_plots",
     "write_froc_json",
     "write_metrics_json",
 ]

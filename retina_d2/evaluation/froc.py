@@ -56,7 +56,7 @@ from .coco_io import (
     load_coco_results,
 )
 from .instance_eval import LesionPredictionCollector
-from ..schema import FROC_FILE, FROC_IOU, FROC_MATCH, FROC_SCORE_THRESHOLD, froc_plot_file
+from ..schema import FROC_FILE, FROC_IOU, FROC_MATCH, FROC_SCORE_THRESHOLD
 from .scored_model import scored_model
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
     "froc_metrics",
     "format_froc",
     "rate_name",
-    "save_froc_plots",
     "write_froc_json",
 ]
 
@@ -508,45 +507,6 @@ def file_slug(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_").lower()
 
 
-def save_froc_plots(froc: Mapping, output_dir: str) -> List[str]:
-    """One ``froc_<category>.png`` per category with lesions: sensitivity against FPs per image
-    (log2 axis), the standard rates marked. Returns the paths written."""
-    # The Agg canvas directly: no pyplot, so no global backend switch in the caller's process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rates = froc["params"]["fp_rates"]
-    low, high = min(rates) / 2, max(rates) * 2
-    paths = []
-    for name, curve in froc["categories"].items():
-        if not curve["num_lesions"] or not curve["num_images"]:
-            continue
-        figure = Figure(figsize=(5, 4), dpi=100)
-        FigureCanvasAgg(figure)
-        ax = figure.add_subplot(1, 1, 1)
-        # Start at (0 FPs, 0 found), clipped to the log axis; a step holds until the next point.
-        xs = np.clip(np.r_[0.0, curve["fps_per_image"], high], low, high)
-        ys = np.r_[0.0, curve["sensitivity"], curve["sensitivity"][-1:] or [0.0]]
-        ax.step(xs, ys, where="post", label="operating points")
-        ax.plot(rates, list(curve["sensitivity_at"].values()), "o", label="standard rates")
-        ax.set_xscale("log", base=2)
-        ax.set_xlim(low, high)
-        ax.set_ylim(0, 1.02)
-        ax.set_xticks(rates)
-        ax.set_xticklabels([rate_name(r) for r in rates])
-        ax.set_xlabel("false positives per image")
-        ax.set_ylabel("sensitivity")
-        ax.set_title(f"{name}: FROC {curve['froc'] * 100:.1f}% ({curve['num_lesions']} lesions)")
-        ax.grid(True, alpha=0.3)
-        # Below the axes, not on them: inside, it hid the curve's end (high FP rates).
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-        path = os.path.join(output_dir, froc_plot_file(file_slug(name)))
-        with PathManager.open(path, "wb") as f:
-            figure.savefig(f, format="png", bbox_inches="tight")
-        paths.append(path)
-    return paths
-
-
 # --- the Detectron2 evaluator --------------------------------------------------------------------
 
 
@@ -556,7 +516,8 @@ class LesionFROCEvaluator(LesionPredictionCollector):
     Runs beside :class:`~retina_d2.evaluation.LesionInstanceEvaluator` (same collection of
     predictions, same GT file: ``metadata.json_file``); the numbers are those of
     :func:`froc_curve`. ``evaluate()`` returns ``{"froc": froc_metrics(...)}`` in percent, and with
-    an output_dir writes ``froc.json`` (the whole curve, fractions) and ``froc_<category>.png``.
+    an output_dir writes ``froc.json``: the whole curve in fractions, every operating point of
+    every category, from which the report (:mod:`retina_d2.report`) draws the FROC curves.
     """
 
     @configurable
@@ -579,7 +540,7 @@ class LesionFROCEvaluator(LesionPredictionCollector):
             dataset_name: a registered dataset whose metadata has ``json_file`` (else one is
                 written to output_dir from the catalog, as COCOEvaluator does) and
                 ``thing_dataset_id_to_contiguous_id``.
-            output_dir: where froc.json and the plots are saved (None: not saved).
+            output_dir: where froc.json is saved (None: not saved).
             match, iou_threshold, fp_rates, use_masks, annotated_only, score_threshold: see
                 :func:`froc_curve`.
             distributed, scored_model: see
@@ -624,5 +585,4 @@ class LesionFROCEvaluator(LesionPredictionCollector):
         if self._output_dir:
             self._write_eval_info()
             write_froc_json(froc, os.path.join(self._output_dir, FROC_FILE))
-            save_froc_plots(froc, self._output_dir)
         return {"froc": froc_metrics(froc)}

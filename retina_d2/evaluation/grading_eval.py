@@ -2,8 +2,8 @@
 
 * DR / macular-oedema grades (``"dr_grade"`` / ``"dme_grade"`` outputs: probabilities over the
   grades; the predicted grade is the most probable): quadratic weighted kappa, accuracy, the
-  number of graded images, and a confusion-matrix picture ``confusion_<task>.png``. Images without
-  that grade in their record are left out.
+  number of graded images, and the confusion matrix (written to ``grading_confusion.json``, from
+  which the report draws it). Images without that grade in their record are left out.
 * lesion classification (``"lesion_presence"``: one probability per lesion, predicted present at
   ``threshold``): precision, recall and F1 per lesion and their mean, over the images whose record
   says whether the lesion is there. A lesion is present when the record has a non-crowd
@@ -16,6 +16,7 @@ percent; kappa is a coefficient in [-1, 1]; NaN where undefined) and writes it t
 ``grading_metrics.json`` in the output folder.
 """
 import copy
+import json
 import logging
 import math
 import os
@@ -31,8 +32,9 @@ import detectron2.utils.comm as comm
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils.file_io import PathManager
 
-from ..schema import GRADE_COUNTS, GRADING_METRICS_FILE, confusion_file
+from ..schema import GRADE_COUNTS, GRADING_CONFUSION_FILE, GRADING_METRICS_FILE
 from .coco_io import write_metrics_json
 
 __all__ = [
@@ -42,13 +44,12 @@ __all__ = [
     "format_grading_metrics",
     "lesion_presence_metrics",
     "quadratic_weighted_kappa",
-    "save_confusion_png",
+    "write_confusion_json",
 ]
 
 logger = logging.getLogger(__name__)
 
 PRESENCE_TASK = "lesion_presence"
-_TITLES = {"dr_grade": "DR grade", "dme_grade": "macular-oedema risk"}
 
 
 def confusion_matrix(
@@ -124,30 +125,15 @@ def lesion_presence_metrics(
     return results
 
 
-def save_confusion_png(matrix: np.ndarray, path: str, title: str) -> str:
-    """The confusion matrix as a PNG, counts written in the cells. Returns ``path``."""
-    # The Agg canvas directly: no pyplot, so no global backend switch in the caller's process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    num = matrix.shape[0]
-    figure = Figure(figsize=(1.2 + 0.8 * num, 1.0 + 0.8 * num), dpi=100)
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot(1, 1, 1)
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max())))
-    for i in range(num):
-        for j in range(num):
-            dark = matrix[i, j] > 0.6 * max(1, matrix.max())
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
-                    color="white" if dark else "black")
-    ax.set_xticks(range(num))
-    ax.set_yticks(range(num))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return path
+def write_confusion_json(matrices: Dict[str, np.ndarray], path: str) -> None:
+    """``{task: {"matrix": [[count]], "images": n}}``, row = true grade, column = predicted
+    grade: the numbers the report draws each task's confusion matrix from."""
+    content = OrderedDict(
+        (task, OrderedDict(matrix=matrix.tolist(), images=int(matrix.sum())))
+        for task, matrix in matrices.items()
+    )
+    with PathManager.open(path, "w") as f:
+        json.dump(content, f, indent=2)
 
 
 class LesionGradingEvaluator(DatasetEvaluator):
@@ -168,7 +154,8 @@ class LesionGradingEvaluator(DatasetEvaluator):
         Args:
             dataset_name: a registered dataset; its records give the grades and, where it has
                 ``thing_classes``, the lesions (the order of ``"lesion_presence"``).
-            output_dir: where ``grading_metrics.json`` and the confusion PNGs go (None: nowhere).
+            output_dir: where ``grading_metrics.json`` and ``grading_confusion.json`` go (None:
+                nowhere).
             tasks: the graded fields scored (those of :data:`GRADE_COUNTS`).
             presence_threshold: probability from which a lesion is predicted present.
             distributed: gather all ranks' results and evaluate on the main one.
@@ -266,6 +253,7 @@ class LesionGradingEvaluator(DatasetEvaluator):
             grades = {task: [p for g, _ in gathered for p in g[task]] for task in self._tasks}
             presence = [p for _, pr in gathered for p in pr]
         results: Dict[str, Dict[str, float]] = OrderedDict()
+        confusions: Dict[str, np.ndarray] = OrderedDict()
         for task in self._tasks:
             pairs = grades[task]
             if not pairs:
@@ -279,13 +267,7 @@ class LesionGradingEvaluator(DatasetEvaluator):
                 accuracy=float(np.mean(truth == predicted)) * 100,
                 images=float(len(pairs)),
             )
-            if self._output_dir:
-                os.makedirs(self._output_dir, exist_ok=True)
-                save_confusion_png(
-                    confusion_matrix(truth, predicted, num),
-                    os.path.join(self._output_dir, confusion_file(task)),
-                    f"{_TITLES[task]} ({len(pairs)} images)",
-                )
+            confusions[task] = confusion_matrix(truth, predicted, num)
         if presence and (np.stack([t for _, t in presence]) >= 0).any():
             probs = np.stack([p for p, _ in presence])
             truth = np.stack([t for _, t in presence])
@@ -301,6 +283,10 @@ class LesionGradingEvaluator(DatasetEvaluator):
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
             write_metrics_json(results, os.path.join(self._output_dir, GRADING_METRICS_FILE))
+            if confusions:
+                write_confusion_json(
+                    confusions, os.path.join(self._output_dir, GRADING_CONFUSION_FILE)
+                )
         return copy.deepcopy(results)
 
 

@@ -9,6 +9,7 @@ AUC-PR (= AP) over the pooled pixels of the test set, F1 / Dice / IoU at the thr
 image-level F1, per lesion and as means over lesions.
 """
 import copy
+import json
 import logging
 import math
 import os
@@ -23,9 +24,10 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils.file_io import PathManager
 
 from .coco_io import write_metrics_json
-from ..schema import IGNORE_VALUE, PR_CURVE_DIR, SEMANTIC_METRICS_FILE
+from ..schema import IGNORE_VALUE, SEMANTIC_METRICS_FILE, SEMANTIC_PR_CURVES_FILE
 from .semantic_metrics import SemanticLesionMetrics
 
 __all__ = ["LesionSemanticEvaluator", "format_semantic_metrics"]
@@ -66,7 +68,8 @@ class LesionSemanticEvaluator(DatasetEvaluator):
     "Dice-<lesion>", "IoU-<lesion>", "imageF1-<lesion>", ..., "mAUCPR", "mAP", "mF1", "mDice",
     "mIoU", "mImageF1"}}`` (NaN where undefined, e.g. AUC-PR of a lesion without positive pixels),
     and with an output_dir writes ``semantic_metrics.json`` (NaN as null) and
-    ``pr_curves/pr_<lesion>.png`` there.
+    ``semantic_pr_curves.json`` there: each lesion's PR curve at 101 recall levels, which the
+    report (:mod:`retina_d2.report`) draws.
     """
 
     @configurable
@@ -84,7 +87,7 @@ class LesionSemanticEvaluator(DatasetEvaluator):
         Args:
             dataset_name: a registered dataset whose records have ``sem_seg_files`` and whose
                 metadata has ``thing_classes`` (the order of the model's channels).
-            output_dir: where metrics and PR curves are written (None: not written).
+            output_dir: where the metrics and PR curves are written (None: not written).
             threshold: probability at which a pixel (and, by its map's maximum, an image) is
                 predicted positive, for F1 / Dice / IoU / image F1.
             num_bins: score bins of the AUC-PR histograms (see ``SemanticLesionMetrics``).
@@ -185,7 +188,10 @@ class LesionSemanticEvaluator(DatasetEvaluator):
             write_metrics_json(
                 {"sem_seg": results}, os.path.join(self._output_dir, SEMANTIC_METRICS_FILE)
             )
-            metrics.save_pr_curves(os.path.join(self._output_dir, PR_CURVE_DIR))
+            with PathManager.open(
+                os.path.join(self._output_dir, SEMANTIC_PR_CURVES_FILE), "w"
+            ) as f:
+                json.dump(metrics.pr_curves(), f, indent=2)
         return {"sem_seg": results}
 
 

@@ -39,8 +39,7 @@ test set: for small inputs and for checking) and has scikit-learn compute the AP
 always exact.
 """
 from collections import OrderedDict
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,10 +50,17 @@ __all__ = [
     "average_precision",
     "binned_average_precision",
     "precision_recall_from_histograms",
+    "sample_pr_curve",
     "score_bins",
+    "PR_RECALL_LEVELS",
     "SemanticLesionMetrics",
 ]
 
+# The recall levels at which a PR curve is written for the report, 0, 0.01, .., 1 as COCO's:
+# 101 points per lesion draw the curve at a 5-inch plot's resolution, where one point per
+# occupied score bin (up to 10,000) or per distinct pixel score (exact) could make the file a
+# hundred times larger or more.
+PR_RECALL_LEVELS = 101
 
 
 def _exact_curve(
@@ -66,6 +72,34 @@ def _exact_curve(
 
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     return precision[-2::-1], recall[-2::-1], thresholds[::-1]
+
+
+def sample_pr_curve(
+    precision: np.ndarray, recall: np.ndarray, thresholds: np.ndarray, num_levels: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A PR curve (recall ascending, thresholds descending) read at the recall levels 0,
+    1 / (num_levels - 1), .., 1.
+
+    The curve is the step function whose area is the AP: P_n holds on (R_{n-1}, R_n]. Its value
+    at recall level r is therefore the precision of the first operating point (highest
+    threshold) whose recall reaches r; that point's threshold comes with it. Levels above the
+    curve's highest recall are left out.
+
+    Returns:
+        recall levels, precision and threshold at each, as arrays of one length.
+    """
+    if num_levels < 2:
+        raise ValueError(f"a PR curve needs at least 2 recall levels, got {num_levels}")
+    levels = np.linspace(0.0, 1.0, num_levels)
+    recall = np.asarray(recall, dtype=np.float64)
+    first = np.searchsorted(recall, levels, side="left")
+    reached = first < recall.size
+    first = first[reached]
+    return (
+        levels[reached],
+        np.asarray(precision, dtype=np.float64)[first],
+        np.asarray(thresholds, dtype=np.float64)[first],
+    )
 
 
 def _step_area(precision: np.ndarray, recall: np.ndarray) -> float:
@@ -166,7 +200,7 @@ class SemanticLesionMetrics:
     for every definition.
 
     Typical use: ``update`` once per image, ``merge`` the accumulators of other processes,
-    ``compute`` once, ``save_pr_curves`` for the pictures.
+    ``compute`` once, ``pr_curves`` for the curves the report draws.
     """
 
     def __init__(
@@ -344,36 +378,25 @@ class SemanticLesionMetrics:
             results[mean_name] = _mean(values)
         return results
 
-    def save_pr_curves(self, out_dir: Union[str, Path], dpi: int = 100) -> Dict[str, Path]:
-        """Writes one precision-recall plot per lesion, ``pr_<lesion>.png`` (spaces -> "_").
-
-        The curve is drawn as the step function whose area is the reported AUC-PR. Lesions
-        without positive pixels get no file.
+    def pr_curves(self, num_levels: int = PR_RECALL_LEVELS) -> "OrderedDict[str, dict]":
+        """Each lesion's PR curve as numbers for the report to draw, sampled by
+        :func:`sample_pr_curve` (``num_levels`` points, not one per score bin or pixel).
 
         Returns:
-            lesion name -> path of its PNG.
+            lesion name -> ``auc_pr`` (the reported AUC-PR, a fraction), ``recall``,
+            ``precision``, ``threshold`` (lists, one entry per recall level reached); lesions
+            without positive pixels (AUC-PR undefined) are left out.
         """
-        # The object-oriented API with an Agg canvas: no pyplot, no global backend switch.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written: Dict[str, Path] = {}
+        curves: "OrderedDict[str, dict]" = OrderedDict()
         for index, lesion in enumerate(self.lesions):
             auc_pr = self.auc_pr(index)
             if np.isnan(auc_pr):
                 continue
-            precision, recall, _ = self.pr_curve(index)
-            figure = Figure(figsize=(5, 5))
-            FigureCanvasAgg(figure)
-            axes = figure.add_subplot()
-            # P_n holds on (R_{n-1}, R_n]: "pre" steps, starting from recall 0.
-            axes.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre")
-            axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
-            axes.set_title(f"{lesion}: AUC-PR {auc_pr:.4f}")
-            axes.grid(alpha=0.3)
-            path = out_dir / f"pr_{lesion.replace(' ', '_')}.png"
-            figure.savefig(path, dpi=dpi)
-            written[lesion] = path
-        return written
+            recall, precision, threshold = sample_pr_curve(*self.pr_curve(index), num_levels)
+            curves[lesion] = OrderedDict(
+                auc_pr=auc_pr,
+                recall=recall.tolist(),
+                precision=precision.tolist(),
+                threshold=threshold.tolist(),
+            )
+        return curves

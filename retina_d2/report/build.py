@@ -1,9 +1,13 @@
 """Assemble the evaluation report of one evaluation folder (``OUTPUT_DIR/inference/<dataset>``).
 
 What the evaluators left there decides what the page holds: ``instance_metrics.json`` (mAP tables),
-``froc.json`` and its ``froc_*.png``, ``semantic_metrics.json`` and ``pr_curves/``, any other
-``*_metrics.json`` (grading, localization); with the predictions (``coco_instances_results.json``)
-and the ground truth (``eval_info.json``, or ``gt=``) also instance PR curves and the gallery.
+``froc.json`` (its table, and a FROC curve per lesion drawn from its operating points),
+``semantic_metrics.json`` and ``semantic_pr_curves.json`` (pixel PR curves), any other
+``*_metrics.json`` (grading, with confusion matrices drawn from ``grading_confusion.json``;
+localization); with the predictions (``coco_instances_results.json``) and the ground truth
+(``eval_info.json``, or ``gt=``) also instance PR curves and the gallery. The evaluators write
+numbers only: every picture is drawn here (``curves.py``), except that the PR-curve and
+confusion PNGs an evaluation made before that change left in its folder are shown as they are.
 The page names the model scored (weights file and iteration) where ``eval_info.json`` records it.
 """
 import json
@@ -13,7 +17,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import List, Optional, Set, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 from ..data.image_io import read_image
 from ..evaluation.coco_io import InstanceEvalError, check_results, load_coco_gt, load_coco_results
@@ -25,15 +29,22 @@ from ..schema import (
     FROC_IOU,
     FROC_MATCH,
     FROC_SCORE_THRESHOLD,
+    GRADING_CONFUSION_FILE,
+    GRADING_METRICS_FILE,
     INSTANCE_METRICS_FILE,
     IOU_THRESHOLDS,
     METRICS_SUFFIX,
     PR_CURVE_DIR,
     SEMANTIC_METRICS_FILE,
+    SEMANTIC_PR_CURVES_FILE,
     confusion_file,
-    froc_plot_file,
 )
-from .curves import save_instance_pr_curves
+from .curves import (
+    draw_confusion_matrices,
+    draw_froc_curves,
+    draw_semantic_pr_curves,
+    save_instance_pr_curves,
+)
 from .gallery import COLOURS, ImageOutcome, draw_outcome, pick_gallery, score_images
 from .page import GalleryItem, render_page
 from .paper_vs_ours import paper_vs_ours_section
@@ -104,9 +115,25 @@ def _gallery_params(eval_dir: Path, froc: Optional[dict]) -> Tuple[float, str, f
     return FROC_SCORE_THRESHOLD, FROC_MATCH, FROC_IOU
 
 
+def _drawn_figures(
+    draw: Callable[[dict, Path], List[Path]], source: Path, numbers: Optional[dict],
+    figures_dir: Path, report_dir: Path,
+) -> List[Tuple[str, str]]:
+    """(page path, caption) of each picture ``draw`` makes of ``numbers``, read from ``source``
+    (loaded here when None); numbers that do not draw are a ReportError naming the file."""
+    if numbers is None:
+        numbers = _read_json(source, "curve file")
+    try:
+        paths = draw(numbers, figures_dir)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ReportError(f"{source} cannot be drawn: malformed numbers ({e!r})") from e
+    return [(p.relative_to(report_dir).as_posix(), p.stem.replace("_", " ")) for p in paths]
+
+
 def _copy_figures(
     sources: List[Path], figures_dir: Path, report_dir: Path
 ) -> List[Tuple[str, str]]:
+    """Pictures an evaluation made before the evaluators stopped drawing, shown as they are."""
     figures = []
     for source in sources:
         target = figures_dir / source.name
@@ -114,6 +141,17 @@ def _copy_figures(
         shutil.copyfile(source, target)
         figures.append((target.relative_to(report_dir).as_posix(), source.stem.replace("_", " ")))
     return figures
+
+
+def _figures_or_older_pictures(
+    draw: Callable[[dict, Path], List[Path]], source: Path, older: List[Path],
+    figures_dir: Path, report_dir: Path,
+) -> List[Tuple[str, str]]:
+    """The pictures drawn from ``source`` when the evaluation wrote it, else the ``older``
+    pictures an evaluation from before the evaluators stopped drawing left in its folder."""
+    if source.is_file():
+        return _drawn_figures(draw, source, None, figures_dir, report_dir)
+    return _copy_figures(older, figures_dir, report_dir)
 
 
 def build_report(
@@ -339,23 +377,27 @@ def _assemble(
         sections.append((
             "Lesion-level FROC",
             froc_tables(froc),
-            _copy_figures(sorted(eval_dir.glob(froc_plot_file("*"))), figures_dir, report_dir),
+            _drawn_figures(draw_froc_curves, eval_dir / FROC_FILE, froc, figures_dir, report_dir),
         ))
     if SEMANTIC_METRICS_FILE in loaded:
         sections.append((
             "Lesion segmentation (pixels, percent)",
             metric_tables(SEMANTIC_METRICS_FILE, loaded[SEMANTIC_METRICS_FILE], lesions),
-            _copy_figures(sorted((eval_dir / PR_CURVE_DIR).glob("*.png")), figures_dir, report_dir),
+            _figures_or_older_pictures(
+                draw_semantic_pr_curves, eval_dir / SEMANTIC_PR_CURVES_FILE,
+                sorted((eval_dir / PR_CURVE_DIR).glob("*.png")), figures_dir, report_dir,
+            ),
         ))
     for name, content in loaded.items():
         if name in _KNOWN:
             continue
         stem = name[: -len(METRICS_SUFFIX)]
-        # The grading evaluator draws confusion_<task>.png beside its JSON.
-        figures = _copy_figures(
-            sorted(eval_dir.glob(confusion_file("*"))) if stem == "grading" else [],
-            figures_dir, report_dir,
-        )
+        figures = []
+        if name == GRADING_METRICS_FILE:
+            figures = _figures_or_older_pictures(
+                draw_confusion_matrices, eval_dir / GRADING_CONFUSION_FILE,
+                sorted(eval_dir.glob(confusion_file("*"))), figures_dir, report_dir,
+            )
         sections.append((stem.replace("_", " ").capitalize(),
                          metric_tables(name, content, lesions), figures))
     # The paper's figures beside ours, when the run names its system (PUBLISHED_SYSTEM).

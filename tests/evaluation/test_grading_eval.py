@@ -139,8 +139,14 @@ def test_evaluator_scores_grades_and_presence_and_writes_the_report_file(dataset
     assert set(written) == {"dr_grade", "dme_grade", "lesion_presence"}
     assert written["dr_grade"]["accuracy"] == pytest.approx(200 / 3)
     assert written["lesion_presence"]["F1-haemorrhage"] is None  # NaN as null
-    assert (tmp_path / "confusion_dr_grade.png").stat().st_size > 1000
-    assert (tmp_path / "confusion_dme_grade.png").is_file()
+    # The confusion matrices as counts (row = truth, column = prediction), no picture: DR a 2->2,
+    # b 4->3, c 0->0; macular oedema a 0->0, c 1->0.
+    confusion = json.loads((tmp_path / "grading_confusion.json").read_text())
+    dr = np.zeros((5, 5), int)
+    dr[2, 2] = dr[4, 3] = dr[0, 0] = 1
+    assert confusion["dr_grade"] == {"matrix": dr.tolist(), "images": 3}
+    assert confusion["dme_grade"] == {"matrix": [[1, 0, 0], [1, 0, 0], [0, 0, 0]], "images": 2}
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_evaluator_without_anything_to_score_returns_nothing(dataset, tmp_path):

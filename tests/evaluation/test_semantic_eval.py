@@ -171,8 +171,14 @@ def test_writes_strict_json_and_pr_curves(tiny, tmp_path):
     written = json.loads((tmp_path / "semantic_metrics.json").read_text())
     assert written["sem_seg"]["AUCPR-hard exudate"] is None
     assert written["sem_seg"]["mAUCPR"] == pytest.approx(results["sem_seg"]["mAUCPR"])
-    curves = sorted(p.name for p in (tmp_path / "pr_curves").glob("*.png"))
-    assert curves == ["pr_haemorrhage.png", "pr_microaneurysm.png"]
+    # The PR curves as numbers for the report (no picture): lesions with positive pixels only.
+    curves = json.loads((tmp_path / "semantic_pr_curves.json").read_text())
+    assert sorted(curves) == ["haemorrhage", "microaneurysm"]
+    for lesion, curve in curves.items():
+        assert curve["auc_pr"] * 100 == pytest.approx(results["sem_seg"][f"AUCPR-{lesion}"])
+        assert len(curve["recall"]) == 101  # recall levels 0, 0.01, .., 1
+        assert curve["recall"][0] == 0.0 and curve["recall"][-1] == 1.0
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_mismatched_outputs_are_refused(tiny):
@@ -219,7 +225,8 @@ def test_train_net_trains_and_evaluates_semantic_lesion_net(semantic_run):
     classes = MetadataCatalog.get("synthetic_seg_val").thing_classes
     assert {f"AUCPR-{c}" for c in classes} | {"mAUCPR", "mF1", "mIoU"} <= set(metrics)
     assert not (inference / "instance_metrics.json").exists()
-    assert list((inference / "pr_curves").glob("pr_*.png"))
+    assert (inference / "semantic_pr_curves.json").is_file()
+    assert list((inference / "report" / "figures").glob("pr_*.png"))  # drawn by the report
 
 
 def test_trainer_picks_evaluators_by_what_the_model_outputs(semantic_run, tmp_path):

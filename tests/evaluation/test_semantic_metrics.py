@@ -1,16 +1,20 @@
 """Semantic lesion metrics: hand-worked cases, scikit-learn on the same pooled pixels (AP, F1,
-Jaccard), the binned AUC-PR against the exact one, ignore pixels, merging and the PR plots."""
+Jaccard), the binned AUC-PR against the exact one, ignore pixels, merging and the PR curves
+written for the report."""
 import math
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, jaccard_score
+from sklearn.metrics import precision_recall_curve
 
 from retina_d2.evaluation.semantic_metrics import (
     IGNORE_VALUE,
+    PR_RECALL_LEVELS,
     SemanticLesionMetrics,
     average_precision,
     binned_average_precision,
+    sample_pr_curve,
     score_bins,
 )
 
@@ -254,20 +258,37 @@ def test_bad_inputs_are_refused():
         metrics.update(probs, np.zeros((3, 4, 4)), np.zeros((5, 5), dtype=bool))
 
 
-# --- PR-curve pictures ---------------------------------------------------------------------------
+# --- PR curves as numbers (the report draws them) -------------------------------------------------
 
 
-def test_pr_curve_pngs(tmp_path):
+def test_sample_pr_curve_hand_worked():
+    # Operating points (recall ascending): P 1.0 up to R .25, 0.5 up to .5, 0.4 up to 1.
+    precision, recall, thresholds = [1.0, 0.5, 0.4], [0.25, 0.5, 1.0], [0.9, 0.6, 0.2]
+    levels, p, t = sample_pr_curve(precision, recall, thresholds, 5)
+    assert levels.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert p.tolist() == [1.0, 1.0, 0.5, 0.4, 0.4]
+    assert t.tolist() == [0.9, 0.9, 0.6, 0.2, 0.2]
+    # Levels above the curve's highest recall are left out.
+    levels, p, _ = sample_pr_curve(precision[:2], recall[:2], thresholds[:2], 5)
+    assert levels.tolist() == [0.0, 0.25, 0.5] and p.tolist() == [1.0, 1.0, 0.5]
+    with pytest.raises(ValueError, match="at least 2 recall levels"):
+        sample_pr_curve(precision, recall, thresholds, 1)
+
+
+def test_pr_curves_are_sklearns_curve_at_101_recall_levels():
     images = _random_images(7, num_images=2)
     for probs, targets, _ in images:
-        targets[2] = 0  # no hard exudate anywhere: no curve, no file
-    written = _accumulate(images).save_pr_curves(tmp_path / "pr")
-    assert sorted(written) == ["haemorrhage", "microaneurysm"]
-    assert written["microaneurysm"] == tmp_path / "pr" / "pr_microaneurysm.png"
-    for path in written.values():
-        data = path.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert sorted(p.name for p in (tmp_path / "pr").iterdir()) == [
-        "pr_haemorrhage.png",
-        "pr_microaneurysm.png",
-    ]
+        targets[2] = 0  # no hard exudate anywhere: AUC-PR undefined, no curve
+    metrics = _accumulate(images, exact=True)
+    curves = metrics.pr_curves()
+    assert list(curves) == ["microaneurysm", "haemorrhage"]
+    for index, lesion in enumerate(LESIONS[:2]):
+        curve = curves[lesion]
+        assert curve["auc_pr"] == metrics.compute()[f"AUC-PR-{lesion}"]
+        assert curve["recall"] == pytest.approx(np.linspace(0, 1, PR_RECALL_LEVELS).tolist())
+        # At each level: the precision of sklearn's highest threshold whose recall reaches it.
+        precision, recall, thresholds = precision_recall_curve(*_pooled(images, index)[::-1])
+        precision, recall = precision[:-1], recall[:-1]  # sklearn's closing point has no threshold
+        for level, p, t in zip(curve["recall"], curve["precision"], curve["threshold"]):
+            best = np.flatnonzero(recall >= level).max()
+            assert (p, t) == (pytest.approx(precision[best]), pytest.approx(thresholds[best]))

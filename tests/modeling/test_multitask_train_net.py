@@ -47,8 +47,11 @@ def test_training_writes_grading_and_localization_metrics_and_report(trained):
     assert localization["optic_disc"]["distance"] == pytest.approx(
         results["optic_disc"]["distance"]
     )
-    assert (inference / "confusion_dr_grade.png").is_file()
-    assert (inference / "confusion_dme_grade.png").is_file()
+    # The evaluator writes the matrices' counts; the report draws them.
+    assert set(json.loads((inference / "grading_confusion.json").read_text())) == {
+        "dr_grade", "dme_grade"}
+    assert (inference / "report" / "figures" / "confusion_dr_grade.png").is_file()
+    assert (inference / "report" / "figures" / "confusion_dme_grade.png").is_file()
     # Lesion evaluators still run beside them.
     assert (inference / "instance_metrics.json").is_file()
     assert (inference / "semantic_metrics.json").is_file()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from retina_d2.data.instances import encode_rle
 from retina_d2.evaluation import evaluate_coco_results, froc_curve, write_metrics_json
-from retina_d2.evaluation.froc import save_froc_plots, write_froc_json
+from retina_d2.evaluation.froc import write_froc_json
 from retina_d2.evaluation.instance_eval import load_coco_gt
 from retina_d2.report import ReportError, build_report
 from retina_d2.report.gallery import pick_gallery, score_images
@@ -91,7 +91,6 @@ def eval_dir(tmp_path):
     write_metrics_json(evaluate_coco_results(gt_path, RESULTS), folder / "instance_metrics.json")
     froc = froc_curve(gt_path, RESULTS, score_threshold=0.35)
     write_froc_json(froc, str(folder / "froc.json"))
-    save_froc_plots(froc, str(folder))
     (folder / "semantic_metrics.json").write_text(json.dumps({"sem_seg": {
         "AUCPR-hard exudate": 61.25, "F1-hard exudate": 48.5, "AUCPR-microaneurysm": None,
         "mAUCPR": 61.25}}))
