@@ -19,6 +19,16 @@ process. Per fold and as mean and spread over folds it reports:
 
 and the floor's AP, FROC and AUC on the fold with every model number's ratio to it.
 
+With ``--diaretdb1-root`` (DIARETDB1 v2.1 as published: ``ddb1_v02_01`` or the folder holding
+it), DIARETDB1 is converted into ``--work`` (its official test list, the experts fused by the
+dataset's protocol: mean confidence >= 0.75) and every fold's model, trained on HEI-MED alone, is
+also scored on it: another camera, never trained on. Per fold and as mean and spread over folds:
+hard-exudate segm/bbox AP35 / AP50 / AP75, FROC, image-level AUC, the share of the consensus
+exudates found and the false alarms per image (FROC's false positives: predictions matching no
+lesion, on any image) at the fold's cross-validated threshold and at the config's, and the share
+found at <= 1 false alarm per image (the FROC curve's point); the same for the floor, computed in
+the same run on the same images (one row: it does not depend on the fold).
+
 Thresholds are chosen by cross-validation on these images only: each fold's operating threshold
 is the one with the best pooled lesion F1 over the *other* folds' out-of-fold predictions (so no
 fold is scored at a threshold its own labels chose); the threshold to ship is the best over all
@@ -47,8 +57,12 @@ from . import (
 __all__ = [
     "add_arguments",
     "counts_at",
+    "cross_dataset_row",
+    "diaretdb1_section",
     "image_auc",
     "predict_fold",
+    "predict_scored",
+    "prepare_diaretdb1",
     "run",
     "select_threshold",
     "stratified_folds",
@@ -80,6 +94,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--skip-train", action="store_true", help="predict with the weights already in --work"
+    )
+    parser.add_argument(
+        "--diaretdb1-root", type=Path, metavar="RAW_DIR",
+        help="DIARETDB1 v2.1 folder (ddb1_v02_01 or the one holding it): also score every fold's "
+        "model on its official test images, never trained on, beside the floor",
     )
     parser.add_argument(
         "opts", nargs="*", default=[], help="config overrides KEY VALUE ... for training"
@@ -285,6 +304,140 @@ def at_threshold(scored: dict, results: List[dict], gt: dict, threshold: float) 
     }
 
 
+# --- another camera: DIARETDB1, never trained on ---------------------------------------------
+
+DIARETDB1_FOLDER = "diaretdb1"  # under --work: the conversion and the floor's inputs
+AT_ONE_FALSE_ALARM = "recall at <= 1 false alarm / image"
+
+
+def cross_dataset_at(scored: dict, threshold: float) -> dict:
+    """Share of the lesions found (percent) and false alarms per image when predictions scoring
+    >= ``threshold`` are kept; false alarms are the FROC curve's false positives (predictions
+    matching no lesion, on any image: on another dataset every image counts, not only healthy
+    eyes)."""
+    hits, fps, lesions = counts_at(scored["curve"], threshold)
+    images = scored["curve"]["num_images"]
+    return {
+        "threshold": threshold,
+        "recall": 100 * hits / lesions if lesions else None,
+        "false alarms / image": fps / images if images else None,
+    }
+
+
+def cross_dataset_row(scored: dict, thresholds: Sequence[tuple]) -> dict:
+    """A scored result set (:func:`score_results`) as a cross-dataset row: its AP / FROC / image
+    AUC, :func:`cross_dataset_at` at each ``(prefix, threshold)``, and the share of lesions found
+    at <= 1 false alarm per image (the FROC curve's highest point within that budget)."""
+    row = dict(scored["row"])
+    for prefix, threshold in thresholds:
+        for key, value in cross_dataset_at(scored, threshold).items():
+            row[f"{prefix} {key}"] = value
+    at_one = scored["curve"]["sensitivity_at"]["1"]
+    row[AT_ONE_FALSE_ALARM] = None if at_one is None or np.isnan(at_one) else 100 * at_one
+    return row
+
+
+def prepare_diaretdb1(raw_root: Path, work: Path) -> dict:
+    """Convert DIARETDB1 at ``raw_root`` into ``work/diaretdb1`` (official lists, the dataset's
+    default fusion) and run the floor on its test images.
+
+    Returns:
+        ``root``, ``gt_file`` and ``gt`` (the test split), ``image_root``, ``fusion`` (the
+        converter's words), ``floor`` (:func:`score_results` of the floor), ``floor_results``
+        and ``floor_seconds``.
+    """
+    from retina_d2.data.converters.base import require_dir
+    from retina_d2.data.register import read_manifest
+
+    from . import run_tool
+    from .exudate_floor import floor_coco_results
+
+    raw_root = require_dir(Path(raw_root).resolve(), "the DIARETDB1 folder")
+    conversion = work / DIARETDB1_FOLDER / "diaretdb1"
+    run_tool("convert_dataset.py", "diaretdb1", "--root", str(raw_root), "--out",
+             str(conversion), "--no-semantic", "--overwrite")
+    gt_file = conversion / "test.json"
+    gt = json.loads(gt_file.read_text())
+    image_root = read_manifest(conversion)[1]
+    start = time.perf_counter()
+    floor_results = floor_coco_results(gt["images"], image_root, _exudate_id(gt))
+    floor_seconds = time.perf_counter() - start
+    fusion = json.loads((conversion / "summary.json").read_text())["notes"]["fusion"]
+    return {
+        "root": str(raw_root), "gt_file": gt_file, "gt": gt, "image_root": image_root,
+        "fusion": fusion, "floor": score_results(gt, floor_results),
+        "floor_results": floor_results, "floor_seconds": floor_seconds,
+    }
+
+
+def _check_same_categories(model_gt: dict, other_gt: dict, other: str) -> None:
+    """predict_fold reads channel c as the c-th category of the GT it predicts: the model's
+    training categories and the other dataset's must be the same, in the same id order."""
+    def names(gt):
+        return [(c["id"], c["name"]) for c in sorted(gt["categories"], key=lambda c: c["id"])]
+
+    if names(model_gt) != names(other_gt):
+        raise ValueError(f"{other}: categories {names(other_gt)} are not the model's "
+                         f"{names(model_gt)}")
+
+
+def diaretdb1_section(prepared: dict, folds: Sequence[dict], config_threshold: float) -> dict:
+    """The DIARETDB1 results: one row per fold's model (``folds``: ``fold``, ``scored``,
+    ``inference`` and the fold's cross-validated ``cv threshold`` or None), their summary over
+    folds, and the floor's row, with every model row's ratio to it."""
+    from .exudate_floor import FLOOR_NAME, add_floor_ratios
+
+    gt = prepared["gt"]
+    truth = prepared["floor"]["truth"]
+    floor = {**cross_dataset_row(prepared["floor"], [("config", config_threshold)]),
+             "seconds / image": prepared["floor_seconds"] / max(len(gt["images"]), 1)}
+    rows = []
+    for fold in folds:
+        thresholds = [("config", config_threshold)]
+        if fold["cv threshold"] is not None:
+            thresholds.insert(0, ("cv", fold["cv threshold"]))
+        row = {"fold": fold["fold"], **cross_dataset_row(fold["scored"], thresholds)}
+        inference = fold["inference"]
+        row["infer s / image"] = inference["seconds"] / max(inference["num_images"], 1)
+        row["infer peak RSS MB"] = inference["peak_rss_mb"]
+        add_floor_ratios([row], floor, RATIO_KEYS + (AT_ONE_FALSE_ALARM,))
+        rows.append(row)
+    return {
+        "root": prepared["root"],
+        "split": "test (ddb1_v02_01_test.txt)",
+        "fusion": prepared["fusion"],
+        "images": len(gt["images"]),
+        "images with hard exudates": sum(truth.values()),
+        "hard exudates": prepared["floor"]["curve"]["num_lesions"],
+        "note": "every fold's model trained on HEI-MED only, never on DIARETDB1; percent except "
+                "thresholds, times and false alarms; false alarms / image = FROC false positives "
+                "(IoU 0.2) over all images; 'cv' columns use the fold's threshold chosen on "
+                "HEI-MED out-of-fold predictions, 'config' the config's; the floor row is "
+                f"'{FLOOR_NAME}' on the same images (the same for every fold)",
+        "model_folds": rows,
+        "model_summary": _summary(rows) if rows else {},
+        "floor": floor,
+    }
+
+
+def predict_scored(config: Path, weights: Path, datasets: Path, gt_file: Path, image_root,
+                   out_file: Path, opts: Sequence[str], what: str) -> dict:
+    """Predict ``gt_file``'s images with ``weights`` in a fresh process (:func:`predict_fold`)
+    and score them: ``results``, ``inference`` (seconds, images, peak RSS) and ``scored``
+    (:func:`score_results`)."""
+    inference = measure_in_subprocess(
+        "benchmarks.heimed_exudate_cv:predict_fold",
+        {"config": str(config), "weights": str(weights), "datasets": str(datasets),
+         "gt_file": str(gt_file), "image_root": str(image_root), "out_file": str(out_file),
+         "opts": list(opts)},
+    )
+    if "error" in inference:
+        raise RuntimeError(f"{what}: prediction failed: {inference['error']}")
+    gt = json.loads(Path(gt_file).read_text())
+    results = json.loads(Path(out_file).read_text())
+    return {"results": results, "inference": inference, "scored": score_results(gt, results)}
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -362,6 +515,8 @@ def run(args) -> dict:
 
     names, positive = _dev_images(root, work, args.images)
     folds = stratified_folds(names, positive, args.folds)
+    # Before any training: a bad DIARETDB1 folder stops the run at once.
+    diaretdb1 = prepare_diaretdb1(args.diaretdb1_root, work) if args.diaretdb1_root else None
     per_fold = []
     for k, val in enumerate(folds):
         train = [n for n in names if n not in val]
@@ -380,33 +535,44 @@ def run(args) -> dict:
             training = _train(config, opts, env)
         gt_file = conversion / "val.json"
         image_root = read_manifest(conversion)[1]
-        predictions = fold_dir / "predictions.json"
-        inference = measure_in_subprocess(
-            "benchmarks.heimed_exudate_cv:predict_fold",
-            {"config": str(config), "weights": str(run_dir / "model_final.pth"),
-             "datasets": str(fold_dir / "datasets"), "gt_file": str(gt_file),
-             "image_root": str(image_root), "out_file": str(predictions),
-             "opts": list(args.opts)},
-        )
-        if "error" in inference:
-            raise RuntimeError(f"fold {k}: prediction failed: {inference['error']}")
+        weights = run_dir / "model_final.pth"
+        predicted = predict_scored(config, weights, fold_dir / "datasets", gt_file, image_root,
+                                   fold_dir / "predictions.json", args.opts, f"fold {k}")
         gt = json.loads(gt_file.read_text())
-        results = json.loads(predictions.read_text())
         start = time.perf_counter()
         floor_results = floor_coco_results(gt["images"], image_root, _exudate_id(gt))
         floor_seconds = time.perf_counter() - start
         per_fold.append({
-            "fold": k, "train": train, "val": val, "gt": gt, "results": results,
-            "model": score_results(gt, results), "floor": score_results(gt, floor_results),
+            "fold": k, "train": train, "val": val, "gt": gt, "results": predicted["results"],
+            "model": predicted["scored"], "floor": score_results(gt, floor_results),
             "floor_results": floor_results, "floor_seconds": floor_seconds,
-            "training": training, "inference": inference, "num_train": len(train),
+            "training": training, "inference": predicted["inference"], "num_train": len(train),
         })
+        if diaretdb1:
+            _check_same_categories(gt, diaretdb1["gt"], str(diaretdb1["gt_file"]))
+            per_fold[-1]["diaretdb1"] = predict_scored(
+                config, weights, fold_dir / "datasets", diaretdb1["gt_file"],
+                diaretdb1["image_root"], fold_dir / "diaretdb1_predictions.json", args.opts,
+                f"fold {k} on DIARETDB1",
+            )
 
         # Written after every fold: a run stopped early still leaves what it measured.
         summary = _assemble(per_fold, folds, names, iterations, config_threshold, config, args)
+        if diaretdb1:
+            summary["diaretdb1"] = diaretdb1_section(
+                diaretdb1, _diaretdb1_folds(per_fold, summary["model_folds"]), config_threshold
+            )
         write_json_atomic(args.out, summary, indent=2)
     _print(summary)
     return summary
+
+
+def _diaretdb1_folds(per_fold: List[dict], model_rows: List[dict]) -> List[dict]:
+    """Each fold's DIARETDB1 scoring with the threshold its HEI-MED row was scored at by
+    cross-validation (None until another fold is done)."""
+    return [{"fold": fold["fold"], "cv threshold": row.get("cv threshold"),
+             **{key: fold["diaretdb1"][key] for key in ("scored", "inference")}}
+            for fold, row in zip(per_fold, model_rows)]
 
 
 def _assemble(per_fold: List[dict], folds, names, iterations: int, config_threshold: float,
@@ -506,3 +672,23 @@ def _print(results: dict) -> None:
     print(f"\nthreshold to ship (best pooled out-of-fold lesion F1): "
           f"{results['cv_threshold_to_ship']:.2f}; pooled out-of-fold image AUC: "
           f"{results['pooled_out_of_fold_image_AUC']}")
+    if "diaretdb1" in results:
+        _print_diaretdb1(results["diaretdb1"])
+
+
+def _print_diaretdb1(section: dict) -> None:
+    columns = [
+        ("fold", "fold", "d"), ("segm AP35", "segm AP35", ".1f"), ("AP50", "segm AP50", ".1f"),
+        ("img AUC", "image AUC", ".1f"), ("cv thr", "cv threshold", ".2f"),
+        ("cv recall", "cv recall", ".1f"), ("cv FA/img", "cv false alarms / image", ".2f"),
+        ("cfg recall", "config recall", ".1f"),
+        ("cfg FA/img", "config false alarms / image", ".2f"),
+        ("recall@1FA", AT_ONE_FALSE_ALARM, ".1f"), ("infer s/img", "infer s / image", ".1f"),
+    ]
+    mean = {"fold": -1, **{k: v["mean"] for k, v in section["model_summary"].items()}}
+    floor = {"fold": -2, **section["floor"]}
+    print(f"\nDIARETDB1 {section['split']}, never trained on: {section['images']} images "
+          f"({section['images with hard exudates']} with hard exudates, "
+          f"{section['hard exudates']} consensus exudates; {section['fusion']}); "
+          f"fold -1: mean, fold -2: the floor")
+    print(format_table(section["model_folds"] + [mean, floor], columns))

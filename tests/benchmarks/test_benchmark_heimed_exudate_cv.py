@@ -145,3 +145,176 @@ def test_quick_mode_runs_end_to_end_on_four_real_images(tmp_path):
     cfg.merge_from_file(str(CONFIG))
     assert results["config_threshold"] == cfg.RETINA.COMPONENTS.SCORE_THRESHOLD
     assert "segm AP35" in results["model_summary"] and "std" in results["model_summary"]["FROC"]
+    assert "diaretdb1" not in results  # only with --diaretdb1-root
+
+    # Again from the fold models just trained (--skip-train), now also scored on DIARETDB1.
+    again = tmp_path / "cv_diaretdb1.json"
+    main([
+        "heimed-exudate-cv", "--images", "4", "--folds", "2", "--iterations", "2",
+        "--work", str(tmp_path / "work"), "--out", str(again), "--skip-train",
+        "--diaretdb1-root", str(_diaretdb1_raw(tmp_path / "raw")),
+        "RETINA.PREPROCESS.FOV_DIAMETER", "512", "INPUT.CROP.SIZE", "[128, 128]",
+    ])
+    scored = json.loads(again.read_text())
+    for before, after in zip(results["model_folds"], scored["model_folds"]):
+        assert after["segm AP35"] == before["segm AP35"] and after["FROC"] == before["FROC"]
+    section = scored["diaretdb1"]
+    assert section["images"] == 3 and len(section["model_folds"]) == 2
+    for fold, heimed_row in zip(section["model_folds"], scored["model_folds"]):
+        assert fold["cv threshold"] == heimed_row["cv threshold"]  # chosen on HEI-MED alone
+        assert fold["image AUC"] is not None and fold["recall at <= 1 false alarm / image"] >= 0
+    assert "std" in section["model_summary"]["segm AP50"]
+    assert section["floor"]["segm AP35"] is not None
+
+
+# --- DIARETDB1: the fold models on another camera ----------------------------------------------
+
+
+def _square_rle(top, left, size=4, shape=(32, 32)):
+    from pycocotools import mask as mask_util
+
+    mask = np.zeros(shape, np.uint8, order="F")
+    mask[top:top + size, left:left + size] = 1
+    rle = mask_util.encode(mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def test_cross_dataset_row_counts_recall_and_false_alarms_on_every_image():
+    from benchmarks.heimed_exudate_cv import AT_ONE_FALSE_ALARM, cross_dataset_row, score_results
+
+    exudate = 3
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32},
+                   {"id": 2, "file_name": "b.png", "height": 32, "width": 32}],
+        "categories": [{"id": 1, "name": "microaneurysm"}, {"id": exudate, "name": "hard exudate"}],
+        "annotations": [
+            {"id": i + 1, "image_id": 1, "category_id": exudate, "iscrowd": 0, "area": 16,
+             "bbox": [left, top, 4, 4], "segmentation": _square_rle(top, left)}
+            for i, (top, left) in enumerate([(2, 2), (20, 20)])
+        ],
+    }
+
+    def result(image_id, top, left, score):
+        return {"image_id": image_id, "category_id": exudate, "score": score,
+                "bbox": [left, top, 4, 4], "segmentation": _square_rle(top, left)}
+
+    # Image 1 holds both lesions, image 2 none. In score order: a hit (0.9), three false alarms
+    # (0.8 and 0.6 on image 2, 0.7 on image 1 away from both lesions), the second hit (0.5).
+    results = [result(1, 2, 2, 0.9), result(2, 10, 10, 0.8), result(1, 10, 2, 0.7),
+               result(2, 25, 25, 0.6), result(1, 20, 20, 0.5)]
+    scored = score_results(gt, results)
+    row = cross_dataset_row(scored, [("cv", 0.75), ("config", 0.5)])
+    # >= 0.75: 1 of 2 lesions, 1 false alarm over 2 images.
+    assert (row["cv recall"], row["cv false alarms / image"]) == (50.0, 0.5)
+    # >= 0.5: both lesions, 3 false alarms over 2 images.
+    assert (row["config recall"], row["config false alarms / image"]) == (100.0, 1.5)
+    # Within 1 false alarm per image (2 on 2 images) only the first hit is reached: the second
+    # comes after the third false alarm.
+    assert row[AT_ONE_FALSE_ALARM] == 50.0
+    assert row["image AUC"] == 100.0  # image 1's best lesion (0.9) above image 2's (0.8)
+    assert row["cv threshold"] == 0.75 and row["segm AP50"] is not None
+
+
+IMAGES_WITH_EXUDATES = ("diaretdb1_image001", "diaretdb1_image003")
+
+
+def _diaretdb1_raw(parent: Path) -> Path:
+    """A DIARETDB1 v2.1 folder: 3 test images (2 with consensus exudates), 1 training image."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # the layout writers
+    from diaretdb1_layout import circle, four, write_dataset
+
+    images = {
+        "diaretdb1_image001": four([circle(30, 30, 6), circle(90, 60, 5)]),
+        "diaretdb1_image002": four([]),
+        "diaretdb1_image003": four([circle(100, 20, 5, kind="Hard_exudates")]),
+        "diaretdb1_image004": four([circle(40, 40, 6)]),
+    }
+    return write_dataset(parent, images, ["diaretdb1_image004"],
+                         ["diaretdb1_image001", "diaretdb1_image002", "diaretdb1_image003"])
+
+
+def test_diaretdb1_rows_of_a_tiny_model_beside_the_floor(tmp_path, monkeypatch):
+    """The benchmark's DIARETDB1 path (conversion, floor, a fold model's prediction in its own
+    process, the rows) on a generated DIARETDB1 folder with a randomly initialised recipe model
+    at 128 px."""
+    from benchmarks.exudate_floor import floor_coco_results
+    from benchmarks.heimed_exudate_cv import (
+        AT_ONE_FALSE_ALARM,
+        cross_dataset_row,
+        diaretdb1_section,
+        predict_scored,
+        prepare_diaretdb1,
+        score_results,
+    )
+    from detectron2.modeling import build_model
+
+    from retina_d2.engine.trainer import setup_cfg
+    from retina_d2.modeling import LesionCheckpointer
+
+    raw = _diaretdb1_raw(tmp_path / "raw")
+    work = tmp_path / "work"
+    prepared = prepare_diaretdb1(raw, work)
+    gt = prepared["gt"]
+    assert [Path(i["file_name"]).stem for i in gt["images"]] == [
+        "diaretdb1_image001", "diaretdb1_image002", "diaretdb1_image003"]  # the test list only
+    assert prepared["floor"]["curve"]["num_lesions"] == 3  # the consensus exudates
+    # The floor is computed in the run: the same as running and scoring it here.
+    exudate = next(c["id"] for c in gt["categories"] if c["name"] == "hard exudate")
+    direct = score_results(gt, floor_coco_results(gt["images"], prepared["image_root"], exudate))
+    assert prepared["floor"]["row"] == direct["row"]
+
+    # A fold's model: the recipe, randomly initialised (what is measured here is the path).
+    datasets = work / "diaretdb1"
+    monkeypatch.setenv("RETINA_D2_DATASETS", str(datasets))
+    opts = ["DATASETS.TRAIN", "('diaretdb1_seg_train',)", "DATASETS.TEST", "()",
+            "RETINA.PREPROCESS.FOV_DIAMETER", "128", "MODEL.DEVICE", "cpu"]
+    torch.manual_seed(0)
+    model = build_model(setup_cfg(str(CONFIG), opts))
+    LesionCheckpointer(model, save_dir=str(tmp_path / "run")).save("model_final")
+    predicted = predict_scored(CONFIG, tmp_path / "run" / "model_final.pth", datasets,
+                               prepared["gt_file"], prepared["image_root"],
+                               tmp_path / "d1.json", opts, "fold 0 on DIARETDB1")
+    assert predicted["inference"]["num_images"] == 3
+    assert predicted["results"]  # the random model's map has components (seed 0)
+    assert {r["image_id"] for r in predicted["results"]} <= {i["id"] for i in gt["images"]}
+
+    folds = [{"fold": 0, "cv threshold": 0.7, **predicted},
+             {"fold": 1, "cv threshold": None, **predicted}]
+    section = diaretdb1_section(prepared, folds, config_threshold=0.5)
+    assert section["images"] == 3 and section["images with hard exudates"] == 2
+    assert section["hard exudates"] == 3
+    assert section["fusion"] == "mean expert confidence >= 0.75"  # the default fusion
+    first, second = section["model_folds"]
+    for key in ("segm AP35", "segm AP50", "image AUC", "cv recall", "config recall",
+                AT_ONE_FALSE_ALARM):
+        assert first[key] is not None and 0 <= first[key] <= 100, key
+    for key in ("cv false alarms / image", "config false alarms / image", "infer s / image",
+                "infer peak RSS MB"):
+        assert first[key] >= 0, key
+    assert first["cv threshold"] == 0.7 and "cv recall" not in second  # no other fold yet
+    assert first == {**second, **{k: v for k, v in first.items() if k.startswith("cv ")},
+                     "fold": 0}
+    summary = section["model_summary"]
+    assert summary["segm AP50"]["std"] == 0 and summary["segm AP50"]["mean"] == first["segm AP50"]
+    # The floor's row: the floor's own scoring at the config's threshold.
+    floor = section["floor"]
+    expected = cross_dataset_row(direct, [("config", 0.5)])
+    assert {k: floor[k] for k in expected} == expected
+    assert floor["seconds / image"] > 0
+    for key in ("segm AP35", "image AUC", AT_ONE_FALSE_ALARM):
+        if floor[key]:
+            assert first[f"{key} x floor"] == pytest.approx(first[key] / floor[key])
+
+
+def test_another_dataset_with_other_categories_is_refused():
+    # predict_fold reads channel c as the GT's c-th category: another vocabulary would mislabel.
+    from benchmarks.heimed_exudate_cv import _check_same_categories
+
+    heimed = {"categories": [{"id": 1, "name": "microaneurysm"}, {"id": 3, "name": "hard exudate"}]}
+    _check_same_categories(heimed, {"categories": heimed["categories"][::-1]}, "d1/test.json")
+    seven = {"categories": heimed["categories"] + [{"id": 9, "name": "neovascularization"}]}
+    with pytest.raises(ValueError, match="d1/test.json: categories .* are not the model's"):
+        _check_same_categories(heimed, seven, "d1/test.json")
