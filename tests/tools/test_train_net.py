@@ -62,7 +62,13 @@ def test_eval_only_reloads_the_weights(trained, datasets, monkeypatch, tmp_path)
     ],
 )
 def test_bad_configs_give_one_clear_error(datasets, monkeypatch, tmp_path, capsys, extra, message):
+    from detectron2.data import DatasetCatalog
+
     monkeypatch.setenv("RETINA_D2_DATASETS", str(datasets))
+    # Detectron2's catalog is per process: an earlier test of the suite may have registered
+    # IDRiD from its own datasets root. Here (this root has the synthetic set only) it is not.
+    if "idrid_seg_train" in DatasetCatalog:
+        monkeypatch.delitem(DatasetCatalog.data, "idrid_seg_train")  # restored afterwards
     flags = [e for e in extra if e.startswith("--")]
     opts = [e for e in extra if not e.startswith("--")]
     with pytest.raises(SystemExit) as exit_info:
