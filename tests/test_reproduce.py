@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))  # the layout writers
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data" / "converters"))  # the layout writers
 
 from paper_layouts import (  # noqa: E402
     make_ddr_layout,

@@ -223,7 +223,7 @@ def _diaretdb1_raw(parent: Path) -> Path:
     """A DIARETDB1 v2.1 folder: 3 test images (2 with consensus exudates), 1 training image."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # the layout writers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "converters"))  # the layout writers
     from diaretdb1_layout import circle, four, write_dataset
 
     images = {

@@ -25,7 +25,7 @@ from retina_d2.data.converters.heimed_io import (
     read_meta,
 )
 
-HEIMED_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "heimed"
+HEIMED_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "heimed"
 if not HEIMED_DIR.is_dir():
     pytest.skip(
         "../shared/data/heimed not found: the real HEI-MED sample is only beside the CI checkout",

@@ -430,7 +430,7 @@ def test_bad_val_split_names_the_file(full_root, tmp_path, text):
 def test_convert_tool_takes_val_split_none(full_root, tmp_path):
     root, _ = full_root
     out = tmp_path / "out"
-    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_dataset.py"
+    tool = Path(__file__).resolve().parents[3] / "tools" / "convert_dataset.py"
     done = subprocess.run(
         [sys.executable, str(tool), "idrid", "--root", str(root), "--out", str(out), "--val-split", "none"],
         capture_output=True, text=True,

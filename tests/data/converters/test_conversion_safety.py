@@ -25,7 +25,7 @@ from retina_d2.data.converters.base import (
 )
 from retina_d2.data.synthetic import generate_dataset
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 QUIET = dict(progress=False)
 
 

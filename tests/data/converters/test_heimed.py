@@ -33,7 +33,7 @@ from retina_d2.data.converters.heimed_io import (
 )
 from retina_d2.data.lesions import lesion
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HEIMED_DIR = REPO.parent / "shared" / "data" / "heimed"
 DEV_SPLIT = REPO / "configs" / "splits" / "heimed_dev.json"
 requires_sample = pytest.mark.skipif(

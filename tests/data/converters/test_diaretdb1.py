@@ -22,7 +22,7 @@ from retina_d2.data.converters import ConversionError, ConvertOptions, get_conve
 from retina_d2.data.converters import diaretdb1
 from retina_d2.data.lesions import lesion
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 QUIET = {"progress": False}
 
 
