@@ -205,6 +205,22 @@ KEEP = ["--score-threshold", "0.0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
         "TEST.DETECTIONS_PER_IMAGE", "8"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_per_process():
+    """Every run of this module's comparisons on one CPU thread, in this process and in those it
+    starts (OMP_NUM_THREADS, which launch's CPU workers and fresh interpreters read): the CPU
+    kernels' float sums may differ in the last digit between thread counts, and the claim is
+    that sharding changes nothing else."""
+    import torch
+
+    mp, threads = pytest.MonkeyPatch(), torch.get_num_threads()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, synthetic_datasets):
     root = tmp_path_factory.mktemp("predict_shards")
