@@ -62,6 +62,7 @@ __all__ = [
     "image_auc",
     "predict_fold",
     "predict_scored",
+    "reliability",
     "prepare_diaretdb1",
     "run",
     "select_threshold",
@@ -76,7 +77,7 @@ DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_exudate_cv"
 CONFIG = REPO_ROOT / "configs" / "exudate_fpnseg_heimed_cpu.yaml"
 EXUDATE = "hard exudate"
 # Candidate operating thresholds; the cross-validation picks among them.
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.96, 0.05))
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.96, 0.05))
 
 
 def add_arguments(parser) -> None:
@@ -149,6 +150,40 @@ def select_threshold(curves: Sequence[Dict], thresholds: Sequence[float] = THRES
         if f1 >= best_f1:
             best, best_f1 = t, f1
     return float(best)
+
+
+CALIBRATION_BINS = 10
+
+
+def reliability(curves: Sequence[Dict], bins: int = CALIBRATION_BINS) -> dict:
+    """How far lesion scores are from probabilities, pooled over ``curves`` (FROC category
+    curves): per score bin, the predictions that found a lesion or were false alarms (FROC's
+    matching; duplicates of a found lesion and predictions on ignore regions count as neither),
+    their mean score and the share that found a lesion, and the expected calibration error (the
+    bins' |share - mean score| weighted by their predictions). Each operating point of a curve is
+    one distinct score; the predictions tied at it share it."""
+    counts, hits, score_sums = np.zeros(bins), np.zeros(bins), np.zeros(bins)
+    for curve in curves:
+        scores = np.asarray(curve["thresholds"], dtype=np.float64)
+        if scores.size == 0:
+            continue
+        found = np.nan_to_num(np.asarray(curve["sensitivity"], dtype=np.float64))
+        found = np.round(found * curve["num_lesions"])
+        alarms = np.round(np.asarray(curve["fps_per_image"], dtype=np.float64) * curve["num_images"])
+        new_hits, new_alarms = np.diff(found, prepend=0.0), np.diff(alarms, prepend=0.0)
+        which = np.clip((scores * bins).astype(int), 0, bins - 1)
+        np.add.at(counts, which, new_hits + new_alarms)
+        np.add.at(hits, which, new_hits)
+        np.add.at(score_sums, which, scores * (new_hits + new_alarms))
+    table = [
+        {"scores": [i / bins, (i + 1) / bins], "predictions": int(counts[i]),
+         "mean score": score_sums[i] / counts[i], "share found a lesion": hits[i] / counts[i]}
+        for i in range(bins) if counts[i]
+    ]
+    total = counts.sum()
+    error = (sum(row["predictions"] / total * abs(row["share found a lesion"] - row["mean score"])
+                 for row in table) if total else None)
+    return {"bins": table, "expected calibration error": error}
 
 
 def image_auc(scores: Sequence[float], labels: Sequence[bool]):
@@ -617,6 +652,7 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
             pooled_scores.append(fold["model"]["image_scores"][image_id])
             pooled_truth.append(has)
     pooled_auc = image_auc(pooled_scores, pooled_truth)
+    calibration = reliability([f["model"]["curve"] for f in per_fold])
 
     results = {
         "benchmark": "heimed-exudate-cv",
@@ -630,6 +666,7 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
         "config_threshold": config_threshold,
         "cv_threshold_to_ship": ship_threshold,
         "pooled_out_of_fold_image_AUC": None if pooled_auc is None else 100 * pooled_auc,
+        "pooled_out_of_fold_lesion_calibration": calibration,
         "note": "percent except thresholds, times and false alarms; every fold's model trained "
                 "from scratch on the other folds; 'cv' columns use the threshold chosen on the "
                 "other folds' out-of-fold predictions, 'config' columns the config's "
@@ -672,6 +709,14 @@ def _print(results: dict) -> None:
     print(f"\nthreshold to ship (best pooled out-of-fold lesion F1): "
           f"{results['cv_threshold_to_ship']:.2f}; pooled out-of-fold image AUC: "
           f"{results['pooled_out_of_fold_image_AUC']}")
+    calibration = results.get("pooled_out_of_fold_lesion_calibration")
+    if calibration and calibration["bins"]:
+        print("\nlesion scores against what they found (pooled out-of-fold; expected calibration "
+              f"error {calibration['expected calibration error']:.3f})")
+        print(format_table(calibration["bins"], [
+            ("scores", "scores", ""), ("predictions", "predictions", "d"),
+            ("mean score", "mean score", ".2f"), ("share found", "share found a lesion", ".2f"),
+        ]))
     if "diaretdb1" in results:
         _print_diaretdb1(results["diaretdb1"])
 

@@ -16,9 +16,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
+
+from retina_d2.modeling.bright_lesions import brightest_region_center
 
 from . import (
     HEIMED_ROOT,
@@ -46,8 +48,6 @@ CONFIG = REPO_ROOT / "configs" / "multitask_heimed.yaml"
 SPLIT = HEIMED_SPLIT
 LANDMARK = "optic_disc"
 VAL_DATASET = "heimed_seg_val"
-# Width the training-free finder works at: the disc stays ~70 px wide, the blur stays cheap.
-_FLOOR_WIDTH = 512
 
 
 def add_arguments(parser) -> None:
@@ -61,47 +61,6 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--skip-train", action="store_true", help="score the final weights already in --work/run"
     )
-
-
-def brightest_region_center(
-    image: np.ndarray, fov_threshold: int = 20, disc_fraction: float = 0.14
-) -> Tuple[float, float]:
-    """The centre (x, y) of the brightest disc-sized region inside the field of view.
-
-    The luminance inside the FOV is averaged over a Gaussian of a quarter disc diameter (the disc
-    taken as ``disc_fraction`` of the FOV's width), normalised by the FOV mask blurred alike so
-    the dark rim does not pull the average down, and the maximum is taken at least half a disc
-    from the rim: small bright exudates average away, the disc does not.
-
-    Args:
-        image: HxWx3 uint8 RGB.
-        fov_threshold: pixels brighter than this (channel maximum) are inside the FOV.
-        disc_fraction: the disc's diameter over the FOV's width.
-
-    Returns:
-        (x, y) in the image's pixels.
-    """
-    import cv2
-
-    height, width = image.shape[:2]
-    scale = min(1.0, _FLOOR_WIDTH / width)
-    size = (round(width * scale), round(height * scale))
-    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    fov = (small.max(axis=2) > fov_threshold).astype(np.float32)
-    cols = np.flatnonzero(fov.any(axis=0))
-    fov_width = float(cols[-1] - cols[0] + 1) if cols.size else float(small.shape[1])
-    disc = disc_fraction * fov_width
-    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) * fov
-    sigma = disc / 4.0
-    mean = cv2.GaussianBlur(grey, (0, 0), sigma) / np.maximum(
-        cv2.GaussianBlur(fov, (0, 0), sigma), 1e-3
-    )
-    margin = max(1, int(round(disc / 2)))
-    inner = cv2.erode(fov, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8))
-    mean[inner == 0] = -1.0
-    y, x = np.unravel_index(int(np.argmax(mean)), mean.shape)
-    # Pixel centres map back through the resize: (i + 0.5) / scale - 0.5.
-    return (x + 0.5) / scale - 0.5, (y + 0.5) / scale - 0.5
 
 
 def floor_rows(records: Sequence[dict], image_root: Path, radii: Sequence[float]) -> list:

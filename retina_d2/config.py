@@ -13,6 +13,7 @@ from .schema import FROC_IOU, FROC_MATCH, FROC_SCORE_THRESHOLD, IOU_THRESHOLDS
 __all__ = [
     "ConfigError",
     "add_augmentation_config",
+    "add_bright_candidates_config",
     "add_cbam_deeplab_config",
     "add_checkpoint_config",
     "add_components_config",
@@ -450,6 +451,33 @@ def add_components_config(cfg):
     cfg.RETINA.COMPONENTS.SCORE_THRESHOLD = 0.5
 
 
+def add_bright_candidates_config(cfg):
+    """``MODEL.BRIGHT_CANDIDATES``: BrightCandidateNet, a classifier of training-free bright
+    candidates (retina_d2/modeling/meta_arch/candidate_net.py)."""
+    cfg.MODEL.BRIGHT_CANDIDATES = CN()
+    # The candidates (retina_d2/modeling/bright_lesions.py; fractions of the FOV's diameter):
+    # green contrast over the local background from which a pixel is a candidate,
+    cfg.MODEL.BRIGHT_CANDIDATES.MIN_CONTRAST = 0.12
+    # the background Gaussian's sigma, the blanked optic disc's radius, the rim band left out,
+    cfg.MODEL.BRIGHT_CANDIDATES.BACKGROUND_SIGMA = 0.02
+    cfg.MODEL.BRIGHT_CANDIDATES.DISC_RADIUS = 0.1
+    cfg.MODEL.BRIGHT_CANDIDATES.RIM = 0.03
+    # fewest pixels of a candidate at a 2000 px FOV, and the surround compared with it.
+    cfg.MODEL.BRIGHT_CANDIDATES.MIN_AREA = 6.0
+    cfg.MODEL.BRIGHT_CANDIDATES.RING = 0.004
+    # The most contrasted candidates kept per image (the rest score 0): bounds the work on an
+    # eye covered in reflections.
+    cfg.MODEL.BRIGHT_CANDIDATES.MAX_CANDIDATES = 3000
+    # The classifier: one hidden layer of this width, dropout before the output.
+    cfg.MODEL.BRIGHT_CANDIDATES.HIDDEN_DIM = 32
+    cfg.MODEL.BRIGHT_CANDIDATES.DROPOUT = 0.1
+    # A candidate is a lesion when its IoU with a ground-truth lesion (a connected component of
+    # the semantic target) reaches this; one mostly in an ignore region trains nothing.
+    cfg.MODEL.BRIGHT_CANDIDATES.POSITIVE_IOU = 0.2
+    # The semantic channel (lesion type) the candidates are scored for; the others stay 0.
+    cfg.MODEL.BRIGHT_CANDIDATES.LESION_CHANNEL = 0
+
+
 def add_evaluation_config(cfg):
     """``RETINA.EVAL``: the evaluators' settings, the overlays and the report."""
     _add_section(cfg, "RETINA")
@@ -583,6 +611,7 @@ RETINA_CONFIG_COMPONENTS = (
     add_tiling_config,
     add_tta_config,
     add_components_config,
+    add_bright_candidates_config,
     add_evaluation_config,
     add_protocol_config,
     add_inference_config,

@@ -14,6 +14,7 @@ FAMILY_BASES = {
     "Base-MaskRCNN.yaml": "LesionRCNN",
     "Base-Semantic.yaml": "SemanticLesionNet",
     "Base-MultiTask.yaml": "MultiTaskLesionNet",
+    "Base-BrightCandidates.yaml": "BrightCandidateNet",
 }
 # A CPU variant of a family base inherits that base, nothing else.
 CPU_BASES = {

@@ -33,7 +33,13 @@ CHANGED = {
     "multitask_synthetic.yaml": ("MODEL.RESNETS.",),
     "quick_schedules/multitask_synthetic_instant_test.yaml": ("MODEL.RESNETS.",),
 }
-ALL_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("**/*.yaml"))
+# Configs added after the rebase: nothing to compare them with (tests/test_config_families.py
+# checks them like every other).
+ADDED_AFTER_REBASE = {"Base-BrightCandidates.yaml", "exudate_candidates_heimed_cpu.yaml"}
+ALL_CONFIGS = sorted(
+    name for name in (str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("**/*.yaml"))
+    if name not in ADDED_AFTER_REBASE
+)
 
 
 def _flat(node, prefix=""):
@@ -71,6 +77,7 @@ def reference_configs(tmp_path_factory) -> Path:
 def test_no_config_was_added_or_lost(reference_configs):
     before = sorted(str(p.relative_to(reference_configs)) for p in reference_configs.glob("**/*.yaml"))
     assert ALL_CONFIGS == before
+    assert all((CONFIGS / name).is_file() for name in ADDED_AFTER_REBASE)  # the list is not stale
 
 
 @pytest.mark.parametrize("name", ALL_CONFIGS)

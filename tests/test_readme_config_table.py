@@ -74,7 +74,8 @@ def expected_names(cfg) -> list:
     return [
         [model.META_ARCHITECTURE],
         [lesion] if multitask and lesion else [],
-        [model.BACKBONE.NAME],
+        # BrightCandidateNet has no network trunk: its candidates are computed, not learned.
+        [model.BACKBONE.NAME] if lesion != "BrightCandidateNet" else [],
         rcnn if detector else [],
         [model.SEM_SEG_HEAD.NAME] if semantic else [],
         [model.GRADING.NAME] if multitask and len(model.GRADING.TASKS) else [],
