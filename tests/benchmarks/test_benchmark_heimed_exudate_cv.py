@@ -16,6 +16,7 @@ from benchmarks.heimed_exudate_cv import (
     at_threshold,
     counts_at,
     image_auc,
+    reliability,
     select_threshold,
     stratified_folds,
 )
@@ -56,6 +57,25 @@ def test_threshold_is_the_best_pooled_lesion_f1():
     # >=0.6 -> (3, 1): 6/10; >=0.35 -> (4, 5). The best is 0.55.
     assert select_threshold([a, b], thresholds=(0.35, 0.5, 0.55, 0.6, 0.9)) == 0.55
     assert select_threshold([a, b]) in THRESHOLDS
+
+
+def test_reliability_by_hand():
+    # Hits at 0.95 and 0.12, false alarms at 0.9, 0.15 and 0.05 (3 lesions, 2 images).
+    a = _curve([(0.95, 1), (0.9, 0), (0.15, 0), (0.12, 1), (0.05, 0)], 3, 2)
+    # A duplicate of a found lesion at 0.85: neither a hit nor a false alarm, so not counted.
+    b = {"thresholds": [0.92, 0.85], "num_lesions": 1, "num_images": 1,
+         "sensitivity": [1.0, 1.0], "fps_per_image": [0.0, 0.0]}
+    table = reliability([a, b])
+    rows = {tuple(r["scores"]): r for r in table["bins"]}
+    assert sorted(rows) == [(0.0, 0.1), (0.1, 0.2), (0.9, 1.0)]
+    top = rows[(0.9, 1.0)]
+    assert top["predictions"] == 3 and top["share found a lesion"] == pytest.approx(2 / 3)
+    assert top["mean score"] == pytest.approx((0.95 + 0.9 + 0.92) / 3)
+    assert rows[(0.1, 0.2)]["share found a lesion"] == 0.5
+    # |2/3 - 0.9233| * 3 + |0.5 - 0.135| * 2 + |0 - 0.05| * 1, over 6 predictions.
+    expected = (abs(2 / 3 - 2.77 / 3) * 3 + abs(0.5 - 0.135) * 2 + 0.05) / 6
+    assert table["expected calibration error"] == pytest.approx(expected)
+    assert reliability([])["expected calibration error"] is None
 
 
 def test_image_auc_and_false_alarms_per_healthy_eye():
@@ -165,6 +185,32 @@ def test_quick_mode_runs_end_to_end_on_four_real_images(tmp_path):
         assert fold["image AUC"] is not None and fold["recall at <= 1 false alarm / image"] >= 0
     assert "std" in section["model_summary"]["segm AP50"]
     assert section["floor"]["segm AP35"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (HEIMED_ROOT / "(00000101).jpg").is_file(),
+    reason=f"the HEI-MED sample is not at {HEIMED_ROOT}",
+)
+def test_candidate_recipe_runs_end_to_end_on_four_real_images(tmp_path):
+    # configs/exudate_candidates_heimed_cpu.yaml through the same benchmark: its map's components
+    # are its candidates, scored and calibrated like any semantic model's lesions.
+    config = REPO_ROOT / "configs" / "exudate_candidates_heimed_cpu.yaml"
+    out = tmp_path / "cv.json"
+    main([
+        "heimed-exudate-cv", "--config-file", str(config), "--images", "4", "--folds", "2",
+        "--iterations", "2", "--work", str(tmp_path / "work"), "--out", str(out),
+        "RETINA.PREPROCESS.FOV_DIAMETER", "512",
+    ])
+    results = json.loads(out.read_text())
+    assert results["config"] == "configs/exudate_candidates_heimed_cpu.yaml"
+    for model in results["model_folds"]:
+        for key in ("segm AP35", "FROC", "image AUC", "config false alarms / healthy eye",
+                    "train s / image", "infer s / image"):
+            assert model[key] is not None, key
+    calibration = results["pooled_out_of_fold_lesion_calibration"]
+    assert calibration["bins"] and 0 <= calibration["expected calibration error"] <= 1
+    assert sum(b["predictions"] for b in calibration["bins"]) > 0
 
 
 # --- DIARETDB1: the fold models on another camera ----------------------------------------------
