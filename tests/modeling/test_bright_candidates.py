@@ -187,3 +187,30 @@ def test_recipe_trains_ten_iterations_and_its_loss_falls(tmp_path, monkeypatch):
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]
     assert len(losses) == 10
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+
+
+def test_export_refuses_it_by_name():
+    # Its candidates are NumPy work on the CPU, not a traceable graph: export says so.
+    from retina_d2.config import get_retina_cfg
+    from retina_d2.export import ExportError, check_exportable
+
+    cfg = get_retina_cfg()
+    cfg.merge_from_file(str(CONFIG))
+    with pytest.raises(ExportError, match="BrightCandidateNet: not exported"):
+        check_exportable(cfg)
+
+
+def test_the_recipe_model_has_737_parameters_and_a_black_frame_has_no_candidate():
+    # The config's comment: 21 features -> 32 hidden -> 1 (weights and biases).
+    from detectron2.modeling import build_model
+
+    from retina_d2.config import get_retina_cfg
+
+    cfg = get_retina_cfg()
+    cfg.merge_from_file(str(CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    assert sum(p.numel() for p in model.parameters()) == 737
+    black = {"image": torch.zeros(3, 64, 80)}
+    probs = model([black])[0]["sem_seg"]
+    assert probs.shape == (5, 64, 80) and probs.abs().sum() == 0
