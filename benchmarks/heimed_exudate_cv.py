@@ -32,7 +32,9 @@ the same run on the same images (one row: it does not depend on the fold).
 Thresholds are chosen by cross-validation on these images only: each fold's operating threshold
 is the one with the best pooled lesion F1 over the *other* folds' out-of-fold predictions (so no
 fold is scored at a threshold its own labels chose); the threshold to ship is the best over all
-folds' out-of-fold predictions. Rows at the config's own ``RETINA.COMPONENTS.SCORE_THRESHOLD``
+folds' out-of-fold predictions. A screening operating point is chosen the same way: the lowest
+threshold whose false alarms per healthy eye on the other folds stay within
+``--false-alarm-budget`` (default 0.5), and the one to ship over all folds. Rows at the config's own ``RETINA.COMPONENTS.SCORE_THRESHOLD``
 are reported beside them.
 """
 import json
@@ -65,6 +67,8 @@ __all__ = [
     "reliability",
     "prepare_diaretdb1",
     "run",
+    "false_alarms_per_healthy_eye",
+    "select_screening_threshold",
     "select_threshold",
     "stratified_folds",
 ]
@@ -95,6 +99,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--skip-train", action="store_true", help="predict with the weights already in --work"
+    )
+    parser.add_argument(
+        "--false-alarm-budget", type=float, default=0.5, metavar="PER_HEALTHY_EYE",
+        help="also choose, by cross-validation, the lowest threshold whose out-of-fold false "
+        "alarms per healthy eye stay within this (the screening operating point; default 0.5)",
     )
     parser.add_argument(
         "--diaretdb1-root", type=Path, metavar="RAW_DIR",
@@ -150,6 +159,32 @@ def select_threshold(curves: Sequence[Dict], thresholds: Sequence[float] = THRES
         if f1 >= best_f1:
             best, best_f1 = t, f1
     return float(best)
+
+
+def false_alarms_per_healthy_eye(folds: Sequence[Dict], threshold: float):
+    """Exudate predictions scoring >= ``threshold`` on the eyes without exudates, per such eye,
+    pooled over ``folds`` (each ``{"results": COCO results, "gt": COCO GT, "truth": image id ->
+    has exudates}``); None without a healthy eye."""
+    alarms = eyes = 0
+    for fold in folds:
+        exudate_id = _exudate_id(fold["gt"])
+        healthy = {i for i, has in fold["truth"].items() if not has}
+        eyes += len(healthy)
+        alarms += sum(1 for r in fold["results"] if r["category_id"] == exudate_id
+                      and r["image_id"] in healthy and r["score"] >= threshold)
+    return alarms / eyes if eyes else None
+
+
+def select_screening_threshold(folds: Sequence[Dict], budget: float,
+                               thresholds: Sequence[float] = THRESHOLDS) -> float:
+    """The lowest threshold (the most lesions found) whose pooled false alarms per healthy eye
+    over ``folds`` (:func:`false_alarms_per_healthy_eye`) stay within ``budget``; the highest
+    threshold when none does."""
+    for t in sorted(thresholds):
+        alarms = false_alarms_per_healthy_eye(folds, t)
+        if alarms is not None and alarms <= budget:
+            return float(t)
+    return float(max(thresholds))
 
 
 CALIBRATION_BINS = 10
@@ -615,6 +650,7 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
     """The results of the folds done so far (``folds_completed`` of ``folds``)."""
     from .exudate_floor import FLOOR_NAME, add_floor_ratios
 
+    budget = args.false_alarm_budget
     # Thresholds by cross-validation: fold k's from the other folds' out-of-fold predictions.
     model_rows, floor_rows = [], []
     for k, fold in enumerate(per_fold):
@@ -624,6 +660,10 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
                **fold["model"]["row"]}
         # Until another fold is done there is nothing to choose fold k's threshold on.
         operating = [("cv", select_threshold(others))] if others else []
+        other_folds = [{"results": f["results"], "gt": f["gt"], "truth": f["model"]["truth"]}
+                       for j, f in enumerate(per_fold) if j != k]
+        if other_folds:
+            operating.append(("screening", select_screening_threshold(other_folds, budget)))
         for prefix, t in operating + [("config", config_threshold)]:
             for key, value in at_threshold(fold["model"], fold["results"], fold["gt"], t).items():
                 row[f"{prefix} {key}"] = value
@@ -644,6 +684,10 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
         model_rows.append(row)
         floor_rows.append(floor)
     ship_threshold = select_threshold([f["model"]["curve"] for f in per_fold])
+    screening_threshold = select_screening_threshold(
+        [{"results": f["results"], "gt": f["gt"], "truth": f["model"]["truth"]} for f in per_fold],
+        budget,
+    )
 
     # Pooled out-of-fold image AUC: one ranking over all folds' eyes.
     pooled_scores, pooled_truth = [], []
@@ -665,11 +709,15 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
         "fold_images": folds,
         "config_threshold": config_threshold,
         "cv_threshold_to_ship": ship_threshold,
+        "false_alarm_budget_per_healthy_eye": budget,
+        "screening_threshold_to_ship": screening_threshold,
         "pooled_out_of_fold_image_AUC": None if pooled_auc is None else 100 * pooled_auc,
         "pooled_out_of_fold_lesion_calibration": calibration,
         "note": "percent except thresholds, times and false alarms; every fold's model trained "
                 "from scratch on the other folds; 'cv' columns use the threshold chosen on the "
-                "other folds' out-of-fold predictions, 'config' columns the config's "
+                "other folds' out-of-fold predictions (best pooled lesion F1), 'screening' "
+                "columns the lowest threshold whose false alarms per healthy eye on the other "
+                "folds stay within false_alarm_budget_per_healthy_eye, 'config' columns the config's "
                 "RETINA.COMPONENTS.SCORE_THRESHOLD; healthy eye = no exudate annotated; the "
                 f"floor row is '{FLOOR_NAME}' on the same fold",
         "machine": machine_info(),
@@ -688,6 +736,8 @@ def _print(results: dict) -> None:
         ("AP75", "segm AP75", ".1f"), ("FROC", "FROC", ".1f"), ("img AUC", "image AUC", ".1f"),
         ("cv thr", "cv threshold", ".2f"), ("cv F1", "cv F1", ".1f"),
         ("cv FA/healthy", "cv false alarms / healthy eye", ".2f"),
+        ("scr thr", "screening threshold", ".2f"), ("scr recall", "screening recall", ".1f"),
+        ("scr FA/healthy", "screening false alarms / healthy eye", ".2f"),
         ("cfg FA/healthy", "config false alarms / healthy eye", ".2f"),
         ("AP35 x floor", "segm AP35 x floor", ".2f"), ("AP50 x floor", "segm AP50 x floor", ".2f"),
         ("train s/img", "train s / image", ".1f"), ("infer s/img", "infer s / image", ".1f"),
@@ -709,6 +759,10 @@ def _print(results: dict) -> None:
     print(f"\nthreshold to ship (best pooled out-of-fold lesion F1): "
           f"{results['cv_threshold_to_ship']:.2f}; pooled out-of-fold image AUC: "
           f"{results['pooled_out_of_fold_image_AUC']}")
+    if "screening_threshold_to_ship" in results:
+        print(f"screening threshold to ship (lowest with <= "
+              f"{results['false_alarm_budget_per_healthy_eye']} out-of-fold false alarms per "
+              f"healthy eye): {results['screening_threshold_to_ship']:.2f}")
     calibration = results.get("pooled_out_of_fold_lesion_calibration")
     if calibration and calibration["bins"]:
         print("\nlesion scores against what they found (pooled out-of-fold; expected calibration "

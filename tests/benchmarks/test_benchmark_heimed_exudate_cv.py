@@ -17,6 +17,7 @@ from benchmarks.heimed_exudate_cv import (
     counts_at,
     image_auc,
     reliability,
+    select_screening_threshold,
     select_threshold,
     stratified_folds,
 )
@@ -57,6 +58,30 @@ def test_threshold_is_the_best_pooled_lesion_f1():
     # >=0.6 -> (3, 1): 6/10; >=0.35 -> (4, 5). The best is 0.55.
     assert select_threshold([a, b], thresholds=(0.35, 0.5, 0.55, 0.6, 0.9)) == 0.55
     assert select_threshold([a, b]) in THRESHOLDS
+
+
+def test_screening_threshold_is_the_lowest_within_the_false_alarm_budget():
+    gt = {"categories": [{"id": 3, "name": "hard exudate"}]}
+    # Two healthy eyes (2, 3) with false alarms at 0.9, 0.6, 0.6 and 0.35; eye 1 has exudates.
+    fold = {"gt": gt, "truth": {1: True, 2: False, 3: False}, "results": [
+        {"image_id": 1, "category_id": 3, "score": 0.2},
+        {"image_id": 2, "category_id": 3, "score": 0.9},
+        {"image_id": 2, "category_id": 3, "score": 0.6},
+        {"image_id": 3, "category_id": 3, "score": 0.6},
+        {"image_id": 3, "category_id": 3, "score": 0.35},
+        {"image_id": 3, "category_id": 1, "score": 0.99},  # another lesion type: not an exudate
+    ]}
+    grid = (0.3, 0.4, 0.5, 0.7, 0.95)
+    # >= 0.3: 4 alarms / 2 eyes = 2; >= 0.4 and 0.5: 1.5; >= 0.7: 0.5; >= 0.95: 0.
+    assert select_screening_threshold([fold], 0.5, grid) == 0.7
+    assert select_screening_threshold([fold], 1.5, grid) == 0.4
+    assert select_screening_threshold([fold], 10, grid) == 0.3
+    assert select_screening_threshold([fold], -1, grid) == 0.95  # none within: the highest
+    # Pooled over folds: a second fold of two clean healthy eyes halves the rate (>= 0.4: 3
+    # alarms on 4 eyes = 0.75, within 0.75; alone it is 1.5, and 0.7 is needed).
+    clean = {"gt": gt, "truth": {7: False, 8: False}, "results": []}
+    assert select_screening_threshold([fold], 0.75, grid) == 0.7
+    assert select_screening_threshold([fold, clean], 0.75, grid) == 0.4
 
 
 def test_reliability_by_hand():
