@@ -32,6 +32,7 @@ __all__ = [
     "FieldOfViewCircleMask",
     "FieldOfViewResize",
     "field_of_view_diameter",
+    "wide_gaussian_blur",
     "GrahamNormalization",
     "ClaheOnLightness",
     "RandomRotation90",
@@ -126,7 +127,7 @@ class CircleMaskTransform(PhotometricTransform):
 _BLUR_SIGMA_PER_COARSE_PIXEL = 8.0
 
 
-def _wide_gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+def wide_gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """``cv2.GaussianBlur(image, (0, 0), sigma)`` within half a grey level, many times faster.
 
     At native resolution Graham's sigma is 40 px or more and an exact blur of a 2000 px eye takes
@@ -169,7 +170,7 @@ class GrahamTransform(PhotometricTransform):
     def apply_image(self, img: np.ndarray) -> np.ndarray:
         # Blur in float: rounding a uint8 blur would be amplified four times.
         image = img.astype(np.float32)
-        blur = _wide_gaussian_blur(image, self.sigma).reshape(image.shape)
+        blur = wide_gaussian_blur(image, self.sigma).reshape(image.shape)
         out = np.clip(4.0 * image - 4.0 * blur + 128.0, 0.0, 255.0)
         return np.rint(out).astype(np.uint8).reshape(img.shape)
 

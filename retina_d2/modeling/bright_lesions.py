@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from ..data.preprocess import _wide_gaussian_blur, field_of_view_box
+from ..data.preprocess import wide_gaussian_blur, field_of_view_box
 
 __all__ = [
     "FEATURE_NAMES",
@@ -153,11 +153,11 @@ def bright_lesion_maps(
     sigma = params.background_sigma * diameter
     # A blur of the FOV alone, normalised by the blurred FOV mask: the black border would darken
     # the background near the rim and turn the whole rim into candidates.
-    norm = np.maximum(_wide_gaussian_blur(weight, sigma), 1e-3)
+    norm = np.maximum(wide_gaussian_blur(weight, sigma), 1e-3)
     contrast = np.zeros((3,) + image.shape[:2], np.float32)
     for c in channels:
         value = image[..., c].astype(np.float32)
-        background = _wide_gaussian_blur(value * weight, sigma) / norm
+        background = wide_gaussian_blur(value * weight, sigma) / norm
         contrast[c] = (value - background) / np.maximum(background, 1.0)
         contrast[c][~inside] = 0.0
     disc_x, disc_y = brightest_region_center(image, params.fov_threshold)

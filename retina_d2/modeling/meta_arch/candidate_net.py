@@ -37,11 +37,10 @@ from ..bright_lesions import (
     bright_lesion_maps,
     candidate_features,
 )
+from ...schema import IGNORE_VALUE
 from ..outputs import SEM_SEG
 
 __all__ = ["BrightCandidateNet", "candidate_targets"]
-
-_IGNORE = 255
 
 
 def candidate_targets(
@@ -73,7 +72,7 @@ def candidate_targets(
         cand, gt = pairs // (count + 1), pairs % (count + 1)
         iou = overlap / (cand_area[cand] + gt_area[gt] - overlap)
         np.maximum.at(best_iou, cand, iou)
-    ignored = np.bincount(labels[target == _IGNORE].ravel(), minlength=top)
+    ignored = np.bincount(labels[target == IGNORE_VALUE].ravel(), minlength=top)
     is_lesion = best_iou[index] >= positive_iou
     mostly_ignored = ignored[index] * 2 > cand_area[index]
     return is_lesion, is_lesion | ~mostly_ignored
