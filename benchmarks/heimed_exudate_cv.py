@@ -361,16 +361,15 @@ def score_results(gt: dict, results: List[dict]) -> dict:
 def at_threshold(scored: dict, results: List[dict], gt: dict, threshold: float) -> dict:
     """Lesion precision / recall / F1 and false alarms per healthy eye at ``threshold``."""
     hits, fps, lesions = counts_at(scored["curve"], threshold)
-    exudate_id = _exudate_id(gt)
-    healthy = [i for i, has in scored["truth"].items() if not has]
-    alarms = sum(1 for r in results if r["category_id"] == exudate_id
-                 and r["image_id"] in healthy and r["score"] >= threshold)
+    alarms = false_alarms_per_healthy_eye(
+        [{"results": results, "gt": gt, "truth": scored["truth"]}], threshold
+    )
     return {
         "threshold": threshold,
         "precision": 100 * hits / (hits + fps) if hits + fps else None,
         "recall": 100 * hits / lesions if lesions else None,
         "F1": 100 * 2 * hits / (hits + fps + lesions) if hits + fps + lesions else None,
-        "false alarms / healthy eye": alarms / len(healthy) if healthy else None,
+        "false alarms / healthy eye": alarms,
     }
 
 
@@ -645,6 +644,11 @@ def _diaretdb1_folds(per_fold: List[dict], model_rows: List[dict]) -> List[dict]
             for fold, row in zip(per_fold, model_rows)]
 
 
+def _predicted(fold: dict) -> dict:
+    """A fold's predictions as :func:`false_alarms_per_healthy_eye` reads them."""
+    return {"results": fold["results"], "gt": fold["gt"], "truth": fold["model"]["truth"]}
+
+
 def _assemble(per_fold: List[dict], folds, names, iterations: int, config_threshold: float,
               config: Path, args) -> dict:
     """The results of the folds done so far (``folds_completed`` of ``folds``)."""
@@ -660,8 +664,7 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
                **fold["model"]["row"]}
         # Until another fold is done there is nothing to choose fold k's threshold on.
         operating = [("cv", select_threshold(others))] if others else []
-        other_folds = [{"results": f["results"], "gt": f["gt"], "truth": f["model"]["truth"]}
-                       for j, f in enumerate(per_fold) if j != k]
+        other_folds = [_predicted(f) for j, f in enumerate(per_fold) if j != k]
         if other_folds:
             operating.append(("screening", select_screening_threshold(other_folds, budget)))
         for prefix, t in operating + [("config", config_threshold)]:
@@ -684,10 +687,7 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
         model_rows.append(row)
         floor_rows.append(floor)
     ship_threshold = select_threshold([f["model"]["curve"] for f in per_fold])
-    screening_threshold = select_screening_threshold(
-        [{"results": f["results"], "gt": f["gt"], "truth": f["model"]["truth"]} for f in per_fold],
-        budget,
-    )
+    screening_threshold = select_screening_threshold([_predicted(f) for f in per_fold], budget)
 
     # Pooled out-of-fold image AUC: one ranking over all folds' eyes.
     pooled_scores, pooled_truth = [], []
