@@ -32,6 +32,7 @@ from ..safe_load import UnreadableCheckpointError, load_checkpoint
 __all__ = [
     "MODEL_INFO_KEY",
     "ModelInfo",
+    "check_evaluation_classes",
     "inference_config",
     "model_info_of",
     "opt_value",
@@ -123,6 +124,54 @@ def read_model_info(path: str, trust: bool = False, checkpoint=None) -> Optional
     if not isinstance(checkpoint, dict) or MODEL_INFO_KEY not in checkpoint:
         return None
     return _parse_info(checkpoint[MODEL_INFO_KEY], path)
+
+
+def check_evaluation_classes(weights: str, info: Optional[ModelInfo],
+                             dataset_names: Sequence[str]) -> None:
+    """Refuse to evaluate the checkpoint ``weights`` on a dataset whose lesion classes are not
+    the model's, in the model's order. Evaluation reads the model's output k (instance class k,
+    semantic channel k, lesion presence k) as the dataset's ``thing_classes[k]``: another order
+    or another set would score each lesion type's predictions as another type's, silently.
+
+    Args:
+        info: the checkpoint's :class:`ModelInfo` (:func:`read_model_info`); None for a file
+            saved before class names were stored: a warning says the classes go unchecked.
+        dataset_names: the registered datasets to evaluate on (``DATASETS.TEST``). One without
+            lesion classes (a grading or localization set) has no lesion truth to misread; a
+            model storing no class names outputs no lesions. Neither is compared.
+
+    Raises:
+        ConfigError: a dataset's ``thing_classes`` differ from the checkpoint's ``class_names``,
+            naming the file, the dataset and both lists.
+    """
+    lesion_sets = [
+        (name, list(MetadataCatalog.get(name).get("thing_classes", None) or []))
+        for name in dataset_names
+    ]
+    lesion_sets = [(name, classes) for name, classes in lesion_sets if classes]
+    if not lesion_sets:
+        return
+    if info is None:
+        logger.warning(
+            "%s holds no class names (saved before retina_d2 stored them): its outputs are read "
+            "as the classes of %s in that order, unchecked",
+            weights, ", ".join(name for name, _ in lesion_sets),
+        )
+        return
+    model_classes = list(info.class_names)
+    if not model_classes:
+        return
+    for name, classes in lesion_sets:
+        if classes == model_classes:
+            continue
+        how = "the same lesions in another order" if sorted(classes) == sorted(model_classes) \
+            else "other lesion types"
+        raise ConfigError(
+            f"{weights}: the model's classes {model_classes} are not those of dataset {name!r}, "
+            f"{classes} ({how}); evaluation reads output k as the dataset's class k, so the "
+            "scores would go to the wrong lesion types. Evaluate on a dataset converted with "
+            "the model's lesion types in its order (DATASETS.TEST), or train on this one's"
+        )
 
 
 def opt_value(opts: Sequence[str], key: str) -> Optional[str]:

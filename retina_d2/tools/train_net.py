@@ -17,6 +17,9 @@ On a GPU add --deterministic (RETINA.DETERMINISTIC in retina_d2/config.py: what 
 Weights files are read as tensors and NumPy arrays only (--trust-checkpoint for an old full
 pickle you trust). --eval-only refuses a checkpoint that sets fewer than all of the model's
 parameters (MODEL.ALLOW_PARTIAL_WEIGHTS True to accept one); training from one only warns.
+It also refuses, before any inference, a checkpoint whose stored class names differ (in names or
+order) from a DATASETS.TEST dataset's lesion classes, since output k is scored as the dataset's
+class k; a checkpoint without stored class names is evaluated, with a warning.
 
 Datasets are the conversions found under $RETINA_D2_DATASETS (default ./datasets); see
 datasets/README.md. The run's config, environment, checkpoints (the best one as model_best.pth),
@@ -36,6 +39,7 @@ from ..data.image_io import ImageReadError
 # Detectron2's launch, which also runs --num-gpus N as N CPU processes where there is no CUDA.
 from ..engine import LesionTrainer, launch, setup_cfg
 from ..modeling import LesionCheckpointer
+from ..modeling.model_file import check_evaluation_classes, read_model_info
 from ..modeling.pretrained import fetch_weights
 from ..safe_load import CheckpointError
 
@@ -54,9 +58,9 @@ def main(args):
     if args.eval_only:
         model = LesionTrainer.build_model(cfg)
         # Every parameter must come from the file (MODEL.ALLOW_PARTIAL_WEIGHTS says otherwise).
-        LesionCheckpointer.for_inference(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = LesionCheckpointer.for_inference(cfg, model, save_dir=cfg.OUTPUT_DIR)
+        stored = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        check_loaded_classes(cfg, checkpointer, stored)
         results = LesionTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -73,6 +77,22 @@ def main(args):
             print(f"\nreport: {page}")
         print(f"\nmetrics, predictions and overlay pictures: {cfg.OUTPUT_DIR}/inference/")
     return results
+
+
+def check_loaded_classes(cfg, checkpointer, stored) -> None:
+    """The checkpoint just loaded names the test datasets' lesion classes, in their order
+    (retina_d2.modeling.model_file.check_evaluation_classes), before any inference runs.
+
+    Args:
+        stored: what ``resume_or_load`` returned: the file's entries besides the weights.
+    """
+    report = checkpointer.last_load_report
+    # The file read: MODEL.WEIGHTS, or with --resume OUTPUT_DIR's last intact checkpoint.
+    weights = report.path if report is not None else cfg.MODEL.WEIGHTS
+    if not weights:
+        return  # no file read (MODEL.WEIGHTS empty): nothing claims any classes
+    info = read_model_info(weights, checkpoint=stored)
+    check_evaluation_classes(weights, info, cfg.DATASETS.TEST)
 
 
 def run_opts(args) -> list:
