@@ -215,3 +215,23 @@ def test_eval_only_with_a_checkpoint_without_class_names_warns_and_evaluates(
     # The warning, in the run's log (Detectron2's setup_logger writes OUTPUT_DIR/log.txt).
     log = (out / "log.txt").read_text()
     assert f"{weights} holds no class names" in log and "synthetic_seg_val" in log
+
+
+def test_eval_only_resume_checks_the_checkpoint_it_resumed_from(
+    synthetic_datasets, untrained_weights, monkeypatch, tmp_path, capsys
+):
+    """With --resume the weights come from OUTPUT_DIR's last checkpoint, not MODEL.WEIGHTS: the
+    check reads, and the error names, that file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    resumed = _checkpoint(out / "model_final.pth", untrained_weights, list(reversed(CATEGORIES)))
+    (out / "last_checkpoint").write_text("model_final.pth")
+    given = _checkpoint(tmp_path / "given.pth", untrained_weights, list(CATEGORIES))
+    monkeypatch.setenv("RETINA_D2_DATASETS", str(synthetic_datasets))
+    with pytest.raises(SystemExit) as exit_info:
+        train_net.cli([
+            "--config-file", INSTANT, "--eval-only", "--resume", "MODEL.WEIGHTS", str(given),
+            "OUTPUT_DIR", str(out), "MODEL.DEVICE", "cpu",
+        ])
+    assert exit_info.value.code == 2
+    assert f"error: {resumed}: the model's classes" in capsys.readouterr().err
