@@ -74,6 +74,9 @@ BENCHMARKS: Dict[str, tuple] = {
     "heimed-exudate-cv": ("heimed_exudate_cv", "the CPU exudate recipe (dense map -> lesion "
                           "components) k-fold cross-validated on the HEI-MED dev images beside "
                           "the training-free floor"),
+    "heimed-annotation": ("heimed_annotation", "HEI-MED's exudate annotations (filled squares, "
+                          "their placement) and the IoU ceiling they set for bright-lesion "
+                          "outlines"),
     "tiling": ("tiling", "tiled native-resolution inference vs whole-image: s/image, peak memory"),
     "tta": ("tta", "test-time augmentation off / flip / flip + quarter turns on the HEI-MED dev "
             "split: exudate AP35/50/75, FROC, s/image"),
