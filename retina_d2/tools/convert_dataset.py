@@ -11,6 +11,9 @@ Examples:
 Outputs (see retina_d2/data/converters/base.py): one COCO file per split (train.json, test.json,
 valid.json, or all.json), semantic target PNGs, summary.json, and the retina_d2.json manifest that
 ``retina_d2.data.register`` reads. ``file_name`` is relative to --root (the manifest's image_root).
+
+Bad input (a missing or malformed file, a path leaving its folder, an unwritable --out) is one
+``error:`` line naming the file and exit status 2, as with the other tools.
 """
 import argparse
 import inspect
@@ -111,7 +114,7 @@ def main(argv=None):
         summary = module.convert(args.root, args.out, options, **flags)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # as the other tools: 2 is bad input, named on the error line
     print(format_summary(summary))
     for key, value in summary.get("notes", {}).items():
         print(f"{key.replace('_', ' ')}: {value}")
