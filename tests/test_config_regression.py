@@ -33,6 +33,12 @@ CHANGED = {
     "multitask_synthetic.yaml": ("MODEL.RESNETS.",),
     "quick_schedules/multitask_synthetic_instant_test.yaml": ("MODEL.RESNETS.",),
 }
+# config -> keys chosen on evidence after the rebase (each quoted from the results file that chose
+# it by a test of its own): they may differ from the reference and from the default.
+TUNED = {
+    # Cross-validated operating threshold (tests/benchmarks/test_dense_recipe_quotes.py).
+    "exudate_fpnseg_heimed_cpu.yaml": ("RETINA.COMPONENTS.SCORE_THRESHOLD",),
+}
 # Configs added after the rebase: nothing to compare them with (tests/test_config_families.py
 # checks them like every other).
 ADDED_AFTER_REBASE = {"Base-BrightCandidates.yaml", "exudate_candidates_heimed_cpu.yaml"}
@@ -85,7 +91,10 @@ def test_merged_config_equals_the_reference(name, reference_configs):
     now = _flat(_merged(CONFIGS / name))
     before = _flat(_merged(reference_configs / name))
     assert set(now) == set(before)
-    differ = sorted(key for key in now if now[key] != before[key])
+    tuned = TUNED.get(name, ())
+    if tuned:  # the exemption is real, not stale: those keys were tuned
+        assert all(now[k] != before[k] for k in tuned)
+    differ = sorted(key for key in now if now[key] != before[key] and key not in tuned)
     allowed = CHANGED.get(name, ())
     unexpected = [k for k in differ if not k.startswith(allowed)]
     assert not unexpected, {k: (before[k], now[k]) for k in unexpected}
