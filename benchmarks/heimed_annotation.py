@@ -76,16 +76,11 @@ def best_iou_per_instance(candidates: np.ndarray, instances: np.ndarray, count: 
     Returns:
         float (count,): entry i - 1 is instance i's best IoU (0 when no candidate touches it).
     """
+    from retina_d2.modeling.bright_lesions import label_overlap_ious
+
     best = np.zeros(count + 1)
-    both = (candidates > 0) & (instances > 0)
-    if both.any():
-        cand_area = np.bincount(candidates.ravel())
-        inst_area = np.bincount(instances.ravel(), minlength=count + 1)
-        pairs, overlap = np.unique(
-            candidates[both].astype(np.int64) * (count + 1) + instances[both], return_counts=True
-        )
-        cand, inst = pairs // (count + 1), pairs % (count + 1)
-        np.maximum.at(best, inst, overlap / (cand_area[cand] + inst_area[inst] - overlap))
+    _, instance, iou = label_overlap_ious(candidates, instances)
+    np.maximum.at(best, instance, iou)
     return best[1:]
 
 
@@ -114,30 +109,26 @@ def square_offsets(contrast: np.ndarray, boxes: Sequence[tuple], min_contrast: f
     return offsets
 
 
-def _instances(gt: dict, entry: dict, exudate_id: int):
-    """Label map of the image's exudates (ignore regions left out), their areas and square sides."""
-    from pycocotools import mask as mask_util
+def _instances(annotations: List[dict], entry: dict, exudate_id: int):
+    """Label map of the image's exudates (ignore regions left out), their areas, and per exudate
+    ``(x0, y0, side)``: its box's corner and its side when it is a filled square, else 0."""
+    from retina_d2.data.instances import decode_segmentation
 
     height, width = entry["height"], entry["width"]
     labels = np.zeros((height, width), np.int32)
-    areas, sides, boxes = [], [], []
-    for ann in gt["annotations"]:
-        if ann["image_id"] != entry["id"] or ann["category_id"] != exudate_id or ann.get("iscrowd"):
+    areas, boxes = [], []
+    for ann in annotations:
+        if ann["category_id"] != exudate_id or ann.get("iscrowd"):
             continue
-        seg = ann["segmentation"]
-        if isinstance(seg, list) or isinstance(seg.get("counts"), list):
-            seg = mask_util.merge(mask_util.frPyObjects(seg, height, width))
-        mask = mask_util.decode(seg).astype(bool)
+        mask = decode_segmentation(ann["segmentation"], height, width)
         if not mask.any():
             continue
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         labels[mask] = len(areas) + 1
         areas.append(int(mask.sum()))
-        side = filled_square_side(mask[y0:y1, x0:x1])
-        sides.append(side)
-        boxes.append((int(x0), int(y0), side))
-    return labels, areas, sides, boxes
+        boxes.append((int(x0), int(y0), filled_square_side(mask[y0:y1, x0:x1])))
+    return labels, areas, boxes
 
 
 def _shares(best: np.ndarray) -> Dict[str, float]:
@@ -169,9 +160,13 @@ def run(args) -> dict:
     exudate_id = next(c["id"] for c in gt["categories"] if c["name"] == EXUDATE)
     floor_params = BrightLesionParams()
     start = time.perf_counter()
-    floor_best, ladder_best, areas, sides, square_best, offsets = [], [], [], [], [], []
+    by_image: Dict[int, List[dict]] = {}
+    for ann in gt["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    floor_best, ladder_best, areas, sides, offsets = [], [], [], [], []
     for n, entry in enumerate(gt["images"], 1):
-        instances, image_areas, image_sides, boxes = _instances(gt, entry, exudate_id)
+        instances, image_areas, boxes = _instances(by_image.get(entry["id"], []), entry,
+                                                   exudate_id)
         count = len(image_areas)
         logger.info("%d/%d %s: %d exudates", n, len(gt["images"]), entry["file_name"], count)
         if not count:
@@ -192,7 +187,7 @@ def run(args) -> dict:
                 floor_best.append(best)
         ladder_best.append(ladder)
         areas += image_areas
-        sides += image_sides
+        sides += [side for _, _, side in boxes]
         # A square of each annotated square's side centred on the brightest pixel near it.
         offsets += square_offsets(maps.lesion_contrast, [b for b in boxes if b[2]],
                                   floor_params.min_contrast)
@@ -211,7 +206,7 @@ def _assemble(names, floor_best, ladder_best, areas, sides, offsets, floor_level
     square = sides > 0
     side_counts = {str(int(s)): int(np.sum(sides == s)) for s in np.unique(sides[square])}
     peak_iou = np.array([square_iou(side, dx, dy) for dx, dy, side in offsets])
-    dxy = np.abs(np.array([(dx, dy) for dx, dy, _ in offsets], np.float64)).reshape(-1, 2)
+    dxy = np.array([(dx, dy) for dx, dy, _ in offsets], np.float64).reshape(-1, 2)
     return {
         "images": len(names),
         "exudates": int(areas.size),
@@ -232,9 +227,9 @@ def _assemble(names, floor_best, ladder_best, areas, sides, offsets, floor_level
         },
         "square_placement": {
             "squares_with_a_bright_peak": int(len(offsets)),
-            "median_abs_offset_px": [float(v) for v in np.median(dxy, 0)] if len(dxy) else None,
-            "mean_offset_px": [float(v) for v in np.mean(
-                [(dx, dy) for dx, dy, _ in offsets], 0)] if offsets else None,
+            "median_abs_offset_px": [float(v) for v in np.median(np.abs(dxy), 0)]
+            if len(dxy) else None,
+            "mean_offset_px": [float(v) for v in np.mean(dxy, 0)] if len(dxy) else None,
             # IoU of a square of the annotation's side centred on the brightest pixel near it.
             "peak_centred_square": _shares(peak_iou),
         },

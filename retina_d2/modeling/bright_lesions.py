@@ -28,6 +28,7 @@ __all__ = [
     "bright_lesion_maps",
     "brightest_region_center",
     "candidate_features",
+    "label_overlap_ious",
 ]
 
 # Width the disc search works at: the disc is ~70 px across there, plenty for its centre.
@@ -166,6 +167,34 @@ def bright_lesion_maps(
     lesion_contrast = contrast[1].copy()
     lesion_contrast[(xx + 0.5 - disc_x) ** 2 + (yy + 0.5 - disc_y) ** 2 <= radius**2] = 0.0
     return BrightLesionMaps(inside, diameter, contrast, (disc_x, disc_y), lesion_contrast)
+
+
+def label_overlap_ious(
+    first: np.ndarray, second: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The IoU of every overlapping pair of regions of two label maps of one image.
+
+    Args:
+        first, second: non-negative int label maps of the same shape (0: no region).
+
+    Returns:
+        ``(first_labels, second_labels, ious)``: one entry per pair of a ``first`` region and a
+        ``second`` region that share a pixel (pairs that do not overlap have IoU 0 and are left
+        out).
+    """
+    both = (first > 0) & (second > 0)
+    if not both.any():
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0)
+    # One pass over the overlap: each pair of labels as one number, counted by np.unique.
+    span = int(second.max()) + 1
+    pairs, overlap = np.unique(
+        first[both].astype(np.int64) * span + second[both], return_counts=True
+    )
+    a, b = pairs // span, pairs % span
+    first_area = np.bincount(first.ravel())
+    second_area = np.bincount(second.ravel(), minlength=span)
+    return a, b, overlap / (first_area[a] + second_area[b] - overlap)
 
 
 def bright_lesion_candidates(

@@ -36,6 +36,7 @@ from ..bright_lesions import (
     bright_lesion_candidates,
     bright_lesion_maps,
     candidate_features,
+    label_overlap_ious,
 )
 from ...schema import IGNORE_VALUE
 from ..outputs import SEM_SEG
@@ -59,19 +60,12 @@ def candidate_targets(
         (is_lesion, trains): bool arrays over ``index``. A candidate with more than half of its
         pixels in the ignore region trains only if it is a lesion.
     """
-    lesions, count = ndimage.label(target == 1, np.ones((3, 3), bool))
+    lesions, _ = ndimage.label(target == 1, np.ones((3, 3), bool))
     top = int(max(labels.max(), index.max() if index.size else 0)) + 1
     cand_area = np.bincount(labels.ravel(), minlength=top)
     best_iou = np.zeros(top)
-    if count:
-        gt_area = np.bincount(lesions.ravel(), minlength=count + 1)
-        both = (labels > 0) & (lesions > 0)
-        pairs, overlap = np.unique(
-            labels[both].astype(np.int64) * (count + 1) + lesions[both], return_counts=True
-        )
-        cand, gt = pairs // (count + 1), pairs % (count + 1)
-        iou = overlap / (cand_area[cand] + gt_area[gt] - overlap)
-        np.maximum.at(best_iou, cand, iou)
+    cand, _, iou = label_overlap_ious(labels, lesions)
+    np.maximum.at(best_iou, cand, iou)
     ignored = np.bincount(labels[target == IGNORE_VALUE].ravel(), minlength=top)
     is_lesion = best_iou[index] >= positive_iou
     mostly_ignored = ignored[index] * 2 > cand_area[index]
