@@ -12,7 +12,9 @@ process. Per fold and as mean and spread over folds it reports:
 
 - exudate instance AP35 / AP50 / AP75 (segm and bbox, COCOeval; ``evaluate_coco_results``),
 - lesion FROC (IoU 0.2) and lesion precision / recall / F1 at the operating threshold,
-- image-level exudate AUC (an image's score: its best lesion's score),
+- image-level exudate AUC (an image's score: the mean of its ``RETINA.COMPONENTS.IMAGE_SCORE_TOP_K``
+  best lesion scores, ``retina_d2/evaluation/image_scores.py``; 1 = its best lesion's), beside the
+  best lesion's and at the k the other folds choose,
 - false alarms per healthy eye (exudate predictions on the fold's eyes without exudates),
 - training seconds per training image and per iteration, inference seconds per image, and the
   peak RSS of the training and the inference process,
@@ -35,7 +37,9 @@ fold is scored at a threshold its own labels chose); the threshold to ship is th
 folds' out-of-fold predictions. A screening operating point is chosen the same way: the lowest
 threshold whose false alarms per healthy eye on the other folds stay within
 ``--false-alarm-budget`` (default 0.5), and the one to ship over all folds. Rows at the config's own ``RETINA.COMPONENTS.SCORE_THRESHOLD``
-are reported beside them.
+are reported beside them. The image score's k is chosen the same way: fold k is scored with the k
+(of ``IMAGE_TOP_KS``) whose image AUC, pooled over the other folds' out-of-fold predictions, is
+highest (ties: the smaller k), and the one to ship is chosen over all folds.
 """
 import json
 import logging
@@ -62,6 +66,7 @@ __all__ = [
     "cross_dataset_row",
     "diaretdb1_section",
     "image_auc",
+    "select_image_top_k",
     "predict_fold",
     "predict_scored",
     "reliability",
@@ -82,6 +87,8 @@ CONFIG = REPO_ROOT / "configs" / "exudate_fpnseg_heimed_cpu.yaml"
 EXUDATE = "hard exudate"
 # Candidate operating thresholds; the cross-validation picks among them.
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.96, 0.05))
+# Candidate image-score k (the mean of an eye's k best lesion scores); 1 = the best lesion.
+IMAGE_TOP_KS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def add_arguments(parser) -> None:
@@ -221,6 +228,30 @@ def reliability(curves: Sequence[Dict], bins: int = CALIBRATION_BINS) -> dict:
     return {"bins": table, "expected calibration error": error}
 
 
+def _pooled_image_auc(scored: Sequence[Dict], top_k: int):
+    """Image AUC of one ranking over the eyes of every :func:`score_results` in ``scored``, an
+    eye scored by the mean of its ``top_k`` best lesion scores."""
+    from retina_d2.evaluation.image_scores import image_score
+
+    scores, labels = [], []
+    for fold in scored:
+        for image_id, has in fold["truth"].items():
+            scores.append(image_score(fold["lesion_scores"][image_id], top_k))
+            labels.append(has)
+    return image_auc(scores, labels)
+
+
+def select_image_top_k(scored: Sequence[Dict], top_ks: Sequence[int] = IMAGE_TOP_KS) -> int:
+    """The image-score k with the highest image AUC pooled over ``scored`` (ties: the smaller k;
+    1 when no AUC exists, e.g. no healthy eye)."""
+    best, best_auc = 1, -1.0
+    for k in top_ks:
+        auc = _pooled_image_auc(scored, k)
+        if auc is not None and auc > best_auc:
+            best, best_auc = k, auc
+    return int(best)
+
+
 def image_auc(scores: Sequence[float], labels: Sequence[bool]):
     """ROC AUC of image scores against image labels, or None when one class is missing."""
     from sklearn.metrics import roc_auc_score
@@ -334,9 +365,12 @@ def _image_truth(gt: dict, exudate_id: int) -> Dict[int, bool]:
     return {img["id"]: img["id"] in with_exudates for img in gt["images"]}
 
 
-def score_results(gt: dict, results: List[dict]) -> dict:
-    """AP35/50/75 (segm, bbox), FROC curve and image scores of one fold's exudate results."""
+def score_results(gt: dict, results: List[dict], top_k: int = 1) -> dict:
+    """AP35/50/75 (segm, bbox), FROC curve, image scores (the mean of an eye's ``top_k`` best
+    lesion scores) and image AUC of one fold's exudate results; ``lesion_scores`` keeps every
+    eye's lesion scores for other k."""
     from retina_d2.evaluation.froc import froc_curve
+    from retina_d2.evaluation.image_scores import image_score
     from retina_d2.evaluation.instance_eval import evaluate_coco_results
 
     exudate_id = _exudate_id(gt)
@@ -349,13 +383,15 @@ def score_results(gt: dict, results: List[dict]) -> dict:
     curve = froc_curve(gt, results)["categories"][EXUDATE]
     row["FROC"] = 100 * curve["froc"]
     truth = _image_truth(gt, exudate_id)
-    best = {image_id: 0.0 for image_id in truth}
+    lesion_scores = {image_id: [] for image_id in truth}
     for r in results:
-        best[r["image_id"]] = max(best[r["image_id"]], r["score"])
+        lesion_scores[r["image_id"]].append(r["score"])
     ids = sorted(truth)
-    auc = image_auc([best[i] for i in ids], [truth[i] for i in ids])
-    row["image AUC"] = None if auc is None else 100 * auc
-    return {"row": row, "curve": curve, "image_scores": best, "truth": truth}
+    for key, k in (("image AUC", top_k), ("best-lesion image AUC", 1)):
+        auc = image_auc([image_score(lesion_scores[i], k) for i in ids], [truth[i] for i in ids])
+        row[key] = None if auc is None else 100 * auc
+    return {"row": row, "curve": curve, "truth": truth, "lesion_scores": lesion_scores,
+            "image_scores": {i: image_score(lesion_scores[i], top_k) for i in ids}}
 
 
 def at_threshold(scored: dict, results: List[dict], gt: dict, threshold: float) -> dict:
@@ -406,9 +442,10 @@ def cross_dataset_row(scored: dict, thresholds: Sequence[tuple]) -> dict:
     return row
 
 
-def prepare_diaretdb1(raw_root: Path, work: Path) -> dict:
+def prepare_diaretdb1(raw_root: Path, work: Path, top_k: int = 1) -> dict:
     """Convert DIARETDB1 at ``raw_root`` into ``work/diaretdb1`` (official lists, the dataset's
-    default fusion) and run the floor on its test images.
+    default fusion) and run the floor on its test images (image score: the mean of ``top_k`` best
+    lesions).
 
     Returns:
         ``root``, ``gt_file`` and ``gt`` (the test split), ``image_root``, ``fusion`` (the
@@ -434,7 +471,7 @@ def prepare_diaretdb1(raw_root: Path, work: Path) -> dict:
     fusion = json.loads((conversion / "summary.json").read_text())["notes"]["fusion"]
     return {
         "root": str(raw_root), "gt_file": gt_file, "gt": gt, "image_root": image_root,
-        "fusion": fusion, "floor": score_results(gt, floor_results),
+        "fusion": fusion, "floor": score_results(gt, floor_results, top_k),
         "floor_results": floor_results, "floor_seconds": floor_seconds,
     }
 
@@ -490,7 +527,7 @@ def diaretdb1_section(prepared: dict, folds: Sequence[dict], config_threshold: f
 
 
 def predict_scored(config: Path, weights: Path, datasets: Path, gt_file: Path, image_root,
-                   out_file: Path, opts: Sequence[str], what: str) -> dict:
+                   out_file: Path, opts: Sequence[str], what: str, top_k: int = 1) -> dict:
     """Predict ``gt_file``'s images with ``weights`` in a fresh process (:func:`predict_fold`)
     and score them: ``results``, ``inference`` (seconds, images, peak RSS) and ``scored``
     (:func:`score_results`)."""
@@ -504,7 +541,8 @@ def predict_scored(config: Path, weights: Path, datasets: Path, gt_file: Path, i
         raise RuntimeError(f"{what}: prediction failed: {inference['error']}")
     gt = json.loads(Path(gt_file).read_text())
     results = json.loads(Path(out_file).read_text())
-    return {"results": results, "inference": inference, "scored": score_results(gt, results)}
+    return {"results": results, "inference": inference,
+            "scored": score_results(gt, results, top_k)}
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -581,11 +619,12 @@ def run(args) -> dict:
     cfg.merge_from_list(list(args.opts))
     iterations = args.iterations or cfg.SOLVER.MAX_ITER
     config_threshold = float(cfg.RETINA.COMPONENTS.SCORE_THRESHOLD)
+    top_k = int(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K)
 
     names, positive = _dev_images(root, work, args.images)
     folds = stratified_folds(names, positive, args.folds)
     # Before any training: a bad DIARETDB1 folder stops the run at once.
-    diaretdb1 = prepare_diaretdb1(args.diaretdb1_root, work) if args.diaretdb1_root else None
+    diaretdb1 = prepare_diaretdb1(args.diaretdb1_root, work, top_k) if args.diaretdb1_root else None
     per_fold = []
     for k, val in enumerate(folds):
         train = [n for n in names if n not in val]
@@ -606,14 +645,14 @@ def run(args) -> dict:
         image_root = read_manifest(conversion)[1]
         weights = run_dir / "model_final.pth"
         predicted = predict_scored(config, weights, fold_dir / "datasets", gt_file, image_root,
-                                   fold_dir / "predictions.json", args.opts, f"fold {k}")
+                                   fold_dir / "predictions.json", args.opts, f"fold {k}", top_k)
         gt = json.loads(gt_file.read_text())
         start = time.perf_counter()
         floor_results = floor_coco_results(gt["images"], image_root, _exudate_id(gt))
         floor_seconds = time.perf_counter() - start
         per_fold.append({
             "fold": k, "train": train, "val": val, "gt": gt, "results": predicted["results"],
-            "model": predicted["scored"], "floor": score_results(gt, floor_results),
+            "model": predicted["scored"], "floor": score_results(gt, floor_results, top_k),
             "floor_results": floor_results, "floor_seconds": floor_seconds,
             "training": training, "inference": predicted["inference"], "num_train": len(train),
         })
@@ -622,11 +661,12 @@ def run(args) -> dict:
             per_fold[-1]["diaretdb1"] = predict_scored(
                 config, weights, fold_dir / "datasets", diaretdb1["gt_file"],
                 diaretdb1["image_root"], fold_dir / "diaretdb1_predictions.json", args.opts,
-                f"fold {k} on DIARETDB1",
+                f"fold {k} on DIARETDB1", top_k,
             )
 
         # Written after every fold: a run stopped early still leaves what it measured.
-        summary = _assemble(per_fold, folds, names, iterations, config_threshold, config, args)
+        summary = _assemble(per_fold, folds, names, iterations, config_threshold, config, args,
+                            config_top_k=top_k)
         if diaretdb1:
             summary["diaretdb1"] = diaretdb1_section(
                 diaretdb1, _diaretdb1_folds(per_fold, summary["model_folds"]), config_threshold
@@ -650,8 +690,9 @@ def _predicted(fold: dict) -> dict:
 
 
 def _assemble(per_fold: List[dict], folds, names, iterations: int, config_threshold: float,
-              config: Path, args) -> dict:
-    """The results of the folds done so far (``folds_completed`` of ``folds``)."""
+              config: Path, args, config_top_k: int = 1) -> dict:
+    """The results of the folds done so far (``folds_completed`` of ``folds``); image scores
+    were computed with the config's ``config_top_k``."""
     from .exudate_floor import FLOOR_NAME, add_floor_ratios
 
     budget = args.false_alarm_budget
@@ -670,6 +711,11 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
         for prefix, t in operating + [("config", config_threshold)]:
             for key, value in at_threshold(fold["model"], fold["results"], fold["gt"], t).items():
                 row[f"{prefix} {key}"] = value
+        if other_folds:  # the image score's k, chosen on the other folds' eyes
+            top_k = select_image_top_k([f["model"] for j, f in enumerate(per_fold) if j != k])
+            auc = _pooled_image_auc([fold["model"]], top_k)
+            row["cv image score top k"] = top_k
+            row["cv image AUC"] = None if auc is None else 100 * auc
         training, inference = fold["training"], fold["inference"]
         if training:
             row["train s / image"] = training["seconds"] / fold["num_train"]
@@ -690,12 +736,12 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
     screening_threshold = select_screening_threshold([_predicted(f) for f in per_fold], budget)
 
     # Pooled out-of-fold image AUC: one ranking over all folds' eyes.
-    pooled_scores, pooled_truth = [], []
-    for fold in per_fold:
-        for image_id, has in fold["model"]["truth"].items():
-            pooled_scores.append(fold["model"]["image_scores"][image_id])
-            pooled_truth.append(has)
-    pooled_auc = image_auc(pooled_scores, pooled_truth)
+    scored = [f["model"] for f in per_fold]
+    pooled_auc = image_auc(
+        [f["image_scores"][i] for f in scored for i in f["truth"]],
+        [has for f in scored for has in f["truth"].values()],
+    )
+    pooled_best_lesion = _pooled_image_auc(scored, 1)
     calibration = reliability([f["model"]["curve"] for f in per_fold])
 
     results = {
@@ -711,14 +757,22 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
         "cv_threshold_to_ship": ship_threshold,
         "false_alarm_budget_per_healthy_eye": budget,
         "screening_threshold_to_ship": screening_threshold,
+        "config_image_score_top_k": config_top_k,
+        "image_score_top_k_to_ship": select_image_top_k(scored),
         "pooled_out_of_fold_image_AUC": None if pooled_auc is None else 100 * pooled_auc,
+        "pooled_out_of_fold_best_lesion_image_AUC": (
+            None if pooled_best_lesion is None else 100 * pooled_best_lesion
+        ),
         "pooled_out_of_fold_lesion_calibration": calibration,
         "note": "percent except thresholds, times and false alarms; every fold's model trained "
                 "from scratch on the other folds; 'cv' columns use the threshold chosen on the "
                 "other folds' out-of-fold predictions (best pooled lesion F1), 'screening' "
                 "columns the lowest threshold whose false alarms per healthy eye on the other "
                 "folds stay within false_alarm_budget_per_healthy_eye, 'config' columns the config's "
-                "RETINA.COMPONENTS.SCORE_THRESHOLD; healthy eye = no exudate annotated; the "
+                "RETINA.COMPONENTS.SCORE_THRESHOLD; image AUC: an eye scored by the mean of its "
+                "config_image_score_top_k best lesion scores (RETINA.COMPONENTS."
+                "IMAGE_SCORE_TOP_K), 'best-lesion' by its best one, 'cv image AUC' by the k the "
+                "other folds choose (best pooled image AUC); healthy eye = no exudate annotated; the "
                 f"floor row is '{FLOOR_NAME}' on the same fold",
         "machine": machine_info(),
         "model_folds": model_rows,
@@ -734,7 +788,8 @@ def _print(results: dict) -> None:
     columns = [
         ("fold", "fold", "d"), ("segm AP35", "segm AP35", ".1f"), ("AP50", "segm AP50", ".1f"),
         ("AP75", "segm AP75", ".1f"), ("FROC", "FROC", ".1f"), ("img AUC", "image AUC", ".1f"),
-        ("cv thr", "cv threshold", ".2f"), ("cv F1", "cv F1", ".1f"),
+        ("best-lesion AUC", "best-lesion image AUC", ".1f"), ("cv k", "cv image score top k", "g"),
+        ("cv AUC", "cv image AUC", ".1f"), ("cv thr", "cv threshold", ".2f"), ("cv F1", "cv F1", ".1f"),
         ("cv FA/healthy", "cv false alarms / healthy eye", ".2f"),
         ("scr thr", "screening threshold", ".2f"), ("scr recall", "screening recall", ".1f"),
         ("scr FA/healthy", "screening false alarms / healthy eye", ".2f"),
@@ -757,8 +812,11 @@ def _print(results: dict) -> None:
     print("\ntraining-free floor on the same folds")
     print(format_table(floor_rows + [fmean], floor_columns))
     print(f"\nthreshold to ship (best pooled out-of-fold lesion F1): "
-          f"{results['cv_threshold_to_ship']:.2f}; pooled out-of-fold image AUC: "
-          f"{results['pooled_out_of_fold_image_AUC']}")
+          f"{results['cv_threshold_to_ship']:.2f}; pooled out-of-fold image AUC (an eye's "
+          f"{results['config_image_score_top_k']} best lesions): "
+          f"{results['pooled_out_of_fold_image_AUC']}, best lesion: "
+          f"{results['pooled_out_of_fold_best_lesion_image_AUC']}; image score k to ship: "
+          f"{results['image_score_top_k_to_ship']}")
     if "screening_threshold_to_ship" in results:
         print(f"screening threshold to ship (lowest with <= "
               f"{results['false_alarm_budget_per_healthy_eye']} out-of-fold false alarms per "

@@ -449,6 +449,10 @@ def add_components_config(cfg):
     # The operating point: lesions scoring at least this are reported as found (lesion F1, false
     # alarms per healthy eye); lower-scoring ones still rank in AP and FROC.
     cfg.RETINA.COMPONENTS.SCORE_THRESHOLD = 0.5
+    # An eye's score per lesion type (screening, image AUC, image_predictions.json): the mean of
+    # its k best lesion scores, missing ones counting 0 (retina_d2/evaluation/image_scores.py);
+    # 1 = the best lesion's score.
+    cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K = 1
 
 
 def add_bright_candidates_config(cfg):

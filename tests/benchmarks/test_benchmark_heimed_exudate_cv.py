@@ -12,6 +12,7 @@ import torch
 from benchmarks import HEIMED_ROOT, REPO_ROOT, main
 from benchmarks.heimed_exudate_cv import (
     CONFIG,
+    IMAGE_TOP_KS,
     THRESHOLDS,
     at_threshold,
     counts_at,
@@ -168,9 +169,31 @@ def test_quick_mode_runs_end_to_end_on_four_real_images(tmp_path):
         "heimed-exudate-cv", "--images", "4", "--folds", "2", "--iterations", "2",
         "--work", str(tmp_path / "work"), "--out", str(out),
         "RETINA.PREPROCESS.FOV_DIAMETER", "512", "INPUT.CROP.SIZE", "[128, 128]",
+        "RETINA.COMPONENTS.IMAGE_SCORE_TOP_K", "2",
     ])
     results = json.loads(out.read_text())
     assert results["images"] == 4 and len(results["model_folds"]) == 2
+    # Image AUC with an eye scored by the mean of its 2 best lesions, recomputed from the
+    # predictions the run wrote (sklearn, by hand), beside the best lesion's.
+    from sklearn.metrics import roc_auc_score
+
+    assert results["config_image_score_top_k"] == 2
+    for k, model in enumerate(results["model_folds"]):
+        fold = tmp_path / "work" / f"fold{k}"
+        gt = json.loads((fold / "datasets" / "heimed" / "val.json").read_text())
+        predictions = json.loads((fold / "predictions.json").read_text())
+        exudate = next(c["id"] for c in gt["categories"] if c["name"] == "hard exudate")
+        has = {a["image_id"] for a in gt["annotations"] if a["category_id"] == exudate}
+        ids = [img["id"] for img in gt["images"]]
+        lesions = {i: sorted((p["score"] for p in predictions if p["image_id"] == i
+                              and p["category_id"] == exudate), reverse=True) for i in ids}
+        labels = [i in has for i in ids]
+        assert model["image AUC"] == pytest.approx(
+            100 * roc_auc_score(labels, [sum(lesions[i][:2]) / 2 for i in ids]))
+        assert model["best-lesion image AUC"] == pytest.approx(
+            100 * roc_auc_score(labels, [max(lesions[i], default=0) for i in ids]))
+        assert model["cv image score top k"] in IMAGE_TOP_KS
+    assert results["image_score_top_k_to_ship"] in IMAGE_TOP_KS
     assert sorted(n for f in results["fold_images"] for n in f) == sorted(
         set(n for f in results["fold_images"] for n in f)
     )
@@ -389,3 +412,34 @@ def test_another_dataset_with_other_categories_is_refused():
     seven = {"categories": heimed["categories"] + [{"id": 9, "name": "neovascularization"}]}
     with pytest.raises(ValueError, match="d1/test.json: categories .* are not the model's"):
         _check_same_categories(heimed, seven, "d1/test.json")
+
+
+def _fold(eyes):
+    """A :func:`score_results`-like fold: ``eyes`` = [(has exudates, lesion scores), ...]."""
+    return {"truth": {i: has for i, (has, _) in enumerate(eyes)},
+            "lesion_scores": {i: list(scores) for i, (_, scores) in enumerate(eyes)}}
+
+
+def test_image_top_k_is_chosen_on_the_folds_given_and_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.heimed_exudate_cv import _pooled_image_auc, select_image_top_k
+
+    # Healthy eyes each carry one confident reflection; exudate eyes several moderate lesions.
+    # The best lesion ranks every healthy eye at or above every exudate eye; the mean of the 3
+    # best ranks all but the single-lesion eye above them.
+    folds = [
+        _fold([(False, [0.95]), (True, [0.7, 0.6, 0.6, 0.5]), (True, [0.9, 0.8, 0.7])]),
+        _fold([(False, [0.9, 0.2]), (True, [0.6, 0.6, 0.55]), (True, [0.8])]),
+    ]
+    labels = [False, True, True, False, True, True]
+    best = [0.95, 0.7, 0.9, 0.9, 0.6, 0.8]
+    assert _pooled_image_auc(folds, 1) == pytest.approx(roc_auc_score(labels, best))
+    top3 = [0.95 / 3, 1.9 / 3, 0.8, 1.1 / 3, 1.75 / 3, 0.8 / 3]
+    assert _pooled_image_auc(folds, 3) == pytest.approx(roc_auc_score(labels, top3))
+    chosen = select_image_top_k(folds, (1, 3, 5))
+    aucs = {k: _pooled_image_auc(folds, k) for k in (1, 3, 5)}
+    assert aucs[chosen] == max(aucs.values()) and aucs[chosen] > aucs[1]
+    # Ties go to the smaller k; without a healthy eye nothing is chosen but the best lesion.
+    assert select_image_top_k(folds, (5, 6)) == 5
+    assert select_image_top_k([_fold([(True, [0.5]), (True, [0.2, 0.1])])]) == 1
