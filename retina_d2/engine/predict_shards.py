@@ -385,7 +385,7 @@ def merge_parts(output: Path, images: Sequence[Path], ids: Dict[Path, Any],
             results.write("]")
         with atomic_write(output / "images.json") as f:
             json.dump({str(p): i for p, i in ids.items()}, f, indent=1)
-        if image_level:  # a second pass, for multi-task models only
+        if image_level:  # a second pass, for models with image-level outputs only
             with atomic_write(output / "image_predictions.json") as f:
                 f.write("{")
                 first = True

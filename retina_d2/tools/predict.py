@@ -14,9 +14,12 @@ are numbered in sorted order and the JSON maps ids to files in "images".
 Detectors (LesionRCNN) give instances. Semantic models (SemanticLesionNet) give probability maps,
 written as 8-bit PNGs ``maps/<image>/<lesion>.png`` (value = round(255 * probability); skip with
 --no-maps), and their lesions are the maps' connected components (RETINA.COMPONENTS: pixels at or
-above MASK_THRESHOLD, scored by their peak), written as instances. MultiTaskLesionNet adds
-``image_predictions.json``: per image its grades (argmax and probabilities), landmarks (x, y in
-the image's pixels, with a score) and lesion presence.
+above MASK_THRESHOLD, scored by their peak), written as instances; ``image_predictions.json``
+holds each image's score per lesion type ("image_scores": the mean of its
+RETINA.COMPONENTS.IMAGE_SCORE_TOP_K best lesion scores, every lesion counted whatever
+--score-threshold keeps; retina_d2/evaluation/image_scores.py), the number to rank or screen eyes
+by. MultiTaskLesionNet adds to it, per image, its grades (argmax and probabilities), landmarks
+(x, y in the image's pixels, with a score) and lesion presence.
 
 --score-threshold keeps the lesions scoring at least that much (default: the model's
 MODEL.ROI_HEADS.SCORE_THRESH_TEST, RETINA.COMPONENTS.SCORE_THRESHOLD for components). Below the
@@ -56,6 +59,7 @@ from retina_d2.data.image_io import read_image  # 16-bit: scaled, not clipped
 from retina_d2.data.lesions import lesion
 # Sharding over processes, per-process JSON-line parts, --resume, the merge.
 from retina_d2.engine import predict_shards
+from retina_d2.evaluation.image_scores import image_score
 from retina_d2.modeling.components import components_to_coco, lesion_components
 from retina_d2.modeling.model_file import inference_config
 from retina_d2.predictor import LesionPredictor
@@ -175,9 +179,12 @@ def model_settings(args):
 def component_instances(cfg, probs: torch.Tensor, threshold: float):
     """A semantic model's lesions: the connected components of its (C, H, W) maps
     (RETINA.COMPONENTS) scoring at least ``threshold``, as (label maps, components, Instances
-    with full-frame masks for the overlay)."""
+    with full-frame masks for the overlay, and each map's image score from all its components,
+    any score: the mean of its IMAGE_SCORE_TOP_K best)."""
     options = cfg.RETINA.COMPONENTS
     label_maps, found = lesion_components(probs, options.MASK_THRESHOLD, options.MIN_AREA)
+    eye_scores = [image_score((c.score for c in found if c.channel == k),
+                              options.IMAGE_SCORE_TOP_K) for k in range(probs.shape[0])]
     found = [c for c in found if c.score >= threshold]
     instances = Instances(tuple(probs.shape[-2:]))
     boxes = torch.tensor([c.box for c in found], dtype=torch.float32).reshape(-1, 4)
@@ -189,7 +196,7 @@ def component_instances(cfg, probs: torch.Tensor, threshold: float):
         x0, y0, x1, y1 = c.box
         masks[i, y0:y1, x0:x1] = label_maps[c.channel][y0:y1, x0:x1] == c.label
     instances.pred_masks = torch.from_numpy(masks)
-    return label_maps, found, instances
+    return label_maps, found, instances, eye_scores
 
 
 def lesion_slug(name: str) -> str:
@@ -233,6 +240,7 @@ def predict_one(predictor, path: Path, image_id, threshold: float):
     image = read_image(str(path), format="RGB")
     outputs = predictor(image, format="RGB")  # read once: the overlay draws on the same pixels
     classes, ids = predictor.class_names, predictor.lesion_ids
+    image_outputs = image_level(outputs, classes)
     if "instances" in outputs:
         instances = outputs["instances"].to("cpu")
         instances = instances[instances.scores >= threshold]
@@ -240,13 +248,14 @@ def predict_one(predictor, path: Path, image_id, threshold: float):
         for r in results:
             r["category_id"] = ids[r["category_id"]]
     elif "sem_seg" in outputs:
-        label_maps, found, instances = component_instances(
+        label_maps, found, instances, eye_scores = component_instances(
             predictor.cfg, outputs["sem_seg"], threshold
         )
         results = components_to_coco(label_maps, found, image_id, ids)
+        image_outputs["image_scores"] = dict(zip(classes, eye_scores))
     else:  # grades / landmarks only
         instances, results = Instances(image.shape[:2]), []
-    return image, instances, results, image_level(outputs, classes), outputs.get("sem_seg")
+    return image, instances, results, image_outputs, outputs.get("sem_seg")
 
 
 def main(argv=None):

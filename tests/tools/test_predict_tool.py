@@ -287,6 +287,42 @@ def test_semantic_checkpoint_writes_maps_and_components(trained, semantic_weight
         assert np.array_equal(union, above)
 
 
+def test_semantic_image_scores_count_every_lesion_whatever_the_score_threshold(
+        trained, semantic_weights, tmp_path):
+    """image_predictions.json: per lesion type the mean of the IMAGE_SCORE_TOP_K best components'
+    peaks (missing ones 0), from every component, also those --score-threshold leaves out."""
+    import numpy as np
+    from scipy import ndimage
+
+    from retina_d2 import load_model
+
+    photos, photo = _one_image(trained, tmp_path)
+    api = load_model(semantic_weights)
+    probs = api(photo)["sem_seg"].float().cpu().numpy()
+    mask_threshold = float(np.quantile(probs, 0.9))
+    peaks = {}  # by hand: every 8-connected component's peak probability, per map
+    for k, name in enumerate(api.class_names):
+        labels, n = ndimage.label(probs[k] >= mask_threshold, np.ones((3, 3), bool))
+        peaks[name] = sorted((float(probs[k][labels == i].max()) for i in range(1, n + 1)),
+                             reverse=True)
+    assert sum(len(p) >= 2 for p in peaks.values()), "no map with two lesions to average"
+    # A --score-threshold above every lesion: no lesion is kept, every image score still counts.
+    above_all = max(p[0] for p in peaks.values() if p) + 0.01
+    code = predict.main([
+        "--weights", str(semantic_weights), "--input", str(photos), "--output",
+        str(tmp_path / "out"), "--score-threshold", str(above_all),
+        "RETINA.COMPONENTS.MASK_THRESHOLD", str(mask_threshold), "RETINA.COMPONENTS.MIN_AREA", "1",
+        "RETINA.COMPONENTS.IMAGE_SCORE_TOP_K", "2",
+    ])
+    assert code == 0
+    assert json.loads((tmp_path / "out/coco_instances_results.json").read_text()) == []
+    per_image = json.loads((tmp_path / "out/image_predictions.json").read_text())[str(photo)]
+    assert per_image["image_id"] == 1
+    assert list(per_image["image_scores"]) == api.class_names
+    for name, scores in peaks.items():
+        assert per_image["image_scores"][name] == pytest.approx(sum(scores[:2]) / 2, abs=1e-6)
+
+
 def test_multitask_checkpoint_writes_grades_and_landmarks(trained, multitask_weights, tmp_path):
     import numpy as np
 
