@@ -36,11 +36,32 @@ and ``"per_image_map": {"mAP35": .., "mAP35-<category>": .., "images": .., "heal
 "false_alarms_per_healthy_image": ..}`` in --json. The semantic protocols (argmax_dice,
 pr_operating_point, component_ap) score probability maps: run them with
 ``RETINA.EVAL.PROTOCOLS`` (tools/train_net.py --eval-only).
+
+``--image-level`` adds the screening numbers, per lesion type with lesions in the GT: the image
+AUC (an image is positive when the GT has a non-crowd annotation of that type on it; its score is
+the mean of its ``--image-top-k`` best detection scores of the type, missing ones counting 0,
+``retina_d2.evaluation.image_scores``) and the false alarms per healthy image (detections scoring
+>= ``--froc-score-threshold`` on the images without any annotation of the type, over their
+number; an image with only crowd annotations is negative for the AUC and left out of this).
+``--image-scores image_predictions.json`` (tools/predict.py's) ranks the images by its
+``"image_scores"`` instead, which every GT image must have for every such type. With
+``--annotated-only`` each type counts only the images annotated for it. A table after the others,
+and ``"image_level": {"top_k": .., "score_threshold": .., "images": .., "images-<category>": ..,
+"images_with-<category>": .., "healthy_images-<category>": .., "AUC-<category>": ..,
+"false_alarms_per_healthy_image-<category>": ..}`` in --json (AUC in percent; null where only one
+class of image is present or no image is healthy; top_k null with --image-scores).
 """
 import argparse
+import json
 import logging
+import math
+import numbers
 import sys
+from collections import OrderedDict
 from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
 
 from ..evaluation import (
     BACKENDS,
@@ -54,6 +75,13 @@ from ..evaluation import (
     froc_metrics,
     write_metrics_json,
 )
+from ..evaluation.coco_io import (
+    annotated_types,
+    check_results,
+    load_coco_gt,
+    load_coco_results,
+)
+from ..evaluation.image_scores import image_scores
 from ..evaluation.protocols import (
     INSTANCE_PROTOCOLS,
     format_per_image_map,
@@ -127,9 +155,173 @@ def build_parser():
         "--froc-score-threshold",
         type=score,
         default=FROC_SCORE_THRESHOLD,
-        help="predictions scoring >= this give the lesion precision / recall / F1",
+        help="predictions scoring >= this give the lesion precision / recall / F1 and, with "
+        "--image-level, the false alarms",
+    )
+    parser.add_argument(
+        "--image-level",
+        action="store_true",
+        help="add the screening numbers per lesion type: image AUC and false alarms per healthy "
+        "image (implied by --image-top-k and --image-scores)",
+    )
+    ranking = parser.add_mutually_exclusive_group()
+    ranking.add_argument(
+        "--image-top-k",
+        type=positive_int,
+        help="an image's score for the AUC: the mean of its K best detection scores of the "
+        "type, missing ones counting 0 (default 1: the best lesion)",
+    )
+    ranking.add_argument(
+        "--image-scores",
+        type=Path,
+        help="rank the images by this image_predictions.json of tools/predict.py instead",
     )
     return parser
+
+
+def image_auc(scores, positive):
+    """ROC AUC in percent of image scores against image labels; None with one class only."""
+    from sklearn.metrics import roc_auc_score  # imported here: only --image-level needs it
+
+    positive = np.asarray(positive, bool)
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64))) * 100
+
+
+def read_image_scores(path: Path, coco_gt, gt_source: str) -> dict:
+    """image id -> its ``"image_scores"`` (lesion name -> score) from tools/predict.py's
+    ``image_predictions.json``; an InstanceEvalError naming the file when it is missing,
+    malformed, gives an image twice, or gives images the GT does not list."""
+    if not path.is_file():
+        raise InstanceEvalError(f"image scores file not found: {path}")
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InstanceEvalError(f"image scores file {path} is not valid JSON: {e}") from e
+    if not isinstance(entries, dict):
+        raise InstanceEvalError(
+            f"image scores file {path} is not tools/predict.py's image_predictions.json (not an "
+            "object keyed by image path)"
+        )
+    by_image = {}
+    for image, entry in entries.items():
+        if not isinstance(entry, dict) or "image_id" not in entry:
+            raise InstanceEvalError(f"image scores file {path}: entry {image!r} has no image_id")
+        image_id = entry["image_id"]
+        if not isinstance(image_id, (numbers.Real, str)) or isinstance(image_id, bool):
+            raise InstanceEvalError(
+                f"image scores file {path}: entry {image!r} has image_id {image_id!r}: not an "
+                "integer or string"
+            )
+        if image_id in by_image:
+            raise InstanceEvalError(f"image scores file {path} gives image id {image_id} twice")
+        by_image[image_id] = entry.get("image_scores")
+    foreign = sorted(set(by_image) - set(coco_gt.getImgIds()), key=str)
+    if foreign:
+        raise InstanceEvalError(
+            f"image scores file {path} has image ids that are not in GT {gt_source} "
+            f"({len(foreign)} ids, e.g. {foreign[:5]}): scores for another GT?"
+        )
+    return by_image
+
+
+def given_image_score(by_image: dict, image_id, lesion: str, path: Path) -> float:
+    """One image's score for ``lesion`` from :func:`read_image_scores`; an InstanceEvalError
+    naming the file and the image id when it has none or it is not a finite number."""
+    if image_id not in by_image:
+        raise InstanceEvalError(f"image scores file {path} has no entry for image id {image_id}")
+    scores = by_image[image_id]
+    if not isinstance(scores, dict) or lesion not in scores:
+        raise InstanceEvalError(
+            f"image scores file {path}: image id {image_id} has no image score for {lesion!r}"
+        )
+    value = scores[lesion]
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise InstanceEvalError(
+            f"image scores file {path}: image id {image_id} has score {value!r} for {lesion!r}: "
+            "not a finite number"
+        )
+    return float(value)
+
+
+def image_level_metrics(gt, results, top_k=1, score_threshold=FROC_SCORE_THRESHOLD,
+                        image_scores_file=None, annotated_only=False):
+    """The ``--image-level`` numbers (see the module docstring) as an ordered dict."""
+    coco_gt, gt_source = load_coco_gt(gt)
+    results, source = load_coco_results(results)
+    check_results(results, coco_gt, source, gt_source, ("bbox",))
+    given = read_image_scores(image_scores_file, coco_gt, gt_source) if image_scores_file else None
+    # With annotated_only an image counts only for the types it was graded for: an image graded
+    # for microaneurysms alone says nothing about exudates, healthy or not.
+    annotated = annotated_types(coco_gt) if annotated_only else {}
+    metrics = OrderedDict(
+        top_k=None if given is not None else int(top_k),
+        score_threshold=float(score_threshold),
+        images=len(coco_gt.getImgIds()),
+    )
+    for category_id in sorted(coco_gt.getCatIds()):
+        name = coco_gt.cats[category_id]["name"]
+        graded = [
+            i for i in coco_gt.getImgIds() if i not in annotated or category_id in annotated[i]
+        ]
+        anns = [a for i in graded for a in coco_gt.imgToAnns.get(i, [])
+                if a["category_id"] == category_id]
+        with_lesion = {a["image_id"] for a in anns if not a.get("iscrowd", 0)}
+        if not with_lesion:
+            continue
+        # Crowd (ignore) regions are not lesions for the AUC, but a detection on one is no
+        # false alarm either: such images are not healthy.
+        annotated_with = {a["image_id"] for a in anns}
+        healthy = [i for i in graded if i not in annotated_with]
+        if given is None:
+            scores = image_scores(results, graded, category_id, top_k)
+        else:
+            scores = {i: given_image_score(given, i, name, image_scores_file) for i in graded}
+        healthy_set = set(healthy)
+        alarms = sum(
+            1 for r in results
+            if r["category_id"] == category_id and r["image_id"] in healthy_set
+            and r["score"] >= score_threshold
+        )
+        metrics[f"images-{name}"] = len(graded)
+        metrics[f"images_with-{name}"] = len(with_lesion)
+        metrics[f"healthy_images-{name}"] = len(healthy)
+        metrics[f"AUC-{name}"] = image_auc(
+            [scores[i] for i in graded], [i in with_lesion for i in graded]
+        )
+        metrics[f"false_alarms_per_healthy_image-{name}"] = (
+            alarms / len(healthy) if healthy else None
+        )
+    return metrics
+
+
+def format_image_level(metrics, image_scores_file=None) -> str:
+    """The ``--image-level`` numbers as a pipe table, one row per lesion type, headed by how the
+    images were scored."""
+    ranked_by = (
+        f"the image_scores of {image_scores_file}" if image_scores_file
+        else f"the mean of its {metrics['top_k']} best detection score(s) (missing = 0)"
+    )
+    prefix = "images_with-"
+    names = [k[len(prefix):] for k in metrics if k.startswith(prefix)]
+    rows = [
+        [name, metrics[f"images-{name}"], metrics[f"images_with-{name}"],
+         metrics[f"healthy_images-{name}"], metrics[f"AUC-{name}"],
+         metrics[f"false_alarms_per_healthy_image-{name}"]]
+        for name in names
+    ]
+    headers = ["lesion", "images", "with lesion", "healthy", "AUC",
+               "false alarms / healthy image"]
+    head = (
+        f"Image-level screening ({metrics['images']} images): an image is positive when the GT "
+        f"has a lesion of the type on it,\nscored by {ranked_by}; false alarms = detections "
+        f"scoring >= {metrics['score_threshold']} on images without any.\nAUC in %, - = "
+        "undefined (one class of image only, or no healthy image).\n"
+    )
+    return head + tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".2f",
+                           missingval="-")
 
 
 def check_json_target(path: Path):
@@ -178,6 +370,16 @@ def main(argv=None):
                 annotated_only=args.annotated_only,
                 score_threshold=args.froc_score_threshold,
             )
+        image_level = None
+        if args.image_level or args.image_top_k or args.image_scores:
+            image_level = image_level_metrics(
+                args.gt,
+                args.predictions,
+                top_k=args.image_top_k or 1,
+                score_threshold=args.froc_score_threshold,
+                image_scores_file=args.image_scores,
+                annotated_only=args.annotated_only,
+            )
     except InstanceEvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,6 +390,9 @@ def main(argv=None):
     for name, values in protocols.items():
         print(f"\n{name} (Matterport's per-image mask AP, %):\n" + format_per_image_map(values))
         metrics[name] = values
+    if image_level is not None:
+        print("\n" + format_image_level(image_level, args.image_scores))
+        metrics["image_level"] = image_level
     if args.json:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)

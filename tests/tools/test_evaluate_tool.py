@@ -254,3 +254,175 @@ def test_json_below_a_file_or_unwritable_exits_2_naming_it(files, tmp_path, caps
                                 tmp_path / "m.json")
     assert code == 2 and err.strip().splitlines() == [
         f"error: cannot write --json {tmp_path / 'm.json'}: Permission denied"]
+
+
+# --- --image-level -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def screening(tmp_path):
+    """Five photographs graded for exudates (id 3): 1 and 2 with an exudate, 3-5 without. An
+    eye's exudate detections: 1: 0.9; 2: 0.6, 0.5; 3: 0.8 (a lone bright reflection); 4: 0.3,
+    0.2; 5: none. A microaneurysm (id 1, none in the GT) scores 0.95 on image 3."""
+    images = [{"id": i, "height": 40, "width": 60, "file_name": f"{i}.jpg"} for i in range(1, 6)]
+    annotations = []
+    for i, image_id in enumerate([1, 2], 1):
+        rle, box = square(5, 5, 10)
+        annotations.append(dict(id=i, image_id=image_id, category_id=3, segmentation=rle,
+                                bbox=box, area=100.0, iscrowd=0))
+    dets = []
+    for image_id, category_id, score in [(1, 3, 0.9), (2, 3, 0.6), (2, 3, 0.5), (3, 3, 0.8),
+                                         (4, 3, 0.3), (4, 3, 0.2), (3, 1, 0.95)]:
+        rle, box = square(20, 30, 4)
+        dets.append(dict(image_id=image_id, category_id=category_id, segmentation=rle, bbox=box,
+                         score=score))
+    categories = [{"id": 1, "name": "microaneurysm"}, {"id": 3, "name": "hard exudate"}]
+    gt_dict = {"images": images, "annotations": annotations, "categories": categories}
+
+    def write(gt_dict=gt_dict, dets=dets):
+        gt, dt = tmp_path / "gt.json", tmp_path / "dt.json"
+        gt.write_text(json.dumps(gt_dict))
+        dt.write_text(json.dumps(dets))
+        return gt, dt
+
+    return write, gt_dict, dets
+
+
+def image_level(capsys, tmp_path, gt, dt, *options):
+    out = tmp_path / "m.json"
+    code, stdout, err = run_tool(capsys, "--gt", gt, "--predictions", dt, *options, "--json", out)
+    assert code == 0, err
+    return json.loads(out.read_text())["image_level"], stdout
+
+
+def test_image_level_auc_at_top_k_1_and_2(screening, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    write, _, _ = screening
+    gt, dt = write()
+    labels = [1, 1, 0, 0, 0]
+    # k = 1: eyes 0.9, 0.6 | 0.8, 0.3, 0. 0.9 outranks the 3 healthy eyes, 0.6 only 2: 5/6.
+    level, stdout = image_level(capsys, tmp_path, gt, dt, "--image-level")
+    assert level["AUC-hard exudate"] == pytest.approx(500 / 6)
+    assert level["AUC-hard exudate"] == pytest.approx(
+        100 * roc_auc_score(labels, [0.9, 0.6, 0.8, 0.3, 0.0]))
+    assert level["top_k"] == 1 and level["images"] == 5
+    assert level["images-hard exudate"] == 5 and level["images_with-hard exudate"] == 2
+    assert level["healthy_images-hard exudate"] == 3
+    # Types without lesions in the GT get no row: the microaneurysm is not scored.
+    assert not any(k.endswith("-microaneurysm") for k in level)
+    assert "Image-level screening (5 images)" in stdout and "| hard exudate" in stdout
+    assert "83.33" in stdout
+    # k = 2: eyes 0.45, 0.55 | 0.4, 0.25, 0: the lone reflection no longer outranks eye 2.
+    level, stdout = image_level(capsys, tmp_path, gt, dt, "--image-level", "--image-top-k", "2")
+    assert level["AUC-hard exudate"] == pytest.approx(100.0)
+    assert level["AUC-hard exudate"] == pytest.approx(
+        100 * roc_auc_score(labels, [0.45, 0.55, 0.4, 0.25, 0.0]))
+    assert level["top_k"] == 2 and "mean of its 2 best" in stdout
+    # --image-top-k alone implies --image-level; without either there is no "image_level" key.
+    level, _ = image_level(capsys, tmp_path, gt, dt, "--image-top-k", "2")
+    assert level["AUC-hard exudate"] == pytest.approx(100.0)
+    out = tmp_path / "plain.json"
+    run_tool(capsys, "--gt", gt, "--predictions", dt, "--json", out)
+    assert "image_level" not in json.loads(out.read_text())
+
+
+def test_image_level_false_alarms_per_healthy_image(screening, tmp_path, capsys):
+    write, _, _ = screening
+    gt, dt = write()
+    # Healthy eyes 3, 4, 5. At the default 0.35 only eye 3's 0.8 counts (its microaneurysm
+    # 0.95 is another type): 1/3. At 0.25 eye 4's 0.3 too: 2/3; at 0.2 (>=) also its 0.2: 3/3.
+    # Eye 1's and 2's detections never count, whatever their score.
+    for threshold, expected in ((None, 1 / 3), ("0.25", 2 / 3), ("0.2", 1.0)):
+        options = ["--image-level"] + (["--froc-score-threshold", threshold] if threshold else [])
+        level, stdout = image_level(capsys, tmp_path, gt, dt, *options)
+        assert level["false_alarms_per_healthy_image-hard exudate"] == pytest.approx(expected)
+        assert level["score_threshold"] == float(threshold or 0.35)
+        assert f"scoring >= {float(threshold or 0.35)}" in stdout
+
+
+def test_image_level_crowd_only_and_annotated_only(screening, tmp_path, capsys):
+    write, gt_dict, dets = screening
+    # Eye 6 holds only a crowd (ignore) exudate region and a 0.7 detection: a negative for the
+    # AUC (0.9 outranks 4 negatives, 0.6 two: 6/8) but not healthy (false alarms still 1/3).
+    rle, box = square(5, 5, 10)
+    crowd = dict(gt_dict, images=gt_dict["images"] + [dict(gt_dict["images"][0], id=6)],
+                 annotations=gt_dict["annotations"] + [dict(
+                     gt_dict["annotations"][0], id=9, image_id=6, iscrowd=1)])
+    gt, dt = write(crowd, dets + [dict(dets[0], image_id=6, score=0.7)])
+    level, _ = image_level(capsys, tmp_path, gt, dt, "--image-level")
+    assert level["AUC-hard exudate"] == pytest.approx(75.0)
+    assert level["false_alarms_per_healthy_image-hard exudate"] == pytest.approx(1 / 3)
+    assert level["images_with-hard exudate"] == 2 and level["healthy_images-hard exudate"] == 3
+    # --annotated-only: eye 5, graded for microaneurysms only, says nothing about exudates:
+    # negatives 0.8, 0.3 (AUC 3/4), false alarms 1 on 2 healthy eyes.
+    graded = dict(gt_dict, images=[dict(im, annotated_category_ids=[1] if im["id"] == 5 else [3])
+                                   for im in gt_dict["images"]])
+    gt, dt = write(graded, dets)
+    level, _ = image_level(capsys, tmp_path, gt, dt, "--image-level", "--annotated-only")
+    assert level["images"] == 5 and level["images-hard exudate"] == 4
+    assert level["AUC-hard exudate"] == pytest.approx(75.0)
+    assert level["false_alarms_per_healthy_image-hard exudate"] == pytest.approx(0.5)
+
+
+def test_image_level_from_predict_image_scores(screening, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    write, _, _ = screening
+    gt, dt = write()
+    given = {1: 0.1, 2: 0.9, 3: 0.5, 4: 0.2, 5: 0.0}
+    predictions = {
+        f"photos/{i}.jpg": {"image_id": i, "image_scores": {"hard exudate": s, "microaneurysm": 0}}
+        for i, s in given.items()
+    }
+    scores_file = tmp_path / "image_predictions.json"
+    scores_file.write_text(json.dumps(predictions))
+    # The file's scores rank the eyes, not the detections: 0.1 outranks 1 of 3, 0.9 all: 4/6.
+    # False alarms still count detections: 1/3.
+    level, stdout = image_level(capsys, tmp_path, gt, dt, "--image-scores", scores_file)
+    assert level["AUC-hard exudate"] == pytest.approx(400 / 6)
+    assert level["AUC-hard exudate"] == pytest.approx(
+        100 * roc_auc_score([1, 1, 0, 0, 0], list(given.values())))
+    assert level["false_alarms_per_healthy_image-hard exudate"] == pytest.approx(1 / 3)
+    assert level["top_k"] is None and f"the image_scores of {scores_file}" in stdout
+    # An eye the file lacks: one error line naming the file and the image id.
+    del predictions["photos/4.jpg"]
+    scores_file.write_text(json.dumps(predictions))
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--image-scores",
+                            scores_file)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: image scores file {scores_file} has no entry for image id 4"]
+    # A lesion type the file does not score, an image of another GT, a missing file.
+    predictions["photos/4.jpg"] = {"image_id": 4, "image_scores": {"microaneurysm": 0.3}}
+    scores_file.write_text(json.dumps(predictions))
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--image-scores",
+                            scores_file)
+    assert code == 2 and str(scores_file) in err and "image id 4" in err
+    assert "no image score for 'hard exudate'" in err
+    predictions["photos/4.jpg"] = {"image_id": 44, "image_scores": {"hard exudate": 0.3}}
+    scores_file.write_text(json.dumps(predictions))
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--image-scores",
+                            scores_file)
+    assert code == 2 and str(scores_file) in err and "another GT" in err
+    code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--image-scores",
+                            tmp_path / "none.json")
+    assert code == 2 and "none.json" in err and "not found" in err
+    # A k and a scores file contradict each other: an argparse error.
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_tool.main(["--gt", str(gt), "--predictions", str(dt), "--image-scores",
+                            str(scores_file), "--image-top-k", "2"])
+    assert exit_info.value.code == 2
+
+
+def test_image_level_without_healthy_images_is_null(screening, tmp_path, capsys):
+    write, gt_dict, dets = screening
+    rle, box = square(5, 5, 10)
+    everyone = dict(gt_dict, annotations=[
+        dict(id=i, image_id=i, category_id=3, segmentation=rle, bbox=box, area=100.0, iscrowd=0)
+        for i in range(1, 6)])
+    gt, dt = write(everyone, dets)
+    level, stdout = image_level(capsys, tmp_path, gt, dt, "--image-level")
+    assert level["AUC-hard exudate"] is None
+    assert level["false_alarms_per_healthy_image-hard exudate"] is None
+    assert level["images_with-hard exudate"] == 5 and level["healthy_images-hard exudate"] == 0
+    assert "| hard exudate" in stdout
