@@ -44,7 +44,8 @@ the mean of its ``--image-top-k`` best detection scores of the type, missing one
 >= ``--froc-score-threshold`` on the images without any annotation of the type, over their
 number; an image with only crowd annotations is negative for the AUC and left out of this).
 ``--image-scores image_predictions.json`` (tools/predict.py's) ranks the images by its
-``"image_scores"`` instead, which every GT image must have for every such type. With
+``"image_scores"`` instead, which must give every image it scores a finite score for every such
+type (one entry per image, none of another GT). With
 ``--annotated-only`` each type counts only the images annotated for it. A table after the others,
 and ``"image_level": {"top_k": .., "score_threshold": .., "images": .., "images-<category>": ..,
 "images_with-<category>": .., "healthy_images-<category>": .., "AUC-<category>": ..,

@@ -407,6 +407,18 @@ def test_image_level_from_predict_image_scores(screening, tmp_path, capsys):
     code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--image-scores",
                             tmp_path / "none.json")
     assert code == 2 and "none.json" in err and "not found" in err
+    # An eye given twice, a NaN score, a file that is not predict's object: refused by name.
+    for broken, problem in (
+        (dict(predictions, **{"photos/4.jpg": {"image_id": 1, "image_scores": {}}}), "twice"),
+        (dict(predictions, **{"photos/4.jpg": {"image_id": 4, "image_scores": {
+            "hard exudate": float("nan")}}}), "not a finite number"),
+        (list(predictions.values()), "not tools/predict.py's image_predictions.json"),
+    ):
+        scores_file.write_text(json.dumps(broken))
+        code, _, err = run_tool(capsys, "--gt", gt, "--predictions", dt, "--image-scores",
+                                scores_file)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert str(scores_file) in err and problem in err
     # A k and a scores file contradict each other: an argparse error.
     with pytest.raises(SystemExit) as exit_info:
         evaluate_tool.main(["--gt", str(gt), "--predictions", str(dt), "--image-scores",
