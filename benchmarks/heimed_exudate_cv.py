@@ -81,9 +81,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = HEIMED_ROOT
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "heimed_exudate_cv.json"
-DEFAULT_WORK = REPO_ROOT / "output" / "benchmarks" / "heimed_exudate_cv"
 CONFIG = REPO_ROOT / "configs" / "exudate_fpnseg_heimed_cpu.yaml"
+DEFAULT_FOLDS = 4
+# Each shipped exudate recipe's results file (its README and config quote it); another config's
+# results go to its --work folder unless --out says otherwise.
+RESULTS_FILES = {
+    "exudate_fpnseg_heimed_cpu.yaml": "heimed_exudate_cv.json",
+    "exudate_candidates_heimed_cpu.yaml": "heimed_exudate_candidates_cv.json",
+}
+WORK_ROOT = REPO_ROOT / "output" / "benchmarks" / "heimed_exudate_cv"
+
+
+def default_paths(config: Path, recipe_as_shipped: bool) -> tuple:
+    """(results file, work folder) of a run of ``config`` when --out / --work are not given:
+    one work folder per config, so that --skip-train never scores another config's models; the
+    shipped results file only for a shipped recipe run as shipped (``recipe_as_shipped``: all
+    images, its own schedule, no overrides), so a quick run never replaces it."""
+    config = Path(config)
+    work = WORK_ROOT / config.stem
+    shipped = RESULTS_FILES.get(config.name)
+    if (shipped and recipe_as_shipped
+            and config.resolve() == (REPO_ROOT / "configs" / config.name).resolve()):
+        return REPO_ROOT / "benchmarks" / "results" / shipped, work
+    return work / "results.json", work
 EXUDATE = "hard exudate"
 # Candidate operating thresholds; the cross-validation picks among them.
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.96, 0.05))
@@ -93,10 +113,18 @@ IMAGE_TOP_KS = (1, 2, 3, 4, 5, 6, 8)
 
 def add_arguments(parser) -> None:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="HEI-MED folder")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="datasets + runs folder")
+    parser.add_argument(
+        "--out", type=Path,
+        help="results JSON file (default: the shipped recipe's benchmarks/results file, else "
+        "results.json in --work)",
+    )
+    parser.add_argument(
+        "--work", type=Path,
+        help="datasets + runs folder (default: output/benchmarks/heimed_exudate_cv/<config name>)",
+    )
     parser.add_argument("--config-file", type=Path, default=CONFIG)
-    parser.add_argument("--folds", type=int, default=4, help="cross-validation folds (>= 2)")
+    parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                        help="cross-validation folds (>= 2)")
     parser.add_argument(
         "--iterations", type=int, help="training iterations per fold (default: the config's)"
     )
@@ -612,12 +640,18 @@ def run(args) -> dict:
     from .exudate_floor import floor_coco_results
 
     root = require_dir(args.root.resolve(), "the HEI-MED folder")
-    work = args.work.resolve()
     config = args.config_file.resolve()
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(config))
     cfg.merge_from_list(list(args.opts))
     iterations = args.iterations or cfg.SOLVER.MAX_ITER
+    as_shipped = (not args.images and not args.opts and not args.skip_train
+                  and args.folds == DEFAULT_FOLDS and iterations == cfg.SOLVER.MAX_ITER
+                  and args.root.resolve() == Path(DEFAULT_ROOT).resolve())
+    default_out, default_work = default_paths(args.config_file, as_shipped)
+    args.out = args.out or default_out
+    work = (args.work or default_work).resolve()
+    logger.info("results: %s; work folder: %s", args.out, work)
     config_threshold = float(cfg.RETINA.COMPONENTS.SCORE_THRESHOLD)
     top_k = int(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K)
 

@@ -443,3 +443,24 @@ def test_image_top_k_is_chosen_on_the_folds_given_and_matches_sklearn():
     # Ties go to the smaller k; without a healthy eye nothing is chosen but the best lesion.
     assert select_image_top_k(folds, (5, 6)) == 5
     assert select_image_top_k([_fold([(True, [0.5]), (True, [0.2, 0.1])])]) == 1
+
+
+def test_default_results_file_is_the_shipped_one_only_for_the_recipe_as_shipped(tmp_path):
+    from benchmarks.heimed_exudate_cv import WORK_ROOT, default_paths
+
+    results = REPO_ROOT / "benchmarks" / "results"
+    for config, shipped in [("exudate_fpnseg_heimed_cpu.yaml", "heimed_exudate_cv.json"),
+                            ("exudate_candidates_heimed_cpu.yaml",
+                             "heimed_exudate_candidates_cv.json")]:
+        path = REPO_ROOT / "configs" / config
+        work = WORK_ROOT / path.stem
+        assert default_paths(path, True) == (results / shipped, work)
+        # A quick run (fewer images, other schedule, overrides) keeps to its work folder.
+        assert default_paths(path, False) == (work / "results.json", work)
+    # Two configs never share a work folder (--skip-train would score the other's models).
+    assert default_paths(CONFIG, True)[1] != default_paths(
+        REPO_ROOT / "configs" / "exudate_candidates_heimed_cpu.yaml", True)[1]
+    # A copy of a shipped config elsewhere is not the shipped recipe.
+    copy = tmp_path / "exudate_fpnseg_heimed_cpu.yaml"
+    copy.write_text((REPO_ROOT / "configs" / "exudate_fpnseg_heimed_cpu.yaml").read_text())
+    assert default_paths(copy, True)[0] == WORK_ROOT / copy.stem / "results.json"
