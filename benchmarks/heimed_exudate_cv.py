@@ -52,6 +52,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from retina_d2.evaluation.image_scores import image_auc
+
 from . import (
     HEIMED_ROOT,
     REPO_ROOT,
@@ -65,7 +67,6 @@ __all__ = [
     "counts_at",
     "cross_dataset_row",
     "diaretdb1_section",
-    "image_auc",
     "select_image_top_k",
     "predict_fold",
     "predict_scored",
@@ -278,16 +279,6 @@ def select_image_top_k(scored: Sequence[Dict], top_ks: Sequence[int] = IMAGE_TOP
         if auc is not None and auc > best_auc:
             best, best_auc = k, auc
     return int(best)
-
-
-def image_auc(scores: Sequence[float], labels: Sequence[bool]):
-    """ROC AUC of image scores against image labels, or None when one class is missing."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels, bool)
-    if labels.all() or not labels.any():
-        return None
-    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
 # --- one fold's prediction (runs in its own process) -------------------------------------------

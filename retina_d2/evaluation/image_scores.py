@@ -9,9 +9,11 @@ Which ``top_k`` ranks eyes best is an empirical question; ``tools/benchmark.py
 heimed-exudate-cv`` chooses it by cross-validation and a config ships it as
 ``RETINA.COMPONENTS.IMAGE_SCORE_TOP_K``.
 """
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
-__all__ = ["image_score", "image_scores"]
+import numpy as np
+
+__all__ = ["image_auc", "image_score", "image_scores"]
 
 
 def image_score(scores: Iterable[float], top_k: int = 1) -> float:
@@ -31,3 +33,14 @@ def image_scores(results: Sequence[dict], image_ids: Iterable[int], category_id:
         if r["category_id"] == category_id and r["image_id"] in by_image:
             by_image[r["image_id"]].append(r["score"])
     return {image_id: image_score(scores, top_k) for image_id, scores in by_image.items()}
+
+
+def image_auc(scores: Sequence[float], positive: Sequence[bool]) -> Optional[float]:
+    """ROC AUC (a fraction) of image scores against image labels; None when all images are of one
+    class (no AUC exists)."""
+    from sklearn.metrics import roc_auc_score  # imported here: predict never needs it
+
+    positive = np.asarray(positive, bool)
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))

@@ -82,7 +82,7 @@ from ..evaluation.coco_io import (
     load_coco_gt,
     load_coco_results,
 )
-from ..evaluation.image_scores import image_scores
+from ..evaluation.image_scores import image_auc, image_scores
 from ..evaluation.protocols import (
     INSTANCE_PROTOCOLS,
     format_per_image_map,
@@ -178,16 +178,6 @@ def build_parser():
         help="rank the images by this image_predictions.json of tools/predict.py instead",
     )
     return parser
-
-
-def image_auc(scores, positive):
-    """ROC AUC in percent of image scores against image labels; None with one class only."""
-    from sklearn.metrics import roc_auc_score  # imported here: only --image-level needs it
-
-    positive = np.asarray(positive, bool)
-    if positive.all() or not positive.any():
-        return None
-    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64))) * 100
 
 
 def read_image_scores(path: Path, coco_gt, gt_source: str) -> dict:
@@ -289,9 +279,8 @@ def image_level_metrics(gt, results, top_k=1, score_threshold=FROC_SCORE_THRESHO
         metrics[f"images-{name}"] = len(graded)
         metrics[f"images_with-{name}"] = len(with_lesion)
         metrics[f"healthy_images-{name}"] = len(healthy)
-        metrics[f"AUC-{name}"] = image_auc(
-            [scores[i] for i in graded], [i in with_lesion for i in graded]
-        )
+        auc = image_auc([scores[i] for i in graded], [i in with_lesion for i in graded])
+        metrics[f"AUC-{name}"] = None if auc is None else 100 * auc
         metrics[f"false_alarms_per_healthy_image-{name}"] = (
             alarms / len(healthy) if healthy else None
         )

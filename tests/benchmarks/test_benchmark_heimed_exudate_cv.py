@@ -16,7 +16,6 @@ from benchmarks.heimed_exudate_cv import (
     THRESHOLDS,
     at_threshold,
     counts_at,
-    image_auc,
     reliability,
     select_screening_threshold,
     select_threshold,
@@ -105,6 +104,8 @@ def test_reliability_by_hand():
 
 
 def test_image_auc_and_false_alarms_per_healthy_eye():
+    from retina_d2.evaluation.image_scores import image_auc
+
     assert image_auc([0.9, 0.2, 0.8, 0.1], [True, False, True, False]) == 1.0
     assert image_auc([0.9, 0.8], [True, True]) is None
     gt = {"categories": [{"id": 3, "name": "hard exudate"}]}
