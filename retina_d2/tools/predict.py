@@ -8,8 +8,9 @@ The checkpoint is all it needs: training stores the config and the class names i
 checkpoint, so no --config-file and no converted or registered dataset. A checkpoint saved before
 they were stored needs --config-file (the config it was trained with).
 
-With --gt, results use that file's image ids (images matched by file name); without it, images
-are numbered in sorted order and the JSON maps ids to files in "images".
+With --gt, results use that file's image ids (images matched by file name) and only the images it
+lists are predicted (a dataset's raw folder can be --input: its masks are left out, with a note);
+without it, images are numbered in sorted order and the JSON maps ids to files in "images".
 
 Detectors (LesionRCNN) give instances. Semantic models (SemanticLesionNet) give probability maps,
 written as 8-bit PNGs ``maps/<image>/<lesion>.png`` (value = round(255 * probability); skip with
@@ -117,15 +118,27 @@ def list_inputs(path: Path):
 
 
 def image_ids(images, gt: Path = None):
-    """file -> image id: from the GT's records matched by file name, else 1..N in order."""
+    """file -> image id: from the GT's records matched by file name, else 1..N in order.
+
+    With a GT, an --input folder may hold more than its photographs (a dataset's raw folder, with
+    masks or vessel maps beside them): only the images the GT lists are predicted, and a note
+    says how many were left out and how many of the GT's images were not found. An image the GT
+    does not list is an error only when no input is listed (another GT, or a single file)."""
     if gt is None:
         return {img: i + 1 for i, img in enumerate(images)}
     with open(gt) as f:
         by_name = {Path(r["file_name"]).name: r["id"] for r in json.load(f)["images"]}
-    missing = [img.name for img in images if img.name not in by_name]
-    if missing:
-        raise ValueError(f"--gt {gt}: no image record for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return {img: by_name[img.name] for img in images}
+    listed = [img for img in images if img.name in by_name]
+    if not listed:
+        names = [img.name for img in images]
+        raise ValueError(f"--gt {gt}: no image record for {names[:5]}{' ...' if len(names) > 5 else ''}")
+    unlisted = len(images) - len(listed)
+    unseen = len(set(by_name) - {img.name for img in listed})
+    if unlisted or unseen:
+        print(f"note: --gt {gt}: predicting the {len(listed)} input image(s) it lists; "
+              f"{unlisted} other file(s) under --input left out, {unseen} of its image(s) not "
+              "found there", file=sys.stderr)
+    return {img: by_name[img.name] for img in listed}
 
 
 def prepare_output(output: Path):
@@ -263,8 +276,8 @@ def main(argv=None):
     several = predict_shards.world_size(args) > 1
     try:
         predict_shards.check_arguments(args)
-        images = list_inputs(args.input)
-        ids = image_ids(images, args.gt)
+        ids = image_ids(list_inputs(args.input), args.gt)
+        images = list(ids)
         cfg, class_names, threshold = model_settings(args)
         # Built here whatever the number of processes: a model file that cannot be loaded is one
         # error line before any starts (the processes build their own; this one is on the CPU).

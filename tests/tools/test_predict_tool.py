@@ -375,3 +375,16 @@ def test_a_bad_value_type_in_opts_is_one_line_in_a_fresh_process(trained, tmp_pa
         "error: command line: SOLVER.MAX_ITER 'abc': expected int (like 3), got str"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_gt_selects_the_photographs_it_lists(tmp_path, capsys):
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [{"id": 7, "file_name": "raw/a.jpg"},
+                                         {"id": 9, "file_name": "raw/b.jpg"},
+                                         {"id": 11, "file_name": "raw/gone.jpg"}]}))
+    a, b, vessels = tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "a_vess.png"
+    assert predict.image_ids([a, vessels, b], gt) == {a: 7, b: 9}
+    err = capsys.readouterr().err
+    assert "1 other file(s) under --input left out, 1 of its image(s) not found" in err
+    with pytest.raises(ValueError, match=r"gt\.json: no image record for \['a_vess\.png'\]"):
+        predict.image_ids([vessels], gt)
