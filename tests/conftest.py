@@ -17,28 +17,43 @@ def synthetic_datasets(tmp_path_factory):
     return root
 
 
+def _handlers():
+    import logging
+
+    loggers = [logging.getLogger()] + [
+        log for log in logging.Logger.manager.loggerDict.values()
+        if isinstance(log, logging.Logger)
+    ]
+    return {(log, h) for log in loggers for h in log.handlers}
+
+
+def _remove_handlers_added_since(before):
+    from detectron2.utils.logger import setup_logger
+
+    for log, handler in _handlers() - before:
+        if type(handler).__module__.startswith("_pytest"):
+            continue  # pytest's own capture handlers: pytest removes them
+        log.removeHandler(handler)
+        handler.close()
+    setup_logger.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _loggers_left_as_found():
     """Remove the console and file handlers a test's tool run added (Detectron2's setup_logger,
     logging.basicConfig). They hold the stream pytest captured for that test, which is closed
     afterwards: a later test's log lines would print '--- Logging error ---' tracebacks into the
     stderr it checks. A user's process runs one tool and never meets this."""
-    import logging
-
-    from detectron2.utils.logger import setup_logger
-
-    def handlers():
-        loggers = [logging.getLogger()] + [
-            log for log in logging.Logger.manager.loggerDict.values()
-            if isinstance(log, logging.Logger)
-        ]
-        return {(log, h) for log in loggers for h in log.handlers}
-
-    before = handlers()
+    before = _handlers()
     yield
-    for log, handler in handlers() - before:
-        if type(handler).__module__.startswith("_pytest"):
-            continue  # pytest's own capture handlers: pytest removes them
-        log.removeHandler(handler)
-        handler.close()
-    setup_logger.cache_clear()
+    _remove_handlers_added_since(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_loggers_left_as_found():
+    """The same for what a module-scoped fixture's in-process training added (autouse, so set up
+    before the module's fixtures and torn down after them): without it those handlers would
+    outlive the module, as the per-test cleanup counts them as already there."""
+    before = _handlers()
+    yield
+    _remove_handlers_added_since(before)
