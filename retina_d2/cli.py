@@ -25,7 +25,7 @@ SUBCOMMANDS = OrderedDict(
         "retina-d2 train --config-file configs/maskrcnn_eophtha.yaml",
     ),
     evaluate=(
-        "evaluate.py", "main", "mAP35/50/75 (and FROC) of a COCO results file",
+        "evaluate.py", "main", "mAP35/50/75 (and FROC, image AUC) of a COCO results file",
         "retina-d2 evaluate --gt datasets/idrid/test.json --predictions dt.json --froc",
     ),
     predict=(
