@@ -131,7 +131,8 @@ def image_ids(images, gt: Path = None):
     listed = [img for img in images if img.name in by_name]
     if not listed:
         names = [img.name for img in images]
-        raise ValueError(f"--gt {gt}: no image record for {names[:5]}{' ...' if len(names) > 5 else ''}")
+        more = " ..." if len(names) > 5 else ""
+        raise ValueError(f"--gt {gt}: no image record for {names[:5]}{more}")
     unlisted = len(images) - len(listed)
     unseen = len(set(by_name) - {img.name for img in listed})
     if unlisted or unseen:

@@ -232,6 +232,7 @@ def test_quick_mode_runs_end_to_end_on_four_real_images(tmp_path):
     for fold, heimed_row in zip(section["model_folds"], scored["model_folds"]):
         assert fold["cv threshold"] == heimed_row["cv threshold"]  # chosen on HEI-MED alone
         assert fold["image AUC"] is not None and fold["recall at <= 1 false alarm / image"] >= 0
+        assert fold["recall at <= 1 false alarm / image (centre inside)"] >= 0
     assert "std" in section["model_summary"]["segm AP50"]
     assert section["floor"]["segm AP35"] is not None
 
@@ -465,3 +466,34 @@ def test_default_results_file_is_the_shipped_one_only_for_the_recipe_as_shipped(
     copy = tmp_path / "exudate_fpnseg_heimed_cpu.yaml"
     copy.write_text((REPO_ROOT / "configs" / "exudate_fpnseg_heimed_cpu.yaml").read_text())
     assert default_paths(copy, True)[0] == WORK_ROOT / copy.stem / "results.json"
+
+
+def test_a_lesion_inside_a_coarse_expert_region_is_found_by_its_centre():
+    from benchmarks.heimed_exudate_cv import (
+        AT_ONE_FALSE_ALARM,
+        AT_ONE_FALSE_ALARM_CENTRE,
+        cross_dataset_row,
+        score_results,
+    )
+
+    from pycocotools import mask as mask_util
+
+    exudate = 3
+    region = np.zeros((32, 32), np.uint8)
+    region[4:20, 4:20] = 1  # an expert's 16 x 16 region around a cluster
+    rle = mask_util.encode(np.asfortranarray(region))
+    rle["counts"] = rle["counts"].decode("ascii")
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}],
+        "categories": [{"id": exudate, "name": "hard exudate"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": exudate, "iscrowd": 0,
+                         "area": 256, "bbox": [4, 4, 16, 16], "segmentation": rle}],
+    }
+    # One exudate of the cluster outlined on its own: IoU 16 / 256, a miss at IoU 0.2, and then
+    # a false alarm; its centre lies inside the region.
+    results = [{"image_id": 1, "category_id": exudate, "score": 0.9, "bbox": [8, 8, 4, 4],
+                "segmentation": _square_rle(8, 8)}]
+    row = cross_dataset_row(score_results(gt, results, centre=True), [("config", 0.5)])
+    assert row[AT_ONE_FALSE_ALARM] == 0.0
+    assert row[AT_ONE_FALSE_ALARM_CENTRE] == 100.0
+    assert AT_ONE_FALSE_ALARM_CENTRE not in cross_dataset_row(score_results(gt, results), [])
