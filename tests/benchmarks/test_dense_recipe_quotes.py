@@ -67,7 +67,8 @@ def test_readme_quotes_the_results(results):
         f"{pm(floor, 'segm AP35')} / {pm(floor, 'segm AP50')}",
         f"FROC {model['FROC']['mean']:.1f} against {floor['FROC']['mean']:.1f}",
         f"(image AUC {pm(model, 'image AUC')}, pooled out of fold "
-        f"{results['pooled_out_of_fold_image_AUC']:.1f}, against {pm(floor, 'image AUC')})",
+        f"{results['pooled_out_of_fold_image_AUC']:.1f}, against {pm(floor, 'image AUC')}, an "
+        "eye scored by its best lesion;",
         f"({pm(model, 'cv false alarms / healthy eye', 2)} per eye at the cross-validated "
         f"threshold, {model['config false alarms / healthy eye']['mean']:.2f} at 0.5, against "
         f"{floor['config false alarms / healthy eye']['mean']:.0f} for the floor)",
@@ -77,6 +78,8 @@ def test_readme_quotes_the_results(results):
         f"{model['screening false alarms / healthy eye']['mean']:.2f})",
     ):
         assert quoted in text, quoted
-    # "ranks eyes best of the three": above the floor and the candidate recipe.
-    candidates = json.loads(CANDIDATES.read_text())["model_summary"]["image AUC"]["mean"]
-    assert model["image AUC"]["mean"] > max(candidates, floor["image AUC"]["mean"])
+    # "far better than the floor ... the candidate recipe's best lesion ranks them better still"
+    # (this run's image AUC is its best lesion's: it predates the image score's k).
+    assert "config_image_score_top_k" not in results or results["config_image_score_top_k"] == 1
+    candidates = json.loads(CANDIDATES.read_text())["model_summary"]["best-lesion image AUC"]
+    assert floor["image AUC"]["mean"] < model["image AUC"]["mean"] < candidates["mean"]
