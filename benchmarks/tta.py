@@ -13,7 +13,8 @@ through ``LesionTrainer.build_inference_model`` (what ``--eval-only`` and ``pred
 Lesions are a detector's instances, or for a semantic model (the default, the CPU exudate recipe
 ``configs/exudate_fpnseg_heimed_cpu.yaml``) the connected components of its exudate map
 (``RETINA.COMPONENTS``, as ``heimed-exudate-cv`` scores them). Per variant it reports exudate
-segm / bbox AP35 / AP50 / AP75, FROC, image AUC, seconds per image, peak RSS and the views run,
+segm / bbox AP35 / AP50 / AP75, FROC, image AUC (an eye scored as the config's
+RETINA.COMPONENTS.IMAGE_SCORE_TOP_K says), seconds per image, peak RSS and the views run,
 and each number's difference from ``off``.
 """
 import json
@@ -173,8 +174,14 @@ def run(args) -> dict:
 
     from .heimed_exudate_cv import _scaled_schedule, _train, score_results
 
+    from retina_d2.config import get_retina_cfg
+
     work = args.work.resolve()
     config = args.config_file.resolve()
+    cfg = get_retina_cfg()
+    cfg.merge_from_file(str(config))
+    cfg.merge_from_list(list(args.opts))
+    top_k = int(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K)  # an eye's score, as the config ships it
     datasets = work / "datasets"
     _, env = convert_heimed_dev(args.root, datasets)
     conversion = datasets / "heimed"
@@ -208,7 +215,7 @@ def run(args) -> dict:
         )
         if "error" in inference:
             raise RuntimeError(f"TTA {name}: prediction failed: {inference['error']}")
-        scored = score_results(gt, json.loads(predictions.read_text()))
+        scored = score_results(gt, json.loads(predictions.read_text()), top_k)
         rows.append({
             "variant": name, "views": inference["views"],
             **{key: scored["row"].get(key) for key in SCORES},
