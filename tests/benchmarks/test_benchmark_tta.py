@@ -41,13 +41,24 @@ def test_variants_switch_the_augmentation_through_the_config():
     not (HEIMED_ROOT / "(00000101).jpg").is_file(),
     reason=f"the HEI-MED sample is not at {HEIMED_ROOT}",
 )
-def test_quick_run_end_to_end_on_real_images(tmp_path):
+def test_quick_run_end_to_end_on_real_images(tmp_path, monkeypatch):
+    import benchmarks.heimed_exudate_cv as exudate_cv
+
+    scoring, seen_top_k = exudate_cv.score_results, []
+
+    def score_results(gt, results, top_k=1, **kwargs):  # what each variant is scored with
+        seen_top_k.append(top_k)
+        return scoring(gt, results, top_k, **kwargs)
+
+    monkeypatch.setattr(exudate_cv, "score_results", score_results)
     out = tmp_path / "tta.json"
     main([
         "tta", "--iterations", "2", "--limit", "2", "--work", str(tmp_path / "work"),
         "--out", str(out), "--variants", "off,flip",
         "RETINA.PREPROCESS.FOV_DIAMETER", "256", "INPUT.CROP.SIZE", "[128, 128]",
+        "RETINA.COMPONENTS.IMAGE_SCORE_TOP_K", "3",
     ])
+    assert seen_top_k == [3, 3]  # the eye's score the config says, for every variant
     results = json.loads(out.read_text())
     assert results["images"] == 2 and results["weights"] == "trained by this run"
     off, flip = results["variants"]
