@@ -385,12 +385,12 @@ def _image_truth(gt: dict, exudate_id: int) -> Dict[int, bool]:
 
 
 def score_results(gt: dict, results: List[dict], top_k: int = 1, centre: bool = False) -> dict:
-    """AP35/50/75 (segm, bbox), FROC curve, image scores (the mean of an eye's ``top_k`` best
-    lesion scores) and image AUC of one fold's exudate results; ``lesion_scores`` keeps every
-    eye's lesion scores for other k. With ``centre``, also ``centre_curve``: the FROC curve with
-    a lesion found by a prediction whose centre lies inside it."""
+    """AP35/50/75 (segm, bbox), FROC curve and image AUC (an eye scored by the mean of its
+    ``top_k`` best lesion scores, and by its best one) of one fold's exudate results;
+    ``lesion_scores`` keeps every eye's lesion scores for other k. With ``centre``, also
+    ``centre_curve``: the FROC curve with a lesion found by a prediction whose centre lies inside
+    it."""
     from retina_d2.evaluation.froc import froc_curve
-    from retina_d2.evaluation.image_scores import image_score
     from retina_d2.evaluation.instance_eval import evaluate_coco_results
 
     exudate_id = _exudate_id(gt)
@@ -406,12 +406,10 @@ def score_results(gt: dict, results: List[dict], top_k: int = 1, centre: bool = 
     lesion_scores = {image_id: [] for image_id in truth}
     for r in results:
         lesion_scores[r["image_id"]].append(r["score"])
-    ids = sorted(truth)
+    scored = {"row": row, "curve": curve, "truth": truth, "lesion_scores": lesion_scores}
     for key, k in (("image AUC", top_k), ("best-lesion image AUC", 1)):
-        auc = image_auc([image_score(lesion_scores[i], k) for i in ids], [truth[i] for i in ids])
+        auc = _pooled_image_auc([scored], k)
         row[key] = None if auc is None else 100 * auc
-    scored = {"row": row, "curve": curve, "truth": truth, "lesion_scores": lesion_scores,
-              "image_scores": {i: image_score(lesion_scores[i], top_k) for i in ids}}
     if centre:
         scored["centre_curve"] = froc_curve(gt, results, match="center")["categories"][EXUDATE]
     return scored
@@ -777,10 +775,7 @@ def _assemble(per_fold: List[dict], folds, names, iterations: int, config_thresh
 
     # Pooled out-of-fold image AUC: one ranking over all folds' eyes.
     scored = [f["model"] for f in per_fold]
-    pooled_auc = image_auc(
-        [f["image_scores"][i] for f in scored for i in f["truth"]],
-        [has for f in scored for has in f["truth"].values()],
-    )
+    pooled_auc = _pooled_image_auc(scored, config_top_k)
     pooled_best_lesion = _pooled_image_auc(scored, 1)
     calibration = reliability([f["model"]["curve"] for f in per_fold])
 

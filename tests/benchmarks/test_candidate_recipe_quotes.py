@@ -1,35 +1,21 @@
 """What README and configs/exudate_candidates_heimed_cpu.yaml say about the CPU exudate recipe is
 what benchmarks/results/heimed_exudate_candidates_cv.json measured: a rerun that changes the file
 fails here until the quotes follow it (the file itself is only ever written by the benchmark)."""
-import json
-import re
-
 import pytest
+from recipe_quotes import flat, full_run_config, pm, read_results
 
 from benchmarks import REPO_ROOT
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "heimed_exudate_candidates_cv.json"
 CONFIG = REPO_ROOT / "configs" / "exudate_candidates_heimed_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
 def results():
-    return json.loads(RESULTS.read_text())
-
-
-def _flat(text: str) -> str:
-    """Comment and table text with line breaks and comment marks folded into single spaces."""
-    return re.sub(r"\s*\n\s*#?\s*", " ", text)
+    return read_results("heimed_exudate_candidates_cv.json")
 
 
 def test_the_results_are_the_configs_full_schedule(results):
-    from retina_d2.config import get_retina_cfg
-
-    cfg = get_retina_cfg()
-    cfg.merge_from_file(str(CONFIG))
-    assert results["config"] == "configs/exudate_candidates_heimed_cpu.yaml"
-    assert results["iterations"] == cfg.SOLVER.MAX_ITER and not results["overrides"]
-    assert results["folds"] == results["folds_completed"] == 4 and results["images"] == 40
+    cfg = full_run_config(results, CONFIG)
     # The config ships the screening threshold the cross-validation chose (the run scored its
     # then config_threshold as well).
     assert results["false_alarm_budget_per_healthy_eye"] == 0.5
@@ -42,7 +28,7 @@ def test_config_comment_quotes_the_results(results):
     mean = {k: v["mean"] for k, v in results["model_summary"].items()}
     best_lesion = results["model_summary"]["best-lesion image AUC"]
     floor = results["floor_summary"]
-    text = _flat(CONFIG.read_text())
+    text = flat(CONFIG.read_text())
     ece = results["pooled_out_of_fold_lesion_calibration"]["expected calibration error"]
     k_run = results["config_image_score_top_k"]
     assert best_lesion["min"] == best_lesion["max"] == 100  # "100 in every fold"
@@ -70,9 +56,6 @@ def test_readme_quotes_the_results(results):
     cv_k = model["cv image score top k"]
     calibration = {tuple(b["scores"]): b
                    for b in results["pooled_out_of_fold_lesion_calibration"]["bins"]}
-
-    def pm(summary, key, digits=1):
-        return f"{summary[key]['mean']:.{digits}f} ± {summary[key]['std']:.{digits}f}"
 
     def mean(summary, key, digits=0):
         return f"{summary[key]['mean']:.{digits}f}"
@@ -121,4 +104,4 @@ def test_readme_quotes_the_results(results):
         f"the floor, whose healthy eyes carry bright reflections, gains "
         f"{floor['image AUC']['mean'] - floor['best-lesion image AUC']['mean']:.0f} points",
     ):
-        assert _flat(quoted) in _flat(text), quoted
+        assert flat(quoted) in flat(text), quoted

@@ -1,41 +1,27 @@
 """What README and configs/exudate_fpnseg_heimed_cpu.yaml say about the dense CPU exudate model is
 what benchmarks/results/heimed_exudate_cv.json measured (the file is only ever written by
 tools/benchmark.py heimed-exudate-cv): a rerun that changes it fails here until the quotes follow."""
-import json
-import re
-
 import pytest
+from recipe_quotes import flat, full_run_config, pm, read_results
 
 from benchmarks import REPO_ROOT
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "heimed_exudate_cv.json"
-CANDIDATES = REPO_ROOT / "benchmarks" / "results" / "heimed_exudate_candidates_cv.json"
 CONFIG = REPO_ROOT / "configs" / "exudate_fpnseg_heimed_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
 def results():
-    return json.loads(RESULTS.read_text())
-
-
-def _flat(text: str) -> str:
-    return re.sub(r"\s*\n\s*#?\s*", " ", text)
+    return read_results("heimed_exudate_cv.json")
 
 
 def test_the_results_are_the_configs_full_schedule_and_it_ships_their_threshold(results):
-    from retina_d2.config import get_retina_cfg
-
-    cfg = get_retina_cfg()
-    cfg.merge_from_file(str(CONFIG))
-    assert results["config"] == "configs/exudate_fpnseg_heimed_cpu.yaml"
-    assert results["iterations"] == cfg.SOLVER.MAX_ITER and not results["overrides"]
-    assert results["folds"] == results["folds_completed"] == 4 and results["images"] == 40
+    cfg = full_run_config(results, CONFIG)
     assert cfg.RETINA.COMPONENTS.SCORE_THRESHOLD == results["cv_threshold_to_ship"]
 
 
 def test_config_comment_quotes_the_results(results):
     mean = {k: v["mean"] for k, v in results["model_summary"].items()}
-    text = _flat(CONFIG.read_text())
+    text = flat(CONFIG.read_text())
     for quoted in (
         f"F1 {mean['cv F1']:.1f}, {mean['cv false alarms / healthy eye']:.2f} false alarms per "
         f"healthy eye ({mean['config false alarms / healthy eye']:.2f} at "
@@ -56,9 +42,6 @@ def test_config_comment_quotes_the_results(results):
 def test_readme_quotes_the_results(results):
     model, floor = results["model_summary"], results["floor_summary"]
     text = " ".join((REPO_ROOT / "README.md").read_text().split())
-
-    def pm(summary, key, digits=1):
-        return f"{summary[key]['mean']:.{digits}f} ± {summary[key]['std']:.{digits}f}"
 
     calibration = results["pooled_out_of_fold_lesion_calibration"]
     top = next(r for r in calibration["bins"] if r["scores"] == [0.9, 1.0])
@@ -81,5 +64,6 @@ def test_readme_quotes_the_results(results):
     # "far better than the floor ... the candidate recipe's best lesion ranks them better still"
     # (this run's image AUC is its best lesion's: it predates the image score's k).
     assert "config_image_score_top_k" not in results or results["config_image_score_top_k"] == 1
-    candidates = json.loads(CANDIDATES.read_text())["model_summary"]["best-lesion image AUC"]
+    candidates = read_results("heimed_exudate_candidates_cv.json")["model_summary"][
+        "best-lesion image AUC"]
     assert floor["image AUC"]["mean"] < model["image AUC"]["mean"] < candidates["mean"]
