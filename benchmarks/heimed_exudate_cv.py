@@ -52,7 +52,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from retina_d2.evaluation.image_scores import image_auc
+from retina_d2.evaluation.image_scores import check_top_k, image_auc
 
 from . import (
     HEIMED_ROOT,
@@ -657,7 +657,9 @@ def run(args) -> dict:
     work = (args.work or default_work).resolve()
     logger.info("results: %s; work folder: %s", args.out, work)
     config_threshold = float(cfg.RETINA.COMPONENTS.SCORE_THRESHOLD)
-    top_k = int(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K)
+    # Checked before any training: a bad k would otherwise stop the run after the first fold.
+    top_k = check_top_k(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K,
+                        f"RETINA.COMPONENTS.IMAGE_SCORE_TOP_K of {config}")
 
     names, positive = _dev_images(root, work, args.images)
     folds = stratified_folds(names, positive, args.folds)

@@ -169,19 +169,21 @@ def _val_subset(gt_file: Path, limit, work: Path) -> Path:
 
 
 def run(args) -> dict:
+    from retina_d2.config import get_retina_cfg
     from retina_d2.data.converters.base import write_json_atomic
     from retina_d2.data.register import read_manifest
+    from retina_d2.evaluation.image_scores import check_top_k
 
     from .heimed_exudate_cv import _scaled_schedule, _train, score_results
-
-    from retina_d2.config import get_retina_cfg
 
     work = args.work.resolve()
     config = args.config_file.resolve()
     cfg = get_retina_cfg()
     cfg.merge_from_file(str(config))
     cfg.merge_from_list(list(args.opts))
-    top_k = int(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K)  # an eye's score, as the config ships it
+    # An eye's score as the config ships it, checked before training.
+    top_k = check_top_k(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K,
+                        f"RETINA.COMPONENTS.IMAGE_SCORE_TOP_K of {config}")
     datasets = work / "datasets"
     _, env = convert_heimed_dev(args.root, datasets)
     conversion = datasets / "heimed"

@@ -13,15 +13,23 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["image_auc", "image_score", "image_scores"]
+__all__ = ["check_top_k", "image_auc", "image_score", "image_scores"]
+
+
+def check_top_k(top_k, what: str = "top_k") -> int:
+    """``top_k`` as an int, or a ValueError naming ``what`` (e.g. the config key and file) when it
+    is not a whole number >= 1."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or top_k != int(top_k) \
+            or top_k < 1:
+        raise ValueError(f"{what} must be a whole number >= 1, got {top_k!r}")
+    return int(top_k)
 
 
 def image_score(scores: Iterable[float], top_k: int = 1) -> float:
     """The mean of the ``top_k`` highest ``scores``, missing ones counting 0 (0 for none)."""
-    if int(top_k) != top_k or top_k < 1:
-        raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
-    best = sorted((float(s) for s in scores), reverse=True)[: int(top_k)]
-    return sum(best) / int(top_k)
+    top_k = check_top_k(top_k)
+    best = sorted((float(s) for s in scores), reverse=True)[:top_k]
+    return sum(best) / top_k
 
 
 def image_scores(results: Sequence[dict], image_ids: Iterable[int], category_id: int,

@@ -60,7 +60,7 @@ from retina_d2.data.image_io import read_image  # 16-bit: scaled, not clipped
 from retina_d2.data.lesions import lesion
 # Sharding over processes, per-process JSON-line parts, --resume, the merge.
 from retina_d2.engine import predict_shards
-from retina_d2.evaluation.image_scores import image_score
+from retina_d2.evaluation.image_scores import check_top_k, image_score
 from retina_d2.modeling.components import components_to_coco, lesion_components
 from retina_d2.modeling.model_file import inference_config
 from retina_d2.predictor import LesionPredictor
@@ -165,6 +165,9 @@ def model_settings(args):
     if args.trust_checkpoint:
         opts += ["MODEL.TRUST_CHECKPOINT", "True"]
     cfg, info = inference_config(str(args.weights), args.config_file, opts)
+    # Checked before any photograph: a bad k would otherwise stop the run at the first one.
+    check_top_k(cfg.RETINA.COMPONENTS.IMAGE_SCORE_TOP_K,
+                f"RETINA.COMPONENTS.IMAGE_SCORE_TOP_K of {args.weights}")
     detector = has_detector(cfg)
     model_threshold = cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
     default = model_threshold if detector else cfg.RETINA.COMPONENTS.SCORE_THRESHOLD

@@ -497,3 +497,11 @@ def test_a_lesion_inside_a_coarse_expert_region_is_found_by_its_centre():
     assert row[AT_ONE_FALSE_ALARM] == 0.0
     assert row[AT_ONE_FALSE_ALARM_CENTRE] == 100.0
     assert AT_ONE_FALSE_ALARM_CENTRE not in cross_dataset_row(score_results(gt, results), [])
+
+
+def test_a_bad_image_score_k_stops_the_run_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"IMAGE_SCORE_TOP_K of .*exudate_fpnseg_heimed_cpu\.yaml "
+                                         r"must be a whole number >= 1, got -2"):
+        main(["heimed-exudate-cv", "--work", str(tmp_path / "work"), "--out",
+              str(tmp_path / "cv.json"), "RETINA.COMPONENTS.IMAGE_SCORE_TOP_K", "-2"])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "cv.json").exists()

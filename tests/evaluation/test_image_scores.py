@@ -1,7 +1,7 @@
 """An eye's score from its lesions (retina_d2/evaluation/image_scores.py), by hand."""
 import pytest
 
-from retina_d2.evaluation.image_scores import image_score, image_scores
+from retina_d2.evaluation.image_scores import check_top_k, image_score, image_scores
 
 
 def test_top_1_is_the_best_lesion():
@@ -23,10 +23,13 @@ def test_top_k_ranks_several_findings_above_one_confident_reflection():
     assert image_score(healthy, 3) < image_score(exudates, 3)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_bad_k_is_refused(bad):
     with pytest.raises(ValueError, match="top_k"):
         image_score([0.5], bad)
+    with pytest.raises(ValueError, match=r"^RETINA.COMPONENTS.IMAGE_SCORE_TOP_K of a.yaml must be"):
+        check_top_k(bad, "RETINA.COMPONENTS.IMAGE_SCORE_TOP_K of a.yaml")
+    assert check_top_k(3.0) == 3
 
 
 def test_image_scores_of_coco_results_per_image_and_category():

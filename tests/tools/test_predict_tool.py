@@ -323,6 +323,19 @@ def test_semantic_image_scores_count_every_lesion_whatever_the_score_threshold(
         assert per_image["image_scores"][name] == pytest.approx(sum(scores[:2]) / 2, abs=1e-6)
 
 
+def test_a_bad_image_score_k_is_one_error_line_before_any_photograph(
+        trained, semantic_weights, tmp_path, capsys):
+    photos, _ = _one_image(trained, tmp_path)
+    code = predict.main(["--weights", str(semantic_weights), "--input", str(photos),
+                         "--output", str(tmp_path / "out"),
+                         "RETINA.COMPONENTS.IMAGE_SCORE_TOP_K", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"error: RETINA.COMPONENTS.IMAGE_SCORE_TOP_K of {semantic_weights} must be a whole " \
+        "number >= 1, got 0" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_multitask_checkpoint_writes_grades_and_landmarks(trained, multitask_weights, tmp_path):
     import numpy as np
 
